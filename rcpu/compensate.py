@@ -1,0 +1,174 @@
+"""Compensation of the kept weights after pruning (method page, section 3).
+
+Every method is computed from the statistics alone, in float64. ``weight`` is the
+full ``W`` (d_out, d_in); ``kept`` the kept column indices K (size k). A method
+returns the new kept weights ``W'_K`` (d_out, k), an optional added bias (d_out,),
+and, for rotation methods, ``Q`` and the singular values of ``M``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .errors import RcpuError
+from .stats import LayerStats
+
+DEFAULT_ALPHA = 0.01
+
+
+@dataclass
+class Compensation:
+    weight: Tensor  # (d_out, k) float64, W'_K
+    bias: Tensor | None = None  # (d_out,) float64, added to the sublayer's output
+    rotation: Tensor | None = None  # (d_out, d_out) Q
+    singular_values: Tensor | None = None  # (d_out,) of M, descending
+
+
+def procrustes(cross: Tensor, proper: bool = False) -> tuple[Tensor, Tensor]:
+    """Orthogonal ``Q`` maximising ``tr(Q^T M)`` for ``M = U S V^T``: ``Q = U V^T``.
+
+    With ``proper`` the result is restricted to ``det Q = +1`` by flipping the
+    sign of the last (smallest) singular pair when ``det(U V^T) < 0``.
+    Returns (Q, singular values of M).
+    """
+    u, s, vh = torch.linalg.svd(cross)
+    if proper and torch.linalg.det(u @ vh) < 0:
+        u = u.clone()
+        u[:, -1] = -u[:, -1]
+    return u @ vh, s
+
+
+def _solve_psd(matrix: Tensor, rhs_t: Tensor) -> Tensor:
+    """``rhs_t @ matrix^-1`` for symmetric PSD ``matrix``; least-norm when singular."""
+    try:
+        chol = torch.linalg.cholesky(matrix)
+        return torch.cholesky_solve(rhs_t.T, chol).T
+    except RuntimeError:
+        return torch.linalg.lstsq(matrix, rhs_t.T, driver="gelsd").solution.T
+
+
+def _w(weight: Tensor) -> Tensor:
+    return weight.to(torch.float64)
+
+
+def _none(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
+    return Compensation(weight=_w(weight)[:, kept].clone())
+
+
+def _bias(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
+    w = _w(weight)
+    pruned = _complement(kept, w.shape[1])
+    return Compensation(weight=w[:, kept].clone(), bias=w[:, pruned] @ stats.mean[pruned])
+
+
+def _ls(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
+    w = _w(weight)
+    gram_kk = stats.gram[kept][:, kept]  # (k, k)
+    target = w @ stats.gram[:, kept]  # (d_out, k) = W G[:, K]
+    return Compensation(weight=_solve_psd(gram_kk, target))
+
+
+def ridge_lambda(gram_kk: Tensor, alpha: float) -> float:
+    """``lambda = alpha * trace(G[K,K]) / k``."""
+    return float(alpha * torch.trace(gram_kk) / gram_kk.shape[0])
+
+
+def _ridge(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
+    w = _w(weight)
+    gram_kk = stats.gram[kept][:, kept]
+    lam = ridge_lambda(gram_kk, alpha)
+    regularised = gram_kk + lam * torch.eye(gram_kk.shape[0], dtype=gram_kk.dtype)
+    return Compensation(weight=_solve_psd(regularised, w @ stats.gram[:, kept]))
+
+
+def _rotation_parts(weight: Tensor, gram: Tensor, kept: Tensor, proper: bool = False):
+    w = _w(weight)
+    w_kept = w[:, kept]  # (d_out, k)
+    cross = (w @ gram[:, kept]) @ w_kept.T  # M = W G[:, K] W_K^T, (d_out, d_out)
+    q, s = procrustes(cross, proper=proper)
+    return w, w_kept, q, s
+
+
+def _rotation(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
+    _, w_kept, q, s = _rotation_parts(weight, stats.gram, kept)
+    return Compensation(weight=q @ w_kept, rotation=q, singular_values=s)
+
+
+def rotation_scale_factor(singular_values: Tensor, w_kept: Tensor, gram_kk: Tensor) -> float:
+    """``s = trace(S) / trace(W_K G[K,K] W_K^T)``: least-squares isotropic scale."""
+    denom = torch.sum((w_kept @ gram_kk) * w_kept)
+    return float(singular_values.sum() / denom) if denom > 0 else 1.0
+
+
+def _rotation_scale(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
+    _, w_kept, q, s = _rotation_parts(weight, stats.gram, kept)
+    scale = rotation_scale_factor(s, w_kept, stats.gram[kept][:, kept])
+    return Compensation(weight=scale * (q @ w_kept), rotation=q, singular_values=s)
+
+
+def _rotation_so(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
+    _, w_kept, q, s = _rotation_parts(weight, stats.gram, kept, proper=True)
+    return Compensation(weight=q @ w_kept, rotation=q, singular_values=s)
+
+
+def _rotation_bias(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
+    w, w_kept, q, s = _rotation_parts(weight, stats.centred_gram, kept)
+    mu = stats.mean
+    bias = w @ mu - q @ (w_kept @ mu[kept])  # b = W mu - Q W_K mu_K
+    return Compensation(weight=q @ w_kept, bias=bias, rotation=q, singular_values=s)
+
+
+def _rotation_diag(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
+    w, w_kept, q, s = _rotation_parts(weight, stats.gram, kept)
+    rotated = q @ w_kept  # (d_out, k)
+    gram_kk = stats.gram[kept][:, kept]
+    # Per output channel i: d_i = <Y_i, (QZ)_i> / ||(QZ)_i||^2.
+    numer = torch.sum((w @ stats.gram[:, kept]) * rotated, dim=1)
+    denom = torch.sum((rotated @ gram_kk) * rotated, dim=1)
+    scale = torch.where(denom > 0, numer / denom.clamp_min(1e-300), torch.ones_like(denom))
+    return Compensation(weight=scale[:, None] * rotated, rotation=q, singular_values=s)
+
+
+MethodFn = Callable[[Tensor, LayerStats, Tensor, float], Compensation]
+
+METHODS: dict[str, MethodFn] = {
+    "none": _none,
+    "bias": _bias,
+    "ls": _ls,
+    "ridge": _ridge,
+    "rotation": _rotation,
+    "rotation_scale": _rotation_scale,
+    "rotation_so": _rotation_so,
+    "rotation_bias": _rotation_bias,
+    "rotation_diag": _rotation_diag,
+}
+
+
+def check_method(name: str) -> None:
+    if name not in METHODS:
+        raise RcpuError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+
+
+def _complement(kept: Tensor, d_in: int) -> Tensor:
+    mask = torch.ones(d_in, dtype=torch.bool)
+    mask[kept] = False
+    return torch.nonzero(mask).reshape(-1)
+
+
+def compensate(
+    method: str, weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float = DEFAULT_ALPHA
+) -> Compensation:
+    """Compensated kept weights for one sublayer; raises on non-finite results."""
+    check_method(method)
+    result = METHODS[method](weight, stats, kept, alpha)
+    parts = [result.weight] + ([result.bias] if result.bias is not None else [])
+    if not all(bool(torch.isfinite(p).all()) for p in parts):
+        raise RcpuError(
+            f"compensation {method!r} produced non-finite weights (statistics contain inf/NaN "
+            "or are degenerate); try method 'ridge' or more calibration tokens"
+        )
+    return result

@@ -1,0 +1,145 @@
+"""Diagnostics of one compensated sublayer (method page, section 5).
+
+Errors come from the statistics alone (the error-from-Gram formula); pictures and
+token-level geometry come from the small token sample. ``Yhat = W'_K X_K + b``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .compensate import Compensation
+from .stats import LayerStats
+
+
+def output_error(
+    weight: Tensor, stats: LayerStats, kept: Tensor, new_weight: Tensor, bias: Tensor | None = None
+) -> tuple[float, float]:
+    """(``||Y - Yhat||_F^2``, ``||Y||_F^2``) from G, s and n alone.
+
+    ``||Y - Yhat||^2 = tr(W G W^T) - 2 tr(W' G[K,:] W^T) + tr(W' G[K,K] W'^T)
+    - 2 b^T (W s - W' s_K) + n ||b||^2``.
+    """
+    w = weight.to(torch.float64)
+    wg = w @ stats.gram  # (d_out, d_in)
+    reference = torch.sum(wg * w)
+    cross = torch.sum(wg[:, kept] * new_weight)
+    own = torch.sum((new_weight @ stats.gram[kept][:, kept]) * new_weight)
+    err = reference - 2 * cross + own
+    if bias is not None:
+        residual_mean = w @ stats.total - new_weight @ stats.total[kept]  # (d_out,)
+        err = err - 2 * torch.dot(bias, residual_mean) + stats.count * torch.dot(bias, bias)
+    return max(float(err), 0.0), float(reference)
+
+
+def relative_error(
+    weight: Tensor, stats: LayerStats, kept: Tensor, new_weight: Tensor, bias: Tensor | None = None
+) -> float:
+    """``||Y - Yhat||_F / ||Y||_F``."""
+    err, ref = output_error(weight, stats, kept, new_weight, bias)
+    return math.sqrt(err / ref) if ref > 0 else 0.0
+
+
+def sample_outputs(weight: Tensor, sample: Tensor, kept: Tensor, comp: Compensation):
+    """(Y, Z, Yhat) on sample tokens, each (d_out, m) float64."""
+    w = weight.to(torch.float64)
+    x = sample.to(torch.float64)
+    y = w @ x
+    z = w[:, kept] @ x[kept]
+    yhat = comp.weight @ x[kept]
+    if comp.bias is not None:
+        yhat = yhat + comp.bias[:, None]
+    return y, z, yhat
+
+
+def _summary(values: Tensor) -> dict:
+    v = values[torch.isfinite(values)]
+    if v.numel() == 0:
+        return {"mean": None, "p05": None, "p95": None}
+    return {
+        "mean": float(v.mean()),
+        "p05": float(torch.quantile(v, 0.05)),
+        "p95": float(torch.quantile(v, 0.95)),
+    }
+
+
+def token_geometry(y: Tensor, yhat: Tensor) -> dict:
+    """Per-token norm ratio and cosine, and relative Gram distortion over tokens."""
+    y_norm = torch.linalg.vector_norm(y, dim=0)
+    yhat_norm = torch.linalg.vector_norm(yhat, dim=0)
+    valid = y_norm > 0
+    ratio = yhat_norm[valid] / y_norm[valid]
+    cosine = torch.sum(y * yhat, dim=0)[valid] / (y_norm[valid] * yhat_norm[valid]).clamp_min(1e-300)
+    return {
+        "norm_ratio_values": ratio,
+        "cosine_values": cosine,
+        "norm_ratio": _summary(ratio),
+        "cosine": _summary(cosine),
+        "gram_distortion": gram_distortion(y, yhat),
+    }
+
+
+def gram_distortion(y: Tensor, yhat: Tensor) -> float:
+    """``||Yhat^T Yhat - Y^T Y||_F / ||Y^T Y||_F`` over sample tokens."""
+    token_gram = y.T @ y
+    denom = torch.linalg.matrix_norm(token_gram)
+    if denom == 0:
+        return 0.0
+    return float(torch.linalg.matrix_norm(yhat.T @ yhat - token_gram) / denom)
+
+
+def output_covariances(weight: Tensor, stats: LayerStats, kept: Tensor, comp: Compensation):
+    """Centred output covariances (d_out, d_out) of Y, Z and Yhat (bias does not change them)."""
+    w = weight.to(torch.float64)
+    cov = stats.centred_gram / max(stats.count, 1)
+    cov_kk = cov[kept][:, kept]
+    w_kept = w[:, kept]
+    cov_y = w @ cov @ w.T
+    cov_z = w_kept @ cov_kk @ w_kept.T
+    cov_yhat = comp.weight @ cov_kk @ comp.weight.T
+    return cov_y, cov_z, cov_yhat
+
+
+def principal_directions(cov: Tensor) -> tuple[Tensor, Tensor]:
+    """(eigenvalues descending, eigenvectors as columns) of a symmetric covariance."""
+    evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
+    order = torch.argsort(evals, descending=True)
+    return evals[order].clamp_min(0.0), evecs[:, order]
+
+
+def explained_variance(evals: Tensor) -> Tensor:
+    total = evals.sum()
+    return evals / total if total > 0 else torch.zeros_like(evals)
+
+
+def principal_angles(basis_a: Tensor, basis_b: Tensor) -> Tensor:
+    """Principal angles in degrees between the column spans of two orthonormal bases."""
+    cosines = torch.linalg.svdvals(basis_a.T @ basis_b).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(cosines))
+
+
+def rotation_diagnostics(comp: Compensation) -> dict:
+    """How far Q is from the identity and from orthogonality; the spectrum of M."""
+    if comp.rotation is None:
+        return {
+            "orthogonality_error": None,
+            "distance_from_identity": None,
+            "rotation_angles_deg": None,
+            "singular_values_M": None,
+            "condition_number_M": None,
+        }
+    q = comp.rotation
+    eye = torch.eye(q.shape[0], dtype=q.dtype)
+    angles = torch.rad2deg(torch.angle(torch.linalg.eigvals(q)).abs())
+    s = comp.singular_values
+    cond = float(s[0] / s[-1]) if s[-1] > 0 else math.inf
+    return {
+        "orthogonality_error": float(torch.linalg.matrix_norm(q.T @ q - eye)),
+        "distance_from_identity": float(torch.linalg.matrix_norm(q - eye)),
+        "rotation_angles_deg": torch.sort(angles, descending=True).values,
+        "singular_values_M": s,
+        "condition_number_M": cond,
+    }

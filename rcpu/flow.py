@@ -1,0 +1,118 @@
+"""Hidden states flowing through the decoder layer by layer.
+
+The inputs of layer 0 (and the keyword arguments the model passes to every layer:
+rotary position embeddings, mask) are captured once by stopping the forward
+pass at layer 0. After that each layer runs on the cached states, so gathering
+statistics for layer ``l`` costs layers ``0..l`` only (no later layers, no LM
+head), and a sequential prune costs about one pass over the calibration tokens.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import LlamaLayoutAdapter
+from .stats import StatsAccumulator
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+
+class _Stop(Exception):
+    pass
+
+
+class LayerFlow:
+    """Per-batch hidden states at the input of the next layer to run."""
+
+    def __init__(self, adapter: LlamaLayoutAdapter, windows: Tensor, batch_size: int = 8):
+        self.adapter = adapter
+        self.next_layer = 0
+        self.batches: list[tuple[Tensor, dict]] = []
+        device = next(adapter.model.parameters()).device
+        for start in range(0, len(windows), batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            self.batches.append(self._capture(ids))
+
+    def _capture(self, ids: Tensor) -> tuple[Tensor, dict]:
+        captured: dict = {}
+
+        def hook(module, args, kwargs):
+            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _Stop
+
+        handle = self.adapter.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.adapter.model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        kwargs = captured["kwargs"]
+        kwargs["use_cache"] = False
+        for key in ("cache", "past_key_values", "past_key_value"):
+            kwargs.pop(key, None)
+        return captured["hidden"].detach(), kwargs
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h, _ in self.batches)
+
+    def run_layer(self, index: int, update: bool = True) -> None:
+        """Run layer ``index`` on every batch; with ``update`` its outputs become the states."""
+        if index != self.next_layer:
+            raise RuntimeError(f"flow is at layer {self.next_layer}, asked to run {index}")
+        layer = self.adapter.layers[index]
+        with torch.no_grad():
+            for i, (hidden, kwargs) in enumerate(self.batches):
+                out = layer(hidden, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                if update:
+                    self.batches[i] = (out, kwargs)
+        if update:
+            self.next_layer += 1
+
+    def advance_to(self, index: int, progress: Progress | None = None) -> None:
+        """Run layers until the states are the inputs of layer ``index``."""
+        while self.next_layer < index:
+            if progress:
+                progress(self.next_layer, index, f"layer {self.next_layer}")
+            self.run_layer(self.next_layer)
+
+
+@contextmanager
+def record_inputs(modules: dict[str, nn.Module], sample_size: int, seed: int) -> Iterator[dict]:
+    """Accumulate input statistics of each named module while the context is open."""
+    accumulators: dict[str, StatsAccumulator] = {}
+    handles = []
+
+    def make_hook(name: str, module: nn.Module):
+        def hook(mod, args):
+            x = args[0]
+            if name not in accumulators:
+                accumulators[name] = StatsAccumulator(x.shape[-1], sample_size=sample_size, seed=seed)
+            accumulators[name].add(x)
+
+        return hook
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(make_hook(name, module)))
+    try:
+        yield accumulators
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def layer_input_stats(flow: LayerFlow, index: int, sample_size: int, seed: int, update: bool = False):
+    """Statistics of the ``o_proj`` and ``down_proj`` inputs of layer ``index`` on a flow."""
+    adapter = flow.adapter
+    modules = {name: adapter.sublayer(index, name) for name in ("o_proj", "down_proj")}
+    with record_inputs(modules, sample_size, seed) as accumulators:
+        flow.run_layer(index, update=update)
+    return {name: acc.finish() for name, acc in accumulators.items()}

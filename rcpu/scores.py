@@ -1,0 +1,118 @@
+"""Importance scores per input column and unit selection (method page, section 2).
+
+A unit is one column (``down_proj`` channel) or ``head_dim`` consecutive columns
+(``o_proj`` query head). A unit's score is the sum of its columns' scores; the
+lowest-scoring units are pruned.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .errors import RcpuError
+from .stats import LayerStats
+
+
+def column_norms(weight: Tensor) -> Tensor:
+    """``||W[:, j]||`` for every input column j."""  # (d_in,)
+    return torch.linalg.vector_norm(weight.to(torch.float64), dim=0)
+
+
+def input_norms(stats: LayerStats) -> Tensor:
+    """``||X[j, :]|| = sqrt(G_jj)``."""  # (d_in,)
+    return torch.diagonal(stats.gram).clamp_min(0.0).sqrt()
+
+
+def _magnitude(weight: Tensor, stats: LayerStats, seed: int) -> Tensor:
+    return column_norms(weight)
+
+
+def _wanda_sp(weight: Tensor, stats: LayerStats, seed: int) -> Tensor:
+    return column_norms(weight) * input_norms(stats)
+
+
+def _fluctuation(weight: Tensor, stats: LayerStats, seed: int) -> Tensor:
+    return stats.var * column_norms(weight) ** 2
+
+
+def _rcpu(weight: Tensor, stats: LayerStats, seed: int) -> Tensor:
+    return column_norms(weight) * input_norms(stats) * stats.var
+
+
+def _random(weight: Tensor, stats: LayerStats, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(weight.shape[1], generator=gen, dtype=torch.float64)
+
+
+ScoreFn = Callable[[Tensor, LayerStats, int], Tensor]
+
+SCORES: dict[str, ScoreFn] = {
+    "magnitude": _magnitude,
+    "wanda_sp": _wanda_sp,
+    "fluctuation": _fluctuation,
+    "rcpu": _rcpu,
+    "random": _random,
+}
+
+
+def check_score(name: str) -> None:
+    if name not in SCORES:
+        raise RcpuError(f"unknown score {name!r}; choose one of: {', '.join(SCORES)}")
+
+
+def score_columns(name: str, weight: Tensor, stats: LayerStats, seed: int = 0) -> Tensor:
+    """Per-column importance, float64, shape (d_in,)."""
+    check_score(name)
+    scores = SCORES[name](weight, stats, seed)
+    return torch.nan_to_num(scores.to(torch.float64), nan=0.0, posinf=torch.finfo(torch.float64).max)
+
+
+def unit_scores(column_scores: Tensor, unit_size: int) -> Tensor:
+    """Sum of the column scores of each unit of ``unit_size`` consecutive columns."""
+    if column_scores.numel() % unit_size:
+        raise ValueError(f"{column_scores.numel()} columns do not split into units of {unit_size}")
+    return column_scores.reshape(-1, unit_size).sum(dim=1)
+
+
+def num_pruned(n_units: int, ratio: float) -> int:
+    """Units removed for a ratio, rounded half up to whole units."""
+    check_ratio(ratio)
+    return int(math.floor(ratio * n_units + 0.5))
+
+
+def check_ratio(ratio: float) -> None:
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+        raise RcpuError(f"ratio must be in [0, 1), got {ratio}")
+
+
+def select_units(scores: Tensor, ratio: float, what: str = "units") -> tuple[Tensor, Tensor]:
+    """(kept, pruned) unit indices, each sorted; the lowest scores are pruned.
+
+    Ties break by index (lower index pruned first), so selection is deterministic.
+    """
+    n_units = scores.numel()
+    n_pruned = num_pruned(n_units, ratio)
+    if n_pruned >= n_units:
+        raise RcpuError(
+            f"ratio {ratio} would remove all {n_units} {what} of a layer; use a smaller ratio"
+        )
+    order = torch.sort(scores, stable=True).indices
+    pruned = torch.sort(order[:n_pruned]).values
+    kept = torch.sort(order[n_pruned:]).values
+    return kept, pruned
+
+
+def units_to_columns(units: Tensor, unit_size: int) -> Tensor:
+    """Column indices covered by the given units (units of consecutive columns)."""
+    offsets = torch.arange(unit_size)
+    return (units[:, None] * unit_size + offsets[None, :]).reshape(-1)
+
+
+def kv_heads_kept(kept_heads: Tensor, n_heads: int, n_kv_heads: int) -> Tensor:
+    """KV heads that still serve at least one kept query head (GQA groups are contiguous)."""
+    group = n_heads // n_kv_heads
+    return torch.unique(kept_heads // group)

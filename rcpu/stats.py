@@ -1,0 +1,124 @@
+"""Streaming statistics of a linear sublayer's inputs (method page, section 1).
+
+Everything the method needs is a function of the Gram matrix ``G = X X^T``, the
+sum ``s = X 1`` and the count ``n``, accumulated in float64 without keeping ``X``.
+A small seeded subsample of tokens is kept only for pictures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerStats:
+    gram: Tensor  # (d_in, d_in) float64
+    total: Tensor  # (d_in,) float64, sum of inputs over tokens
+    count: int  # number of tokens N
+    sample: Tensor  # (d_in, m) float32, seeded token subsample for pictures
+
+    @property
+    def d_in(self) -> int:
+        return self.gram.shape[0]
+
+    @property
+    def mean(self) -> Tensor:
+        return self.total / max(self.count, 1)
+
+    @property
+    def var(self) -> Tensor:
+        """Per-dimension variance ``G_jj / n - mu_j^2`` (clamped at zero)."""
+        return (torch.diagonal(self.gram) / max(self.count, 1) - self.mean**2).clamp_min(0.0)
+
+    @property
+    def centred_gram(self) -> Tensor:
+        """``C = G - n mu mu^T``."""
+        mu = self.mean
+        return self.gram - self.count * torch.outer(mu, mu)
+
+    def to_arrays(self) -> dict:
+        return {
+            "gram": self.gram.numpy(),
+            "total": self.total.numpy(),
+            "count": torch.tensor(self.count).numpy(),
+            "sample": self.sample.numpy(),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "LayerStats":
+        return cls(
+            gram=torch.from_numpy(arrays["gram"]).to(torch.float64),
+            total=torch.from_numpy(arrays["total"]).to(torch.float64),
+            count=int(arrays["count"]),
+            sample=torch.from_numpy(arrays["sample"]).to(torch.float32),
+        )
+
+    @classmethod
+    def from_inputs(cls, inputs: Tensor, sample_size: int = 1024, seed: int = 0) -> "LayerStats":
+        """Statistics of an explicit input matrix ``X`` (d_in, N); for tests and small data."""
+        acc = StatsAccumulator(inputs.shape[0], sample_size=sample_size, seed=seed)
+        acc.add(inputs.T)
+        return acc.finish()
+
+
+class StatsAccumulator:
+    """Accumulates G, s, n from batches of token rows, plus a reservoir of sampled tokens.
+
+    The sample is a seeded reservoir (Algorithm R over token order), so it does not
+    depend on how tokens are split into batches.
+    """
+
+    def __init__(self, d_in: int, sample_size: int = 1024, seed: int = 0):
+        self.gram = torch.zeros(d_in, d_in, dtype=torch.float64)
+        self.total = torch.zeros(d_in, dtype=torch.float64)
+        self.count = 0
+        self.sample_size = sample_size
+        self._gen = torch.Generator().manual_seed(seed)
+        self._sample = torch.zeros(sample_size, d_in, dtype=torch.float32)
+        self._filled = 0
+        self._nonfinite = 0
+
+    def add(self, rows: Tensor) -> None:
+        """Add tokens given as rows, shape (..., d_in)."""
+        rows = rows.reshape(-1, rows.shape[-1]).detach()
+        x = rows.to(torch.float64)
+        finite = torch.isfinite(x).all(dim=1)
+        if not bool(finite.all()):
+            self._nonfinite += int((~finite).sum())
+            x = x[finite]
+            rows = rows[finite]
+        self.gram.addmm_(x.T, x)
+        self.total += x.sum(dim=0)
+        start = self.count
+        self.count += x.shape[0]
+        self._reservoir(rows.to(torch.float32), start)
+
+    def _reservoir(self, rows: Tensor, start: int) -> None:
+        n = rows.shape[0]
+        free = min(self.sample_size - self._filled, n)
+        if free > 0:
+            self._sample[self._filled : self._filled + free] = rows[:free]
+            self._filled += free
+        if free < n:
+            idx = torch.arange(start + free, start + n, dtype=torch.float64)
+            # Token t replaces a random slot with probability sample_size / (t + 1).
+            draws = torch.rand(n - free, generator=self._gen, dtype=torch.float64)
+            slots = torch.floor(draws * (idx + 1)).long()
+            take = slots < self.sample_size
+            if bool(take.any()):
+                self._sample[slots[take]] = rows[free:][take]
+
+    @property
+    def nonfinite_tokens(self) -> int:
+        return self._nonfinite
+
+    def finish(self) -> LayerStats:
+        return LayerStats(
+            gram=self.gram,
+            total=self.total,
+            count=self.count,
+            sample=self._sample[: self._filled].T.contiguous(),
+        )
