@@ -182,7 +182,8 @@ def resolve_model(name: str) -> tuple[str | Path, str, dict]:
     if not HUB_ID.match(name):
         raise RcpuError(
             f"unknown model {name!r}; use 'embedded', a local model directory, a .gguf file, "
-            "or a Hugging Face hub id like 'owner/name'"
+            "or a Hugging Face hub id like 'owner/name' (supported architectures: "
+            f"{', '.join(SUPPORTED_TYPES)})"
         )
     return name, "hub-" + name, {}
 

@@ -1,0 +1,2 @@
+def add_model_commands(sub):
+    pass

@@ -1,0 +1,54 @@
+"""Shared fixtures: the embedded model (loaded once), a private cache, a tiny random LLaMA."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_CACHE = REPO / "cache"
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M model (converted once into the repo's cache/models)."""
+    from rcpu.models import load_model
+
+    return load_model("embedded")
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """A private RCPU_CACHE for one test; converted models are shared with the real cache."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    (REAL_CACHE / "models").mkdir(parents=True, exist_ok=True)
+    os.symlink(REAL_CACHE / "models", root / "models")
+    monkeypatch.setenv("RCPU_CACHE", str(root))
+    return root
+
+
+def make_tiny_llama(
+    heads: int = 4, kv_heads: int = 2, layers: int = 2, hidden: int = 32, intermediate: int = 48,
+    vocab: int = 128, seed: int = 0, **extra
+):
+    """A randomly initialised LLaMA with small shapes (MHA when heads == kv_heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=hidden // heads, max_position_embeddings=512, **extra,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
