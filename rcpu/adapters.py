@@ -64,6 +64,14 @@ class LlamaLayoutAdapter:
         """Columns per prunable unit: a head for ``o_proj``, one channel for ``down_proj``."""
         return self.head_dim if name == "o_proj" else 1
 
+    def num_units(self, index: int, name: str) -> int:
+        """Prunable units of a sublayer: query heads of ``o_proj``, channels of ``down_proj``."""
+        return self.sublayer(index, name).in_features // self.unit_size(name)
+
+    @staticmethod
+    def unit_name(name: str) -> str:
+        return "heads" if name == "o_proj" else "channels"
+
     def check_layer(self, index: int) -> None:
         if not 0 <= index < self.num_layers:
             raise RcpuError(f"layer {index} is out of range; this model has layers 0..{self.num_layers - 1}")

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +84,7 @@ def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
         header = json.loads(str(arrays.pop("__header__")))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+    except Exception as exc:  # any damage (zip flags, npy header, JSON) means recompute
         _discard(path, f"unreadable: {type(exc).__name__}")
         return None
     if header.get("format") != FORMAT_VERSION:
@@ -140,6 +139,9 @@ def clear_cache(section: str | None = None) -> int:
     for name, size in cache_size().items():
         if section in (None, name):
             target = cache_root() / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:  # a file, or a symlinked folder: remove the link, never the linked data
+                target.unlink()
             freed += size
     return freed

@@ -22,10 +22,11 @@ from .text import load_text
 log = logging.getLogger("rcpu")
 
 
-def _data_args(p: argparse.ArgumentParser, calib_default: int = 32) -> None:
+def _data_args(p: argparse.ArgumentParser, calib_samples: bool = True) -> None:
     p.add_argument("--model", default="embedded", help="'embedded', a local model directory, a .gguf file or a hub id")
     p.add_argument("--data", default="embedded", help="'embedded', a .txt file or folder, 'wikitext2', 'hf:NAME[:CONFIG]'")
-    p.add_argument("--calib-samples", type=int, default=calib_default)
+    if calib_samples:
+        p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout-samples", type=int, default=8, help="held-out windows for held-out statistics")

@@ -164,7 +164,15 @@ def compensate(
 ) -> Compensation:
     """Compensated kept weights for one sublayer; raises on non-finite results."""
     check_method(method)
-    result = METHODS[method](weight, stats, kept, alpha)
+    inputs = (weight, stats.gram, stats.total)
+    if not all(bool(torch.isfinite(t).all()) for t in inputs):
+        raise RcpuError(
+            f"compensation {method!r} cannot use non-finite weights or statistics (inf/NaN)"
+        )
+    try:
+        result = METHODS[method](weight, stats, kept, alpha)
+    except torch.linalg.LinAlgError as exc:
+        raise RcpuError(f"compensation {method!r} failed: {str(exc).splitlines()[0]}") from None
     parts = [result.weight] + ([result.bias] if result.bias is not None else [])
     if not all(bool(torch.isfinite(p).all()) for p in parts):
         raise RcpuError(

@@ -37,7 +37,7 @@ def explore_layer(
         unit_size=lm.adapter.unit_size(cfg.sublayer),
         alpha=cfg.alpha,
         seed=data.seed,
-        what="heads" if cfg.sublayer == "o_proj" else "channels",
+        what=lm.adapter.unit_name(cfg.sublayer),
     )
     return stats, analysis
 

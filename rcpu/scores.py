@@ -8,6 +8,7 @@ lowest-scoring units are pruned.
 from __future__ import annotations
 
 import math
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Callable
 
 import torch
@@ -81,7 +82,8 @@ def unit_scores(column_scores: Tensor, unit_size: int) -> Tensor:
 def num_pruned(n_units: int, ratio: float) -> int:
     """Units removed for a ratio, rounded half up to whole units."""
     check_ratio(ratio)
-    return int(math.floor(ratio * n_units + 0.5))
+    # Decimal of the ratio as written (0.29, not 0.28999...), so exact halves round up.
+    return int((Decimal(repr(float(ratio))) * n_units).to_integral_value(rounding=ROUND_HALF_UP))
 
 
 def check_ratio(ratio: float) -> None:

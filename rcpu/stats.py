@@ -94,7 +94,8 @@ class StatsAccumulator:
         self.total += x.sum(dim=0)
         start = self.count
         self.count += x.shape[0]
-        self._reservoir(rows.to(torch.float32), start)
+        if self.sample_size:
+            self._reservoir(rows.to(torch.float32), start)
 
     def _reservoir(self, rows: Tensor, start: int) -> None:
         n = rows.shape[0]

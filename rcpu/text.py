@@ -9,6 +9,7 @@ calibration, the last ``heldout_fraction`` is held out, so the two never overlap
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -115,7 +116,7 @@ def split_tokens(ids: Tensor, seq_len: int, source: str = "text") -> tuple[Tenso
     n_heldout = int(len(ids) * HELDOUT_FRACTION)
     calib, heldout = ids[: len(ids) - n_heldout], ids[len(ids) - n_heldout :]
     if len(calib) < seq_len or len(heldout) < seq_len:
-        need = int(seq_len / HELDOUT_FRACTION) + 1
+        need = math.ceil(seq_len / HELDOUT_FRACTION)  # smallest length that splits
         raise RcpuError(
             f"text {source!r} has {len(ids)} tokens; at least {need} are needed for one "
             f"{seq_len}-token calibration sample and one held-out window (or lower --seq-len)"

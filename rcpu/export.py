@@ -1,0 +1,117 @@
+"""Saving a pruned model so that stock transformers loads it.
+
+Every layer of a uniformly pruned model has the same number of query heads and
+MLP channels. KV heads are regrouped to one group size across layers (the gcd of
+the per-layer group sizes, repeating KV heads where groups were uneven), and
+added biases are expressed with ``attention_bias`` / ``mlp_bias`` (zeros where a
+projection had none). The folder is written to a temporary sibling and renamed,
+so an interrupted save leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from .adapters import adapter_for
+from .errors import RcpuError
+from .surgery import add_zero_biases, kv_groups, relayout_attention, slots_needed
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise RcpuError(f"output {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise RcpuError(f"output {out} exists and is not a directory")
+    if not out.parent.exists():
+        raise RcpuError(f"folder {out.parent} does not exist")
+
+
+def stock_head_layout(hidden: int, layer_groups: list[list[int]]) -> tuple[int, int]:
+    """(query heads per KV head ``g``, KV heads ``n``) for one layout that every layer fits.
+
+    Stock configs need the same ``g`` and ``n`` in every layer and ``hidden % (g * n) == 0``
+    (transformers validates it). Layers whose kept heads do not fit exactly are padded
+    with zero heads; the choice minimises the attention parameters ``~ g * n + n``.
+    """
+    kept = max(sum(groups) for groups in layer_groups)
+    best = None
+    for heads in range(kept, hidden + 1):
+        if hidden % heads:
+            continue
+        for g in range(1, heads + 1):
+            if heads % g:
+                continue
+            n = heads // g
+            if all(slots_needed(groups, g) <= n for groups in layer_groups):
+                cost = (heads + n, heads)
+                best = min(best or (cost, g, n), (cost, g, n))
+        if best is not None and best[0][0] <= heads:  # wider layouts only cost more
+            break
+    if best is None:
+        raise RcpuError("no stock attention layout fits these pruned layers")
+    return best[1], best[2]
+
+
+def stock_layout(model: nn.Module) -> nn.Module:
+    """A copy of a pruned model whose every layer has the same shapes, with its config updated."""
+    model = copy.deepcopy(model)
+    adapter = adapter_for(model)
+    layers = range(adapter.num_layers)
+    channels = {adapter.mlp(i).down_proj.in_features for i in layers}
+    if len(channels) != 1:
+        raise RcpuError("layers have different numbers of MLP channels; stock transformers cannot load that")
+    group, n_kv = stock_head_layout(adapter.hidden_size, [kv_groups(adapter.attention(i)) for i in layers])
+    for i in layers:
+        relayout_attention(adapter, i, group, n_kv)
+    attn_bias = any(adapter.attention(i).o_proj.bias is not None for i in layers)
+    mlp_bias = any(adapter.mlp(i).down_proj.bias is not None for i in layers)
+    add_zero_biases(adapter, attention=attn_bias, mlp=mlp_bias)
+    cfg = model.config
+    cfg.num_key_value_heads = n_kv
+    cfg.num_attention_heads = group * n_kv
+    cfg.head_dim = adapter.head_dim
+    cfg.intermediate_size = channels.pop()
+    cfg.attention_bias = bool(cfg.attention_bias or attn_bias)
+    cfg.mlp_bias = bool(getattr(cfg, "mlp_bias", False) or mlp_bias)
+    return model
+
+
+def save_pruned(
+    model: nn.Module, tokenizer, out: str | Path, *, record: dict | None = None, overwrite: bool = False
+) -> Path:
+    """Write safetensors, config (with ``rcpu`` = what was done) and tokenizer to ``out``."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    stock = stock_layout(model)
+    if record is not None:
+        stock.config.rcpu = record
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        stock.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _check_config(tmp / "config.json")
+        if out.exists():  # --overwrite: swap in the new folder, then drop the old one
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_config(path: Path) -> None:
+    cfg = json.loads(path.read_text())
+    if cfg.get("num_attention_heads", 0) % cfg.get("num_key_value_heads", 1):
+        raise RuntimeError("saved config has a head count that is not a multiple of its KV heads")

@@ -1,0 +1,585 @@
+"""Plotly figures for the app: results in, ``go.Figure`` out.
+
+No Streamlit here: every figure the app shows is built by a function in this
+module, so it can be unit-tested on synthetic results. Functions take the
+library's result objects (``SublayerAnalysis``, ``Selection``, the toy example
+of ``rcpu.learn``, whole-model and sweep records) and never compute the method's
+math themselves; they only arrange, sort and colour what the library computed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from .compensate import METHODS
+from .layer import Selection, SublayerAnalysis
+
+KEPT = "#2563eb"
+PRUNED = "#dc2626"
+ORIGINAL = "#4b5563"
+UNCOMPENSATED = "#9ca3af"
+_PALETTE = (
+    "#9ca3af",  # none
+    "#f59e0b",  # bias
+    "#dc2626",  # ls
+    "#a855f7",  # ridge
+    "#16a34a",  # rotation
+    "#0891b2",  # rotation_scale
+    "#65a30d",  # rotation_so
+    "#db2777",  # rotation_bias
+    "#0d9488",  # rotation_diag
+)
+METHOD_COLORS = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(METHODS)}
+METHOD_LABELS = {
+    "none": "none (Wanda-sp)",
+    "bias": "bias (FLAP)",
+    "ls": "least squares",
+    "ridge": "ridge",
+    "rotation": "rotation (RCPU)",
+    "rotation_scale": "rotation + scale (RCPU)",
+    "rotation_so": "proper rotation",
+    "rotation_bias": "rotation + bias",
+    "rotation_diag": "rotation + diagonal",
+}
+TEMPLATE = "plotly_white"
+MAX_POINTS = 1000  # per scatter trace; keeps figures light in the browser
+
+
+def label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def color(method: str) -> str:
+    return METHOD_COLORS.get(method, "#6b7280")
+
+
+def _np(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().to(torch.float64).numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def _thin(n: int, limit: int = MAX_POINTS) -> np.ndarray:
+    """Evenly spaced indices of at most ``limit`` of ``n`` points (deterministic)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.linspace(0, n - 1, limit).round().astype(int)
+
+
+def _layout(fig: go.Figure, title: str, height: int = 380, **extra) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title, x=0.0, xanchor="left", font=dict(size=15)),
+        template=TEMPLATE,
+        height=height,
+        margin=dict(l=60, r=20, t=60, b=50),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        **extra,
+    )
+    return fig
+
+
+def _empty(title: str, message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title, height=220)
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    """Values for a log axis: non-positive entries become NaN (a gap, not an error)."""
+    out = values.astype(np.float64).copy()
+    out[~(out > 0)] = np.nan
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Scores: which dimensions go
+# ---------------------------------------------------------------------------
+
+
+def dimension_order(selection: Selection, order: str = "index") -> np.ndarray:
+    """Column positions on the x axis: index order, or sorted by score (units kept together)."""
+    d_in = selection.column_scores.numel()
+    if order == "index":
+        return np.arange(d_in)
+    if order != "sorted":
+        raise ValueError(f"order must be 'index' or 'sorted', got {order!r}")
+    columns = _np(selection.column_scores)
+    units = _np(selection.unit_scores)
+    unit_of = np.arange(d_in) // selection.unit_size
+    # Descending unit score, then descending column score within a unit.
+    ranked = np.lexsort((-columns, -units[unit_of]))
+    position = np.empty(d_in, dtype=int)
+    position[ranked] = np.arange(d_in)
+    return position
+
+
+def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Figure:
+    """Per-dimension score and variance, kept versus pruned, in index order or sorted."""
+    sel = analysis.selection
+    scores = _np(sel.column_scores)
+    variance = _np(analysis.variance)
+    position = dimension_order(sel, order)
+    kept, pruned = sel.kept.numpy(), sel.pruned.numpy()
+    unit = sel.unit_size
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
+    for row, values, name in ((1, scores, "score"), (2, variance, "variance")):
+        for idx, what, col in ((kept, "kept", KEPT), (pruned, "pruned", PRUNED)):
+            text = [f"column {j}" + (f", head {j // unit}" if unit > 1 else "") for j in idx]
+            fig.add_trace(
+                go.Scatter(
+                    x=position[idx], y=_positive(values[idx]), mode="markers", name=f"{what} ({len(idx)})",
+                    legendgroup=what, showlegend=row == 1, text=text,
+                    marker=dict(color=col, size=4 if analysis.d_in > 300 else 6),
+                    hovertemplate="%{text}<br>" + name + " %{y:.3g}<extra>" + what + "</extra>",
+                ),
+                row=row, col=1,
+            )
+        fig.update_yaxes(type="log", title_text=name if row == 2 else f"score ({sel.score})", row=row, col=1)
+    if unit > 1 and order == "index":
+        for u, unit_score in enumerate(_np(sel.unit_scores)):
+            if u % 2 == 0:
+                fig.add_vrect(x0=u * unit - 0.5, x1=(u + 1) * unit - 0.5, fillcolor="#e5e7eb",
+                              opacity=0.5, line_width=0, layer="below")
+            fig.add_annotation(x=(u + 0.5) * unit, y=1.0, xref="x", yref="paper", yanchor="bottom",
+                               text=f"h{u}", showarrow=False, font=dict(size=10))
+    xtitle = "input dimension" if order == "index" else "rank (highest score first" + (
+        ", heads kept together)" if unit > 1 else ")")
+    fig.update_xaxes(title_text=xtitle, row=2, col=1)
+    what = "heads" if unit > 1 else "units"
+    title = (f"Score and variance per input dimension ({'sorted' if order == 'sorted' else 'index order'}): "
+             f"{len(sel.pruned_units)} of {sel.unit_scores.numel()} {what} pruned")
+    return _layout(fig, title, height=470)
+
+
+def unit_score_figure(analysis: SublayerAnalysis) -> go.Figure:
+    """Score of each unit (for ``o_proj``: each head, the sum of its columns), kept versus pruned."""
+    sel = analysis.selection
+    units = _np(sel.unit_scores)
+    fig = go.Figure()
+    for idx, what, col in ((sel.kept_units.numpy(), "kept", KEPT), (sel.pruned_units.numpy(), "pruned", PRUNED)):
+        fig.add_trace(go.Bar(x=idx, y=units[idx], name=f"{what} ({len(idx)})", marker_color=col))
+    name = "head" if sel.unit_size > 1 else "unit"
+    fig.update_xaxes(title_text=name, dtick=1 if units.size <= 40 else None)
+    fig.update_yaxes(title_text=f"{sel.score} score (sum over {sel.unit_size} columns)", type="log")
+    return _layout(fig, f"Score per {name}: the lowest {len(sel.pruned_units)} go")
+
+
+def overlap_counts(first: Selection, second: Selection) -> dict:
+    """How the kept units of two selections agree."""
+    a = set(first.kept_units.tolist())
+    b = set(second.kept_units.tolist())
+    n = first.unit_scores.numel()
+    union = a | b
+    return {
+        "units": n,
+        "both_kept": len(a & b),
+        "only_first": len(a - b),
+        "only_second": len(b - a),
+        "both_pruned": n - len(union),
+        "jaccard": len(a & b) / len(union) if union else 1.0,
+    }
+
+
+def overlap_figure(first: Selection, second: Selection) -> go.Figure:
+    """Unit scores under two scores, coloured by whether each selection keeps the unit."""
+    counts = overlap_counts(first, second)
+    x, y = _np(first.unit_scores), _np(second.unit_scores)
+    a = np.zeros(x.size, dtype=bool)
+    a[first.kept_units.numpy()] = True
+    b = np.zeros(x.size, dtype=bool)
+    b[second.kept_units.numpy()] = True
+    groups = (
+        ("kept by both", a & b, KEPT),
+        (f"kept by {first.score} only", a & ~b, "#f59e0b"),
+        (f"kept by {second.score} only", ~a & b, "#a855f7"),
+        ("pruned by both", ~a & ~b, PRUNED),
+    )
+    fig = go.Figure()
+    for name, mask, col in groups:
+        idx = np.nonzero(mask)[0]
+        fig.add_trace(go.Scatter(
+            x=_positive(x[idx]), y=_positive(y[idx]), mode="markers", name=f"{name} ({len(idx)})",
+            marker=dict(color=col, size=5 if x.size > 100 else 9), text=[f"unit {i}" for i in idx],
+            hovertemplate="%{text}<extra></extra>",
+        ))
+    fig.update_xaxes(type="log", title_text=f"{first.score} score")
+    fig.update_yaxes(type="log", title_text=f"{second.score} score")
+    title = (f"Kept sets under {first.score} and {second.score}: {counts['both_kept']} units kept by both, "
+             f"Jaccard {counts['jaccard']:.2f}")
+    return _layout(fig, title, height=420)
+
+
+def mean_variance_figure(analysis: SublayerAnalysis) -> go.Figure:
+    """|mean| against variance per input dimension (log axes), kept versus pruned."""
+    sel = analysis.selection
+    mean = np.abs(_np(analysis.mean))
+    var = _np(analysis.variance)
+    fig = go.Figure()
+    for idx, what, col in ((sel.kept.numpy(), "kept", KEPT), (sel.pruned.numpy(), "pruned", PRUNED)):
+        fig.add_trace(go.Scatter(
+            x=_positive(mean[idx]), y=_positive(var[idx]), mode="markers", name=f"{what} ({len(idx)})",
+            marker=dict(color=col, size=4 if analysis.d_in > 300 else 7, opacity=0.7),
+            text=[f"column {j}" for j in idx], hovertemplate="%{text}<br>|mean| %{x:.3g}, var %{y:.3g}<extra></extra>",
+        ))
+    fig.update_xaxes(type="log", title_text="|mean| of the input dimension")
+    fig.update_yaxes(type="log", title_text="variance of the input dimension")
+    return _layout(
+        fig, "Mean against variance: large, near-constant dimensions (right, low) carry a bias, not information",
+        height=420,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Principal directions of the outputs
+# ---------------------------------------------------------------------------
+
+
+def spectra_figure(analysis: SublayerAnalysis, methods: Sequence[str], top: int = 64) -> go.Figure:
+    """Explained-variance spectra of Y, Z and each compensated output."""
+    fig = go.Figure()
+    n = min(top, analysis.explained_variance_y.numel())
+    comp = np.arange(1, n + 1)
+    fig.add_trace(go.Scatter(x=comp, y=_positive(_np(analysis.explained_variance_y)[:n]), name="original Y",
+                             line=dict(color=ORIGINAL, width=3)))
+    fig.add_trace(go.Scatter(x=comp, y=_positive(_np(analysis.explained_variance_z)[:n]), name="pruned Z",
+                             line=dict(color=UNCOMPENSATED, dash="dash", width=2)))
+    for m in methods:
+        res = analysis.methods[m]
+        fig.add_trace(go.Scatter(x=comp, y=_positive(_np(res.explained_variance)[:n]), name=label(m),
+                                 line=dict(color=color(m), width=1.5)))
+    fig.update_xaxes(title_text="principal component of the output")
+    fig.update_yaxes(type="log", title_text="fraction of output variance")
+    return _layout(fig, f"Explained-variance spectra (top {n} components)")
+
+
+def projection_figure(analysis: SublayerAnalysis, methods: Sequence[str], columns: int = 3) -> go.Figure:
+    """Sample tokens on Y's top two principal components: original against pruned / compensated."""
+    panels = [("pruned Z (no compensation)", analysis.projection_z, UNCOMPENSATED)]
+    panels += [(label(m), analysis.methods[m].projection, color(m)) for m in methods]
+    cols = min(columns, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p[0] for p in panels],
+                        horizontal_spacing=0.06, vertical_spacing=0.16 if rows > 1 else 0.1)
+    y = _np(analysis.projection_y)
+    keep = _thin(y.shape[1])
+    for i, (name, proj, col) in enumerate(panels):
+        r, c = i // cols + 1, i % cols + 1
+        p = _np(proj)
+        fig.add_trace(go.Scatter(x=y[0, keep], y=y[1, keep], mode="markers", name="original Y",
+                                 legendgroup="y", showlegend=i == 0,
+                                 marker=dict(color=ORIGINAL, size=3, opacity=0.35)), row=r, col=c)
+        fig.add_trace(go.Scatter(x=p[0, keep], y=p[1, keep], mode="markers", name=name, showlegend=False,
+                                 marker=dict(color=col, size=3, opacity=0.6)), row=r, col=c)
+        fig.update_xaxes(title_text="PC1 of Y", row=r, col=c)
+        fig.update_yaxes(title_text="PC2 of Y" if c == 1 else None, row=r, col=c)
+    return _layout(fig, "Tokens on the top two principal components of the original output",
+                   height=330 * rows + 40)
+
+
+def principal_angles_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
+    """Principal angles between the top-r output subspaces of Y and of Z / each Yhat."""
+    fig = go.Figure()
+    z = _np(analysis.principal_angles_z_deg)
+    r = np.arange(1, z.size + 1)
+    fig.add_trace(go.Scatter(x=r, y=z, name="pruned Z", mode="lines+markers",
+                             line=dict(color=UNCOMPENSATED, dash="dash")))
+    for m in methods:
+        a = _np(analysis.methods[m].principal_angles_deg)
+        fig.add_trace(go.Scatter(x=np.arange(1, a.size + 1), y=a, name=label(m), mode="lines+markers",
+                                 line=dict(color=color(m))))
+    fig.update_xaxes(title_text="principal angle index", dtick=1)
+    fig.update_yaxes(title_text="angle to Y's subspace (degrees)", rangemode="tozero")
+    return _layout(fig, f"Principal angles between the top-{z.size} output subspaces")
+
+
+# ---------------------------------------------------------------------------
+# Geometry preservation
+# ---------------------------------------------------------------------------
+
+
+def geometry_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
+    """Histograms of the per-token norm ratio and cosine for each method."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("norm ratio ‖ŷ‖ / ‖y‖", "cosine(ŷ, y)"),
+                        horizontal_spacing=0.1)
+    for m in methods:
+        geo = analysis.methods[m].geometry
+        for c, key in ((1, "norm_ratio_values"), (2, "cosine_values")):
+            fig.add_trace(go.Histogram(x=_np(geo[key]), name=label(m), legendgroup=m, showlegend=c == 1,
+                                       marker_color=color(m), opacity=0.6, nbinsx=60), row=1, col=c)
+    fig.update_layout(barmode="overlay")
+    fig.update_xaxes(title_text="‖ŷ_t‖ / ‖y_t‖", row=1, col=1)
+    fig.update_xaxes(title_text="cos(ŷ_t, y_t)", row=1, col=2)
+    fig.update_yaxes(title_text="tokens", row=1, col=1)
+    return _layout(fig, "Per-token geometry: 1 is perfect for both")
+
+
+def inner_products_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
+    """Inner products of compensated outputs against the original ones for token pairs."""
+    fig = go.Figure()
+    y = _np(analysis.inner_products_y)
+    keep = _thin(y.size, 600)
+    for m in methods:
+        yhat = _np(analysis.methods[m].inner_products)
+        fig.add_trace(go.Scatter(x=y[keep], y=yhat[keep], mode="markers", name=label(m),
+                                 marker=dict(color=color(m), size=4, opacity=0.6)))
+    if y.size:
+        lo, hi = float(np.min(y)), float(np.max(y))
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="ŷ = y",
+                                 line=dict(color="black", dash="dot", width=1)))
+    fig.update_xaxes(title_text="⟨y_t, y_u⟩ original")
+    fig.update_yaxes(title_text="⟨ŷ_t, ŷ_u⟩ compensated")
+    return _layout(fig, "Inner products between token pairs (on the diagonal = preserved)", height=420)
+
+
+def gram_distortion_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
+    """Relative Gram distortion ‖Ŷᵀ Ŷ − Yᵀ Y‖_F / ‖Yᵀ Y‖_F per method."""
+    values = [analysis.methods[m].geometry["gram_distortion"] for m in methods]
+    fig = go.Figure(go.Bar(x=[label(m) for m in methods], y=values, marker_color=[color(m) for m in methods],
+                           text=[f"{v:.3f}" for v in values], textposition="outside", name="Gram distortion"))
+    fig.update_xaxes(title_text="method")
+    fig.update_yaxes(title_text="relative Gram distortion", rangemode="tozero")
+    return _layout(fig, "Gram distortion over sample tokens (lower is better)")
+
+
+# ---------------------------------------------------------------------------
+# Error and the spectrum of M
+# ---------------------------------------------------------------------------
+
+
+def error_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
+    """Relative output error on calibration and held-out tokens; the gap is overfitting."""
+    names = ["uncompensated"] + [label(m) for m in methods]
+    calib = [analysis.error_uncompensated["calibration"]] + [analysis.methods[m].error_calibration for m in methods]
+    held = [analysis.error_uncompensated["heldout"]] + [analysis.methods[m].error_heldout for m in methods]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=names, y=calib, name="calibration tokens", marker_color="#93c5fd",
+                         text=[f"{v:.3f}" for v in calib], textposition="outside"))
+    fig.add_trace(go.Bar(x=names, y=held, name="held-out tokens", marker_color="#1d4ed8",
+                         text=[f"{v:.3f}" for v in held], textposition="outside"))
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(title_text="method")
+    fig.update_yaxes(title_text="‖Y − Ŷ‖_F / ‖Y‖_F", rangemode="tozero")
+    return _layout(fig, "Relative output error: calibration vs held-out (a gap = overfitting)", height=400)
+
+
+def singular_values_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
+    """Singular values of M = Y Zᵀ for the rotation methods among ``methods``."""
+    rotations = [m for m in methods if analysis.methods[m].rotation.get("singular_values_M") is not None]
+    title = "Singular values of M = Y Zᵀ (the Procrustes cross-covariance)"
+    if not rotations:
+        return _empty(title, "Select a rotation method to see the spectrum of M.")
+    fig = go.Figure()
+    for i, m in enumerate(rotations):
+        rot = analysis.methods[m].rotation
+        s = _np(rot["singular_values_M"])
+        fig.add_trace(go.Scatter(
+            x=np.arange(1, s.size + 1), y=_positive(s), mode="lines", line=dict(color=color(m), dash=("solid", "dash", "dot")[i % 3]),
+            name=f"{label(m)}: cond {rot['condition_number_M']:.3g}, ‖Q − I‖ {rot['distance_from_identity']:.3g}",
+        ))
+    fig.update_xaxes(title_text="index")
+    fig.update_yaxes(type="log", title_text="singular value of M")
+    return _layout(fig, title)
+
+
+def method_table(analysis: SublayerAnalysis, methods: Sequence[str]) -> list[dict]:
+    """One row per method (plus the uncompensated baseline) for a table."""
+    rows = [{
+        "method": "uncompensated",
+        "error (calibration)": analysis.error_uncompensated["calibration"],
+        "error (held-out)": analysis.error_uncompensated["heldout"],
+        "overfitting gap": analysis.error_uncompensated["heldout"] - analysis.error_uncompensated["calibration"],
+    }]
+    for m in methods:
+        res = analysis.methods[m]
+        rot = res.rotation
+        rows.append({
+            "method": label(m),
+            "error (calibration)": res.error_calibration,
+            "error (held-out)": res.error_heldout,
+            "overfitting gap": res.error_heldout - res.error_calibration,
+            "mean cosine": res.geometry["cosine"]["mean"],
+            "mean norm ratio": res.geometry["norm_ratio"]["mean"],
+            "Gram distortion": res.geometry["gram_distortion"],
+            "‖Q − I‖_F": rot.get("distance_from_identity"),
+            "cond(M)": rot.get("condition_number_M"),
+            "seconds": sum(res.seconds.values()),
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Learn page: the toy example
+# ---------------------------------------------------------------------------
+
+TOY_NAMES = ("pruned", "least squares", "rotation")
+TOY_COLORS = {"original": ORIGINAL, "pruned": UNCOMPENSATED, "least squares": METHOD_COLORS["ls"],
+              "rotation": METHOD_COLORS["rotation"]}
+
+
+def _segments(a: np.ndarray, b: np.ndarray) -> tuple[list, list, list]:
+    """Line segments from each column of ``a`` to the same column of ``b`` (None-separated)."""
+    xs, ys, zs = [], [], []
+    for t in range(a.shape[1]):
+        xs += [a[0, t], b[0, t], None]
+        ys += [a[1, t], b[1, t], None]
+        if a.shape[0] > 2:
+            zs += [a[2, t], b[2, t], None]
+    return xs, ys, zs
+
+
+def toy_outputs_figure(example) -> go.Figure:
+    """Original outputs against pruned, least-squares and rotation outputs (calibration points)."""
+    y = _np(example.outputs["original"])
+    if y.shape[0] == 3:
+        return _toy_outputs_3d(example)
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[f"{n}: error {example.errors[n]['calibration']:.2f}"
+                                                        for n in TOY_NAMES], horizontal_spacing=0.06)
+    for i, name in enumerate(TOY_NAMES, start=1):
+        out = _np(example.outputs[name])
+        xs, ys, _ = _segments(y, out)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="#d1d5db", width=1),
+                                 hoverinfo="skip", showlegend=False), row=1, col=i)
+        fig.add_trace(go.Scatter(x=y[0], y=y[1], mode="markers", name="original y = W x", legendgroup="orig",
+                                 showlegend=i == 1, marker=dict(color=ORIGINAL, size=7)), row=1, col=i)
+        fig.add_trace(go.Scatter(x=out[0], y=out[1], mode="markers", name=name,
+                                 marker=dict(color=TOY_COLORS[name], size=7, symbol="diamond")), row=1, col=i)
+        fig.update_xaxes(title_text="output 1", row=1, col=i)
+        fig.update_yaxes(title_text="output 2" if i == 1 else None, scaleanchor=f"x{'' if i == 1 else i}",
+                         row=1, col=i)
+    return _layout(fig, f"Outputs after removing input dimension {example.removed + 1}: grey lines join "
+                        "each original point to its approximation", height=420)
+
+
+def _toy_outputs_3d(example) -> go.Figure:
+    fig = go.Figure()
+    y = _np(example.outputs["original"])
+    fig.add_trace(go.Scatter3d(x=y[0], y=y[1], z=y[2], mode="markers", name="original y = W x",
+                               marker=dict(color=ORIGINAL, size=4)))
+    for name in TOY_NAMES:
+        out = _np(example.outputs[name])
+        fig.add_trace(go.Scatter3d(x=out[0], y=out[1], z=out[2], mode="markers", name=name,
+                                   marker=dict(color=TOY_COLORS[name], size=4, symbol="diamond")))
+    fig.update_layout(scene=dict(xaxis_title="output 1", yaxis_title="output 2", zaxis_title="output 3",
+                                 aspectmode="data"))
+    return _layout(fig, f"Outputs after removing input dimension {example.removed + 1}", height=520)
+
+
+def toy_columns_figure(example) -> go.Figure:
+    """The weight columns as arrows: original, least squares, rotation (2-D outputs)."""
+    w = _np(example.weight)
+    fig = go.Figure()
+    series = [("original W", w, ORIGINAL, list(range(w.shape[1])))]
+    series += [(name, _np(example.kept_weights[name]), TOY_COLORS[name], list(_np(example.kept).astype(int)))
+               for name in ("least squares", "rotation")]
+    for name, cols, col, idx in series:
+        xs, ys, zs = _segments(np.zeros_like(cols), cols)
+        if cols.shape[0] == 3:
+            fig.add_trace(go.Scatter3d(x=xs, y=ys, z=zs, mode="lines", name=name, line=dict(color=col, width=5)))
+        else:
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, line=dict(color=col, width=3)))
+            fig.add_trace(go.Scatter(x=cols[0], y=cols[1], mode="markers+text", showlegend=False,
+                                     text=[f"w{j + 1}" for j in idx], textposition="top center",
+                                     marker=dict(color=col, size=6), name=name))
+    removed = int(example.removed)
+    if w.shape[0] == 2:
+        fig.add_trace(go.Scatter(x=[0, w[0, removed]], y=[0, w[1, removed]], mode="lines",
+                                 name=f"removed column w{removed + 1}",
+                                 line=dict(color=PRUNED, width=3, dash="dot")))
+        fig.update_xaxes(title_text="output 1")
+        fig.update_yaxes(title_text="output 2", scaleanchor="x")
+    else:
+        fig.update_layout(scene=dict(xaxis_title="output 1", yaxis_title="output 2", zaxis_title="output 3"))
+    return _layout(fig, "Weight columns: rotation turns the kept columns together; least squares reshapes them",
+                   height=420)
+
+
+def toy_error_figure(example) -> go.Figure:
+    """Toy errors on calibration and held-out points for pruned, least squares and rotation."""
+    fig = go.Figure()
+    for split, col in (("calibration", "#93c5fd"), ("heldout", "#1d4ed8")):
+        values = [example.errors[n][split] for n in TOY_NAMES]
+        fig.add_trace(go.Bar(x=list(TOY_NAMES), y=values, name="held-out points" if split == "heldout"
+                             else "calibration points", marker_color=col,
+                             text=[f"{v:.2f}" for v in values], textposition="outside"))
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(title_text="approximation")
+    fig.update_yaxes(title_text="relative error ‖Y − Ŷ‖ / ‖Y‖", rangemode="tozero")
+    return _layout(fig, "Error on the points used to fit, and on new points", height=360)
+
+
+# ---------------------------------------------------------------------------
+# Whole model and sweeps
+# ---------------------------------------------------------------------------
+
+
+def layer_errors_figure(records: Iterable[dict], num_layers: int | None = None) -> go.Figure:
+    """Per-layer relative error (calibration and held-out) of a sequential prune.
+
+    ``records``: dicts with ``layer``, ``sublayer`` and ``error`` ``{"calibration", "heldout"}``.
+    """
+    records = list(records)
+    fig = go.Figure()
+    subs = sorted({r["sublayer"] for r in records})
+    styles = {"calibration": dict(dash="solid"), "heldout": dict(dash="dash")}
+    palette = {"o_proj": "#7c3aed", "down_proj": "#059669"}
+    for sub in subs:
+        rows = sorted((r for r in records if r["sublayer"] == sub), key=lambda r: r["layer"])
+        for split in ("calibration", "heldout"):
+            fig.add_trace(go.Scatter(
+                x=[r["layer"] for r in rows], y=[r["error"][split] for r in rows], mode="lines+markers",
+                name=f"{sub}, {'held-out' if split == 'heldout' else split}",
+                line=dict(color=palette.get(sub, "#6b7280"), **styles[split]),
+            ))
+    fig.update_xaxes(title_text="layer", range=[-0.5, num_layers - 0.5] if num_layers else None)
+    fig.update_yaxes(title_text="relative output error", rangemode="tozero")
+    return _layout(fig, "Error per layer as the prune proceeds")
+
+
+def ppl_vs_ratio_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
+    """Perplexity against pruning ratio, one line per config.
+
+    ``points``: dicts with ``config`` (a label), ``ratio`` and ``perplexity``.
+    """
+    fig = go.Figure()
+    configs = list(dict.fromkeys(p["config"] for p in points))
+    for name in configs:
+        rows = sorted((p for p in points if p["config"] == name), key=lambda p: p["ratio"])
+        method = rows[0].get("method") if rows else None
+        fig.add_trace(go.Scatter(x=[r["ratio"] for r in rows], y=[r["perplexity"] for r in rows],
+                                 mode="lines+markers", name=name,
+                                 line=dict(color=color(method)) if method in METHOD_COLORS else None))
+    if dense is not None:
+        fig.add_hline(y=dense, line=dict(color="black", dash="dot"), annotation_text=f"dense {dense:.2f}",
+                      annotation_position="bottom right")
+    fig.update_xaxes(title_text="pruning ratio", tickformat=".0%")
+    fig.update_yaxes(title_text="perplexity", type="log")
+    return _layout(fig, "Perplexity against pruning ratio", height=440)
+
+
+def ppl_vs_calibration_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
+    """Perplexity against the number of calibration samples, one line per config.
+
+    ``points``: dicts with ``config``, ``calib_samples`` and ``perplexity``.
+    """
+    fig = go.Figure()
+    configs = list(dict.fromkeys(p["config"] for p in points))
+    for name in configs:
+        rows = sorted((p for p in points if p["config"] == name), key=lambda p: p["calib_samples"])
+        method = rows[0].get("method") if rows else None
+        fig.add_trace(go.Scatter(x=[r["calib_samples"] for r in rows], y=[r["perplexity"] for r in rows],
+                                 mode="lines+markers", name=name,
+                                 line=dict(color=color(method)) if method in METHOD_COLORS else None))
+    if dense is not None:
+        fig.add_hline(y=dense, line=dict(color="black", dash="dot"), annotation_text=f"dense {dense:.2f}",
+                      annotation_position="bottom right")
+    fig.update_xaxes(title_text="calibration samples", type="log")
+    fig.update_yaxes(title_text="perplexity", type="log")
+    return _layout(fig, "Perplexity against calibration size", height=440)

@@ -1,0 +1,173 @@
+"""Whole-model sequential pruning (method page, section 4).
+
+Layer by layer: statistics of layer ``l`` come from hidden states that already
+went through the pruned layers ``0..l-1``; layer ``l`` is pruned and compensated,
+then its outputs are recomputed with the pruned weights and flow on to ``l+1``.
+The source model is never modified: the work happens on a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from .adapters import adapter_for
+from .calibration import TokenSet, prepare_tokens
+from .compensate import DEFAULT_ALPHA, Compensation, check_method, compensate
+from .config import DataConfig
+from .diagnostics import relative_error
+from .errors import RcpuError
+from .flow import LayerFlow, Progress, layer_input_stats
+from .layer import select
+from .models import LoadedModel, count_parameters
+from .scores import check_ratio, check_score, select_units
+from .surgery import SublayerPlan, apply_plan
+
+TARGETS = {"attn": ("o_proj",), "mlp": ("down_proj",), "both": ("o_proj", "down_proj")}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float = 0.2
+    targets: str = "both"
+    score: str = "rcpu"
+    method: str = "rotation"
+    alpha: float = DEFAULT_ALPHA
+
+    def check(self) -> None:
+        check_ratio(self.ratio)
+        check_score(self.score)
+        check_method(self.method)
+        if self.targets not in TARGETS:
+            raise RcpuError(f"unknown targets {self.targets!r}; choose one of: {', '.join(TARGETS)}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.score}:{self.method}"
+
+
+@dataclass
+class PruneResult:
+    model: torch.nn.Module
+    config: PruneConfig
+    data: DataConfig
+    plans: list[dict[str, SublayerPlan]]  # per layer, per sublayer
+    layers: list[dict]  # per-layer records (errors, kept counts)
+    params_before: int
+    params_after: int
+    timing_s: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """What was done, for JSON and the saved config."""
+        return {
+            **asdict(self.config),
+            "model": self.data.model,
+            "data": self.data.data,
+            "calib_samples": self.data.calib_samples,
+            "seq_len": self.data.seq_len,
+            "seed": self.data.seed,
+        }
+
+
+LayerCallback = Callable[[dict], None]
+
+
+def _identity(weight: torch.Tensor, kept: torch.Tensor) -> Compensation:
+    return Compensation(weight=weight.detach().to(torch.float64)[:, kept])
+
+
+def prune_model(
+    lm: LoadedModel,
+    data: DataConfig,
+    cfg: PruneConfig,
+    *,
+    tokens: TokenSet | None = None,
+    progress: Progress | None = None,
+    on_layer: LayerCallback | None = None,
+    batch_size: int = 8,
+) -> PruneResult:
+    """Prune every decoder layer of a copy of ``lm.model`` sequentially.
+
+    ``progress(done, total, what)`` is called per layer; ``on_layer(record)`` gets each
+    layer's errors as soon as it is pruned (the app draws them as the run goes).
+    """
+    cfg.check()
+    start = time.perf_counter()
+    tokens = tokens or prepare_tokens(lm, data.data, data.sampling)
+    model = copy.deepcopy(lm.model)
+    adapter = adapter_for(model)
+    sublayers = TARGETS[cfg.targets]
+    for sub in sublayers:  # fail before any work if a layer would lose everything
+        select_units(torch.zeros(adapter.num_units(0, sub)), cfg.ratio, adapter.unit_name(sub))
+
+    flows = {"calibration": LayerFlow(adapter, tokens.calibration, batch_size)}
+    if len(tokens.heldout):
+        flows["heldout"] = LayerFlow(adapter, tokens.heldout, batch_size)
+    timing = {"statistics": 0.0, "compensation": 0.0, "recompute": 0.0}
+    plans: list[dict[str, SublayerPlan]] = []
+    records: list[dict] = []
+    n_layers = adapter.num_layers
+    for index in range(n_layers):
+        if progress:
+            progress(index, n_layers, f"layer {index}")
+        t0 = time.perf_counter()
+        stats = {split: layer_input_stats(flow, index, 0, data.seed) for split, flow in flows.items()}
+        t1 = time.perf_counter()
+        layer_plans: dict[str, SublayerPlan] = {}
+        record: dict = {"layer": index}
+        for sub in sublayers:
+            linear = adapter.sublayer(index, sub)
+            calib = stats["calibration"][sub]
+            sel = select(
+                linear.weight, calib, cfg.score, cfg.ratio, adapter.unit_size(sub), data.seed,
+                adapter.unit_name(sub),
+            )
+            if len(sel.pruned) == 0:
+                comp = _identity(linear.weight, sel.kept)  # nothing removed: nothing to compensate
+            else:
+                comp = compensate(cfg.method, linear.weight, calib, sel.kept, cfg.alpha)
+            plan = SublayerPlan(sub, sel.kept_units, sel.kept, comp)
+            layer_plans[sub] = plan
+            record[sub] = _errors(linear.weight, {k: v[sub] for k, v in stats.items()}, sel.kept, comp)
+            record[sub]["kept_units"] = len(sel.kept_units)
+            record[sub]["pruned_units"] = len(sel.pruned_units)
+        t2 = time.perf_counter()
+        for plan in layer_plans.values():
+            apply_plan(adapter, index, plan)
+        for flow in flows.values():
+            flow.run_layer(index)
+        t3 = time.perf_counter()
+        timing["statistics"] += t1 - t0
+        timing["compensation"] += t2 - t1
+        timing["recompute"] += t3 - t2
+        plans.append(layer_plans)
+        records.append(record)
+        if on_layer:
+            on_layer(record)
+    if progress:
+        progress(n_layers, n_layers, "done")
+    timing["total"] = time.perf_counter() - start
+    return PruneResult(
+        model=model,
+        config=cfg,
+        data=data,
+        plans=plans,
+        layers=records,
+        params_before=count_parameters(lm.model),
+        params_after=count_parameters(model),
+        timing_s=timing,
+    )
+
+
+def _errors(weight: torch.Tensor, stats: dict, kept: torch.Tensor, comp: Compensation) -> dict:
+    """Relative output errors, compensated and not, on each split's statistics."""
+    out = {}
+    w = weight.detach().to(torch.float64)
+    for split, st in stats.items():
+        out[f"error_{split}"] = relative_error(w, st, kept, comp.weight, comp.bias)
+        out[f"error_uncompensated_{split}"] = relative_error(w, st, kept, w[:, kept])
+    return out
