@@ -46,9 +46,15 @@ def _solve_psd(matrix: Tensor, rhs_t: Tensor) -> Tensor:
     """``rhs_t @ matrix^-1`` for symmetric PSD ``matrix``; least-norm when singular."""
     try:
         chol = torch.linalg.cholesky(matrix)
-        return torch.cholesky_solve(rhs_t.T, chol).T
     except RuntimeError:
-        return torch.linalg.lstsq(matrix, rhs_t.T, driver="gelsd").solution.T
+        chol = None
+    if chol is not None:
+        # Cholesky can "succeed" on a numerically singular matrix with rounding-level pivots
+        # (a column dependent on earlier ones); its solution is then arbitrary, not least-norm.
+        residual = torch.diagonal(chol) ** 2 / torch.diagonal(matrix)
+        if bool(residual.min() > 10 * matrix.shape[0] * torch.finfo(matrix.dtype).eps):
+            return torch.cholesky_solve(rhs_t.T, chol).T
+    return torch.linalg.lstsq(matrix, rhs_t.T, driver="gelsd").solution.T
 
 
 def _w(weight: Tensor) -> Tensor:

@@ -59,9 +59,11 @@ def stock_head_layout(hidden: int, layer_groups: list[list[int]]) -> tuple[int, 
     return best[1], best[2]
 
 
-def stock_layout(model: nn.Module) -> nn.Module:
-    """A copy of a pruned model whose every layer has the same shapes, with its config updated."""
-    model = copy.deepcopy(model)
+def stock_layout(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A pruned model (a copy unless ``inplace``) whose every layer has the same shapes
+    that its updated config describes, so stock transformers loads it."""
+    if not inplace:
+        model = copy.deepcopy(model)
     adapter = adapter_for(model)
     layers = range(adapter.num_layers)
     channels = {adapter.mlp(i).down_proj.in_features for i in layers}
@@ -89,7 +91,7 @@ def save_pruned(
     """Write safetensors, config (with ``rcpu`` = what was done) and tokenizer to ``out``."""
     out = Path(out)
     check_output_dir(out, overwrite)
-    stock = stock_layout(model)
+    stock = stock_layout(model)  # a no-op layout for a model that prune_model returned
     if record is not None:
         stock.config.rcpu = record
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))

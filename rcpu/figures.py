@@ -47,7 +47,6 @@ METHOD_LABELS = {
     "rotation_bias": "rotation + bias",
     "rotation_diag": "rotation + diagonal",
 }
-TEMPLATE = "plotly_white"
 MAX_POINTS = 1000  # per scatter trace; keeps figures light in the browser
 
 
@@ -75,7 +74,6 @@ def _thin(n: int, limit: int = MAX_POINTS) -> np.ndarray:
 def _layout(fig: go.Figure, title: str, height: int = 380, **extra) -> go.Figure:
     fig.update_layout(
         title=dict(text=title, x=0.0, xanchor="left", font=dict(size=15)),
-        template=TEMPLATE,
         height=height,
         margin=dict(l=60, r=20, t=60, b=50),
         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
@@ -132,24 +130,26 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
     for row, values, name in ((1, scores, "score"), (2, variance, "variance")):
         for idx, what, col in ((kept, "kept", KEPT), (pruned, "pruned", PRUNED)):
-            text = [f"column {j}" + (f", head {j // unit}" if unit > 1 else "") for j in idx]
+            custom = np.stack([idx, idx // unit], axis=1) if unit > 1 else idx[:, None]
+            hover = "column %{customdata[0]}" + (", head %{customdata[1]}" if unit > 1 else "")
             fig.add_trace(
                 go.Scatter(
                     x=position[idx], y=_positive(values[idx]), mode="markers", name=f"{what} ({len(idx)})",
-                    legendgroup=what, showlegend=row == 1, text=text,
+                    legendgroup=what, showlegend=row == 1, customdata=custom,
                     marker=dict(color=col, size=4 if analysis.d_in > 300 else 6),
-                    hovertemplate="%{text}<br>" + name + " %{y:.3g}<extra>" + what + "</extra>",
+                    hovertemplate=hover + "<br>" + name + " %{y:.3g}<extra>" + what + "</extra>",
                 ),
                 row=row, col=1,
             )
         fig.update_yaxes(type="log", title_text=name if row == 2 else f"score ({sel.score})", row=row, col=1)
     if unit > 1 and order == "index":
-        for u, unit_score in enumerate(_np(sel.unit_scores)):
-            if u % 2 == 0:
-                fig.add_vrect(x0=u * unit - 0.5, x1=(u + 1) * unit - 0.5, fillcolor="#e5e7eb",
-                              opacity=0.5, line_width=0, layer="below")
-            fig.add_annotation(x=(u + 0.5) * unit, y=1.0, xref="x", yref="paper", yanchor="bottom",
-                               text=f"h{u}", showarrow=False, font=dict(size=10))
+        n_units = sel.unit_scores.numel()
+        shapes = [dict(type="rect", xref="x", yref="paper", x0=u * unit - 0.5, x1=(u + 1) * unit - 0.5,
+                       y0=0, y1=1, fillcolor="#e5e7eb", opacity=0.5, line_width=0, layer="below")
+                  for u in range(0, n_units, 2)]
+        notes = [dict(x=(u + 0.5) * unit, y=1.0, xref="x", yref="paper", yanchor="bottom", text=f"h{u}",
+                      showarrow=False, font=dict(size=10)) for u in range(n_units)]
+        fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + notes)
     xtitle = "input dimension" if order == "index" else "rank (highest score first" + (
         ", heads kept together)" if unit > 1 else ")")
     fig.update_xaxes(title_text=xtitle, row=2, col=1)

@@ -21,6 +21,7 @@ from .compensate import DEFAULT_ALPHA, Compensation, check_method, compensate
 from .config import DataConfig
 from .diagnostics import relative_error
 from .errors import RcpuError
+from .export import stock_layout
 from .flow import LayerFlow, Progress, layer_input_stats
 from .layer import select
 from .models import LoadedModel, count_parameters
@@ -148,6 +149,7 @@ def prune_model(
         records.append(record)
         if on_layer:
             on_layer(record)
+    stock_layout(model, inplace=True)  # one head layout for all layers: what gets saved
     if progress:
         progress(n_layers, n_layers, "done")
     timing["total"] = time.perf_counter() - start

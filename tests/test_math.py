@@ -248,6 +248,24 @@ def test_ls_is_optimal_under_perturbation(data):
             assert err2(y, (comp.weight + delta) @ x[kept]) > best
 
 
+def test_ls_is_least_norm_on_singular_gram():
+    """A dependent input dimension makes G[K,K] singular; Cholesky often still "succeeds" on
+    it by rounding. The result must nevertheless be the least-norm solution (numpy lstsq)."""
+    spurious = 0
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(6, 12, generator=g, dtype=torch.float64)
+        x = torch.randn(12, 40, generator=g, dtype=torch.float64)
+        x[7] = 0.3 * x[2] - 1.7 * x[4]
+        stats = LayerStats.from_inputs(x)
+        kept = torch.arange(10)
+        spurious += int(torch.linalg.cholesky_ex(stats.gram[kept][:, kept]).info) == 0
+        comp = compensate("ls", w, stats, kept)
+        sol, *_ = np.linalg.lstsq(x[kept].numpy().T, (w @ x).numpy().T, rcond=None)
+        assert np.allclose(comp.weight.numpy(), sol.T, rtol=1e-6, atol=1e-8), seed
+    assert spurious >= 5  # the case really exercises a Cholesky that does not fail
+
+
 def test_ls_beats_every_method_without_bias_on_calibration(data):
     w, x, kept, stats = data
     ls = relative_error(w, stats, kept, compensate("ls", w, stats, kept).weight)

@@ -1,0 +1,114 @@
+"""Layer explorer: one sublayer, one score and ratio, several compensation methods."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from rcpu import figures
+from rcpu.compensate import DEFAULT_ALPHA, METHODS
+from rcpu.config import LayerConfig
+from rcpu.layer import select
+from rcpu.scores import SCORES
+from ui import common
+
+DEFAULT_METHODS = ["none", "bias", "ls", "rotation"]
+SUBLAYERS = {"o_proj": "o_proj (attention heads)", "down_proj": "down_proj (MLP channels)"}
+
+st.title("🔬 Layer explorer")
+st.caption(
+    "Pick a layer and a sublayer, prune its input dimensions by a score, and compare how each "
+    "compensation method restores the outputs. Statistics are computed once per layer and cached."
+)
+
+data = common.data_config()
+lm = common.model()
+n_layers = lm.adapter.num_layers
+
+c = st.columns([1.2, 1.4, 1.2, 1, 2.2])
+layer = c[0].number_input("Layer", 0, n_layers - 1, value=min(common.defaults().layer, n_layers - 1),
+                          key="le_layer")
+sublayer = c[1].radio("Sublayer", list(SUBLAYERS), format_func=SUBLAYERS.get, key="le_sublayer")
+ratio = c[2].slider("Pruning ratio", 0.0, 0.9, value=0.2, step=0.05, key="le_ratio",
+                    help="Fraction of heads (o_proj) or channels (down_proj) removed.")
+score = c[3].selectbox("Score", list(SCORES), index=list(SCORES).index("rcpu"), key="le_score")
+methods = c[4].multiselect("Compensation methods", list(METHODS), default=DEFAULT_METHODS,
+                           format_func=figures.label, key="le_methods")
+with st.expander("More settings"):
+    m1, m2 = st.columns(2)
+    others = [s for s in SCORES if s != score]
+    compare = m1.selectbox("Compare the kept set with the score", others,
+                           index=others.index("wanda_sp") if "wanda_sp" in others else 0, key="le_compare")
+    alpha = m2.number_input("Ridge alpha (λ = α · tr(G_KK) / k)", 0.0, 10.0, value=DEFAULT_ALPHA, step=0.005,
+                            format="%.4f", key="le_alpha")
+
+cfg = LayerConfig(layer=int(layer), sublayer=sublayer, ratio=float(ratio), score=score,
+                  method=methods[0] if methods else "none", alpha=float(alpha))
+with common.guarded():
+    stats = common.layer_data(lm, data, cfg.layer)
+    start = time.perf_counter()
+    analysis = common.analyses().get(lm, data, stats, cfg, methods or ["none"])
+    weight = lm.adapter.sublayer(cfg.layer, cfg.sublayer).weight
+    second = select(weight.detach(), stats.calibration[cfg.sublayer], compare, cfg.ratio,
+                    lm.adapter.unit_size(cfg.sublayer), data.seed)
+    elapsed = time.perf_counter() - start
+shown = methods  # figures show only what the user picked
+
+sel = analysis.selection
+what = "heads" if sublayer == "o_proj" else "channels"
+m = st.columns(4)
+m[0].metric(f"Kept {what}", f"{len(sel.kept_units)} / {sel.unit_scores.numel()}")
+m[1].metric("Input dimensions kept", f"{len(sel.kept)} / {analysis.d_in}")
+m[2].metric("Error without compensation (held-out)", f"{analysis.error_uncompensated['heldout']:.3f}")
+if shown:
+    best = min(shown, key=lambda name: analysis.methods[name].error_heldout)
+    m[3].metric("Best held-out error", f"{analysis.methods[best].error_heldout:.3f}", help=figures.label(best),
+                delta=f"{figures.label(best)}", delta_color="off")
+calib_tokens = stats.calibration[sublayer].count
+st.caption(
+    f"Layer {cfg.layer} `{sublayer}`: W is {analysis.d_out} × {analysis.d_in}; "
+    f"{calib_tokens} calibration tokens ({calib_tokens / analysis.d_in:.1f} per input dimension), "
+    f"{stats.heldout[sublayer].count} held-out tokens. Analysis {elapsed:.2f} s."
+)
+if not shown:
+    st.info("Choose at least one compensation method to compare.")
+
+VIEWS = ["📊 Scores", "🧭 Principal directions", "📐 Geometry", "📉 Error"]
+view = st.radio("View", VIEWS, horizontal=True, key="le_view", label_visibility="collapsed")
+if view == VIEWS[0]:
+    order = st.radio("Order", ["index", "sorted"], horizontal=True, key="le_order",
+                     format_func=lambda o: "index order" if o == "index" else "sorted by score")
+    st.plotly_chart(figures.dimension_figure(analysis, order), key="fig_dimensions")
+    left, right = st.columns(2)
+    with left:
+        st.plotly_chart(figures.overlap_figure(sel, second), key="fig_overlap")
+    with right:
+        st.plotly_chart(figures.mean_variance_figure(analysis), key="fig_mean_variance")
+    if sel.unit_size > 1:
+        st.plotly_chart(figures.unit_score_figure(analysis), key="fig_units")
+elif view == VIEWS[1]:
+    left, right = st.columns(2)
+    with left:
+        st.plotly_chart(figures.spectra_figure(analysis, shown), key="fig_spectra")
+    with right:
+        st.plotly_chart(figures.principal_angles_figure(analysis, shown), key="fig_angles")
+    st.plotly_chart(figures.projection_figure(analysis, shown), key="fig_projection")
+elif view == VIEWS[2]:
+    st.plotly_chart(figures.geometry_figure(analysis, shown), key="fig_geometry")
+    left, right = st.columns(2)
+    with left:
+        st.plotly_chart(figures.inner_products_figure(analysis, shown), key="fig_inner")
+    with right:
+        st.plotly_chart(figures.gram_distortion_figure(analysis, shown), key="fig_gram")
+else:
+    left, right = st.columns(2)
+    with left:
+        st.plotly_chart(figures.error_figure(analysis, shown), key="fig_error")
+    with right:
+        st.plotly_chart(figures.singular_values_figure(analysis, shown), key="fig_singular")
+    st.dataframe(figures.method_table(analysis, shown), hide_index=True)
+    st.caption(
+        "Errors are ‖Y − Ŷ‖_F / ‖Y‖_F computed from the Gram matrices (all tokens, not only the sample). "
+        "Least squares fits the calibration tokens best; a large held-out gap means it overfits."
+    )
