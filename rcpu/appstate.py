@@ -7,13 +7,18 @@
 - ``Memo`` / ``AnalysisMemo``: small in-memory LRU stores for layer statistics
   and per-method analyses, so that switching ratio, score or method back and
   forth costs nothing and adding one method computes only that method.
+- ``whole_model_report`` / ``zip_pruned``: the whole-model page's downloads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
+import tempfile
 import threading
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -23,8 +28,10 @@ from .cache import atomic_write_bytes, cache_root
 from .calibration import LayerData
 from .config import DataConfig, LayerConfig
 from .errors import RcpuError
+from .export import save_pruned
 from .layer import SublayerAnalysis, analyze_sublayer
 from .models import LoadedModel
+from .prune import PruneResult
 from .scores import check_ratio
 
 MAX_UPLOAD_BYTES = 20_000_000
@@ -180,3 +187,37 @@ class AnalysisMemo:
                     stored = replace(stored, methods={**stored.methods, **fresh.methods})
                 self._memo.put(key, stored)
         return replace(stored, methods={m: stored.methods[m] for m in methods})
+
+
+def whole_model_report(result: PruneResult, dense: dict | None, pruned: dict | None,
+                       eval_data: str | None = None) -> dict:
+    """The whole-model page's results as JSON: settings, parameters, perplexities, per-layer errors."""
+    return {
+        "settings": result.record(),
+        "heldout_samples": result.data.heldout_samples,
+        "eval_data": eval_data or f"{result.data.data} (held-out part)",
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "params_removed_fraction": 1 - result.params_after / result.params_before,
+        "perplexity_before": None if dense is None else dense["ppl"],
+        "perplexity_after": None if pruned is None else pruned["ppl"],
+        "eval_tokens": None if pruned is None else pruned["eval_tokens"],
+        "layers": result.layers,
+        "timing_s": dict(result.timing_s),
+    }
+
+
+def zip_pruned(result: PruneResult, tokenizer, report: dict | None = None) -> bytes:
+    """The pruned model as a zip of its stock-loadable folder (safetensors, config, tokenizer)."""
+    with tempfile.TemporaryDirectory(prefix="rcpu-zip-") as tmp:
+        folder = save_pruned(result.model, tokenizer, Path(tmp) / "pruned", record=result.record())
+        if report is not None:
+            (folder / "rcpu_results.json").write_text(json.dumps(report, indent=2))
+        buffer = io.BytesIO()
+        # Weights barely compress: store them, deflate the small text files.
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    kind = zipfile.ZIP_STORED if path.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
+                    archive.write(path, f"pruned-model/{path.relative_to(folder)}", compress_type=kind)
+        return buffer.getvalue()

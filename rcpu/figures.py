@@ -520,45 +520,75 @@ def toy_error_figure(example) -> go.Figure:
 # ---------------------------------------------------------------------------
 
 
-def layer_errors_figure(records: Iterable[dict], num_layers: int | None = None) -> go.Figure:
-    """Per-layer relative error (calibration and held-out) of a sequential prune.
+ERROR_SERIES = (
+    ("error_calibration", "compensated, calibration", dict(dash="solid", width=2.5), None),
+    ("error_heldout", "compensated, held-out", dict(dash="dash", width=2.5), None),
+    ("error_uncompensated_calibration", "uncompensated, calibration", dict(dash="solid", width=1.5), UNCOMPENSATED),
+    ("error_uncompensated_heldout", "uncompensated, held-out", dict(dash="dash", width=1.5), UNCOMPENSATED),
+)
+SUBLAYER_COLORS = {"o_proj": "#7c3aed", "down_proj": "#059669"}
 
-    ``records``: dicts with ``layer``, ``sublayer`` and ``error`` ``{"calibration", "heldout"}``.
+
+def layer_errors_figure(layers: Sequence[dict], num_layers: int | None = None,
+                        sublayers: Sequence[str] = ("o_proj", "down_proj")) -> go.Figure:
+    """Per-layer relative output error of a sequential prune, compensated and not.
+
+    ``layers``: ``PruneResult.layers`` records, ``{"layer": i, "o_proj": {"error_calibration": ...,
+    "error_heldout": ..., "error_uncompensated_calibration": ..., ...}, "down_proj": {...}}``;
+    they may arrive one at a time while the prune runs.
     """
-    records = list(records)
-    fig = go.Figure()
-    subs = sorted({r["sublayer"] for r in records})
-    styles = {"calibration": dict(dash="solid"), "heldout": dict(dash="dash")}
-    palette = {"o_proj": "#7c3aed", "down_proj": "#059669"}
-    for sub in subs:
-        rows = sorted((r for r in records if r["sublayer"] == sub), key=lambda r: r["layer"])
-        for split in ("calibration", "heldout"):
+    title = "Relative output error per layer (as each layer is pruned)"
+    present = [s for s in sublayers if any(s in r for r in layers)] or list(sublayers)
+    fig = make_subplots(rows=1, cols=len(present), subplot_titles=present, shared_yaxes=True,
+                        horizontal_spacing=0.05)
+    for c, sub in enumerate(present, start=1):
+        rows = sorted((r for r in layers if sub in r), key=lambda r: r["layer"])
+        for key, name, line, fixed in ERROR_SERIES:
+            if rows and key not in rows[0][sub]:
+                continue
             fig.add_trace(go.Scatter(
-                x=[r["layer"] for r in rows], y=[r["error"][split] for r in rows], mode="lines+markers",
-                name=f"{sub}, {'held-out' if split == 'heldout' else split}",
-                line=dict(color=palette.get(sub, "#6b7280"), **styles[split]),
-            ))
-    fig.update_xaxes(title_text="layer", range=[-0.5, num_layers - 0.5] if num_layers else None)
-    fig.update_yaxes(title_text="relative output error", rangemode="tozero")
-    return _layout(fig, "Error per layer as the prune proceeds")
+                x=[r["layer"] for r in rows], y=[r[sub][key] for r in rows], mode="lines+markers",
+                name=name, legendgroup=name, showlegend=c == 1, marker=dict(size=5),
+                line=dict(color=fixed or SUBLAYER_COLORS.get(sub, "#6b7280"), **line),
+            ), row=1, col=c)
+        fig.update_xaxes(title_text="layer", row=1, col=c,
+                         range=[-0.5, num_layers - 0.5] if num_layers else None)
+    fig.update_yaxes(title_text="‖Y − Ŷ‖_F / ‖Y‖_F", rangemode="tozero", row=1, col=1)
+    if not layers:
+        fig.add_annotation(text="Run the prune to see each layer's error as it goes.", showarrow=False,
+                           x=0.5, y=0.5, xref="paper", yref="paper")
+    return _layout(fig, title, height=400)
 
 
-def ppl_vs_ratio_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
-    """Perplexity against pruning ratio, one line per config.
+def _lines(points: Sequence[dict], x_key: str) -> list[go.Scatter]:
+    traces = []
+    for name in dict.fromkeys(p["config"] for p in points):
+        rows = sorted((p for p in points if p["config"] == name), key=lambda p: p[x_key])
+        method = rows[0].get("method")
+        traces.append(go.Scatter(
+            x=[r[x_key] for r in rows], y=[r["ppl"] for r in rows], mode="lines+markers", name=name,
+            line=dict(color=color(method), width=2.5) if method in METHOD_COLORS else dict(width=2.5),
+            marker=dict(size=8),
+        ))
+    return traces
 
-    ``points``: dicts with ``config`` (a label), ``ratio`` and ``perplexity``.
-    """
-    fig = go.Figure()
-    configs = list(dict.fromkeys(p["config"] for p in points))
-    for name in configs:
-        rows = sorted((p for p in points if p["config"] == name), key=lambda p: p["ratio"])
-        method = rows[0].get("method") if rows else None
-        fig.add_trace(go.Scatter(x=[r["ratio"] for r in rows], y=[r["perplexity"] for r in rows],
-                                 mode="lines+markers", name=name,
-                                 line=dict(color=color(method)) if method in METHOD_COLORS else None))
+
+def _dense_line(fig: go.Figure, dense: float | None) -> None:
     if dense is not None:
         fig.add_hline(y=dense, line=dict(color="black", dash="dot"), annotation_text=f"dense {dense:.2f}",
                       annotation_position="bottom right")
+
+
+def ppl_vs_ratio_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
+    """Perplexity against pruning ratio, one line per config, the dense model as a reference line.
+
+    ``points``: sweep rows (``rcpu.sweep.prune_point``) with ``config``, ``method``, ``ratio``, ``ppl``.
+    """
+    fig = go.Figure(_lines(points, "ratio"))
+    _dense_line(fig, dense)
+    if not points:
+        fig.add_annotation(text="No points yet: compute them below.", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper")
     fig.update_xaxes(title_text="pruning ratio", tickformat=".0%")
     fig.update_yaxes(title_text="perplexity", type="log")
     return _layout(fig, "Perplexity against pruning ratio", height=440)
@@ -567,19 +597,13 @@ def ppl_vs_ratio_figure(points: Sequence[dict], dense: float | None = None) -> g
 def ppl_vs_calibration_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
     """Perplexity against the number of calibration samples, one line per config.
 
-    ``points``: dicts with ``config``, ``calib_samples`` and ``perplexity``.
+    ``points``: sweep rows with ``config``, ``method``, ``calib_samples``, ``ppl``.
     """
-    fig = go.Figure()
-    configs = list(dict.fromkeys(p["config"] for p in points))
-    for name in configs:
-        rows = sorted((p for p in points if p["config"] == name), key=lambda p: p["calib_samples"])
-        method = rows[0].get("method") if rows else None
-        fig.add_trace(go.Scatter(x=[r["calib_samples"] for r in rows], y=[r["perplexity"] for r in rows],
-                                 mode="lines+markers", name=name,
-                                 line=dict(color=color(method)) if method in METHOD_COLORS else None))
-    if dense is not None:
-        fig.add_hline(y=dense, line=dict(color="black", dash="dot"), annotation_text=f"dense {dense:.2f}",
-                      annotation_position="bottom right")
+    fig = go.Figure(_lines(points, "calib_samples"))
+    _dense_line(fig, dense)
+    if not points:
+        fig.add_annotation(text="No points yet: compute them below.", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper")
     fig.update_xaxes(title_text="calibration samples", type="log")
     fig.update_yaxes(title_text="perplexity", type="log")
     return _layout(fig, "Perplexity against calibration size", height=440)

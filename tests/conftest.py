@@ -52,3 +52,17 @@ def make_tiny_llama(
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded):
+    """A tiny random LLaMA (GQA, 6 query / 2 KV heads) saved with the embedded tokenizer.
+
+    Small enough that whole-model commands (prune, eval, sweep) run in seconds.
+    """
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model = make_tiny_llama(heads=6, kv_heads=2, layers=2, hidden=48, intermediate=64,
+                            vocab=len(embedded.tokenizer))
+    model.save_pretrained(out)
+    embedded.tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,115 @@
+"""rcpu prune / eval / sweep end to end (tiny model for speed; the embedded one where it matters)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rcpu import sweep as sweep_module
+from rcpu.cli import main
+
+FAST = ["--calib-samples", "2", "--seq-len", "64", "--heldout-samples", "1", "--eval-windows", "2"]
+
+
+def test_prune_save_eval_roundtrip(tiny_model_dir, tmp_cache, tmp_path, capsys):
+    out, report = tmp_path / "pruned", tmp_path / "prune.json"
+    assert main(["prune", "--model", str(tiny_model_dir), "--ratio", "0.34", "--out", str(out),
+                 "--json", str(report), *FAST]) == 0
+    pruned = json.loads(report.read_text())
+    for key in ("ppl", "ppl_dense", "params_before", "params_after", "eval_tokens", "seq_len", "timing_s",
+                "ratio", "score", "method", "targets", "seed", "data", "layers"):
+        assert key in pruned, key
+    assert pruned["params_after"] < pruned["params_before"]
+    assert len(pruned["layers"]) == 2 and pruned["layers"][0]["o_proj"]["pruned_units"] == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["rcpu"]["score"] == "rcpu" and config["rcpu"]["method"] == "rotation"
+
+    ev = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(out), "--seq-len", "64", "--eval-windows", "2", "--json", str(ev)]) == 0
+    evaluated = json.loads(ev.read_text())
+    # The saved model, evaluated on the same held-out windows, gives the in-memory perplexity.
+    assert evaluated["ppl"] == pytest.approx(pruned["ppl"], rel=1e-5)
+    assert evaluated["params_after"] == pruned["params_after"]
+    assert evaluated["params_before"] == pruned["params_before"]
+
+    # An existing output is never overwritten without --overwrite.
+    capsys.readouterr()
+    assert main(["prune", "--model", str(tiny_model_dir), "--out", str(out), *FAST]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_sweep_twice_computes_nothing_the_second_time(tiny_model_dir, tmp_cache, tmp_path, monkeypatch):
+    args = ["sweep", "--model", str(tiny_model_dir), "--ratios", "0,0.34", "--configs",
+            "rcpu:rotation,wanda_sp:none", *FAST, "--json", str(tmp_path / "a.json"), "--csv", str(tmp_path / "a.csv")]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "a.json").read_text())
+    assert len(first["points"]) == 4 and not any(p["cached"] for p in first["points"])
+    zero = [p for p in first["points"] if p["ratio"] == 0]
+    assert all(p["ppl"] == first["dense"]["ppl"] for p in zero)  # ratio 0 is the dense model exactly
+
+    def refuse(*a, **k):
+        raise AssertionError("a cached sweep point was recomputed")
+
+    monkeypatch.setattr(sweep_module, "prune_model", refuse)
+    monkeypatch.setattr(sweep_module, "perplexity", refuse)
+    args[-3] = str(tmp_path / "b.json")
+    assert main(args) == 0
+    second = json.loads((tmp_path / "b.json").read_text())
+    assert all(p["cached"] for p in second["points"])
+    assert [p["ppl"] for p in second["points"]] == [p["ppl"] for p in first["points"]]
+    csv = (tmp_path / "a.csv").read_text().splitlines()
+    assert csv[0].startswith("config,") and len(csv) == 5
+
+
+def test_interrupted_sweep_resumes(tiny_model_dir, tmp_cache, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = sweep_module.prune_model
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_module, "prune_model", flaky)
+    args = ["sweep", "--model", str(tiny_model_dir), "--ratios", "0.34,0.5", "--configs", "rcpu:rotation", *FAST,
+            "--json", str(tmp_path / "s.json")]
+    assert main(args) == 130  # interrupted during the second point
+    monkeypatch.setattr(sweep_module, "prune_model", real)
+    assert main(args) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert [p["cached"] for p in result["points"]] == [True, False]
+
+
+def test_calibration_size_sweep_and_shifted_eval_text(tiny_model_dir, tmp_cache, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(f"word{i % 97} and more text number {i}." for i in range(3000)))
+    out = tmp_path / "c.json"
+    assert main(["sweep", "--model", str(tiny_model_dir), "--ratios", "0.34", "--configs", "rcpu:ls",
+                 "--calib-samples", "1,2", "--seq-len", "64", "--heldout-samples", "1",
+                 "--eval-data", str(other), "--eval-windows", "2", "--json", str(out)]) == 0
+    points = json.loads(out.read_text())["points"]
+    assert [p["calib_samples"] for p in points] == [1, 2]
+    assert all(p["eval_data"] == str(other) for p in points)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prune", "--ratio", "1.0"], "ratio must be in [0, 1)"),
+        (["prune", "--score", "nope"], "unknown score"),
+        (["prune", "--method", "nope"], "unknown method"),
+        (["sweep", "--configs", "rcpu"], "SCORE:METHOD"),
+        (["sweep", "--ratios", "0.1,x"], "comma-separated"),
+        (["eval", "--model", "not-a-model"], "unknown model"),
+    ],
+)
+def test_bad_whole_model_inputs_fail_in_one_line(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "rcpu", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rcpu: error:") and message in lines[0], proc.stderr
