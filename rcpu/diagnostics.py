@@ -16,15 +16,17 @@ from .stats import LayerStats
 
 
 def output_error(
-    weight: Tensor, stats: LayerStats, kept: Tensor, new_weight: Tensor, bias: Tensor | None = None
+    weight: Tensor, stats: LayerStats, kept: Tensor, new_weight: Tensor, bias: Tensor | None = None,
+    wg: Tensor | None = None,
 ) -> tuple[float, float]:
     """(``||Y - Yhat||_F^2``, ``||Y||_F^2``) from G, s and n alone.
 
     ``||Y - Yhat||^2 = tr(W G W^T) - 2 tr(W' G[K,:] W^T) + tr(W' G[K,K] W'^T)
-    - 2 b^T (W s - W' s_K) + n ||b||^2``.
+    - 2 b^T (W s - W' s_K) + n ||b||^2``. ``wg = W G`` may be passed in when
+    several candidates are compared on the same statistics.
     """
     w = weight.to(torch.float64)
-    wg = w @ stats.gram  # (d_out, d_in)
+    wg = w @ stats.gram if wg is None else wg  # (d_out, d_in)
     reference = torch.sum(wg * w)
     cross = torch.sum(wg[:, kept] * new_weight)
     own = torch.sum((new_weight @ stats.gram[kept][:, kept]) * new_weight)
@@ -36,10 +38,11 @@ def output_error(
 
 
 def relative_error(
-    weight: Tensor, stats: LayerStats, kept: Tensor, new_weight: Tensor, bias: Tensor | None = None
+    weight: Tensor, stats: LayerStats, kept: Tensor, new_weight: Tensor, bias: Tensor | None = None,
+    wg: Tensor | None = None,
 ) -> float:
     """``||Y - Yhat||_F / ||Y||_F``."""
-    err, ref = output_error(weight, stats, kept, new_weight, bias)
+    err, ref = output_error(weight, stats, kept, new_weight, bias, wg)
     return math.sqrt(err / ref) if ref > 0 else 0.0
 
 

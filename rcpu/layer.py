@@ -120,6 +120,7 @@ def analyze_sublayer(
     first, second = _pairs(sample.shape[1], seed=seed)
 
     none = Compensation(weight=weight[:, kept])
+    wg = {"calibration": weight @ calibration.gram, "heldout": weight @ heldout.gram}  # W G, reused
     cov_y, cov_z, _ = output_covariances(weight, calibration, kept, none)
     evals_y, evecs_y = principal_directions(cov_y)
     evals_z, evecs_z = principal_directions(cov_z)
@@ -139,8 +140,10 @@ def analyze_sublayer(
         results[name] = MethodResult(
             method=name,
             compensation=comp,
-            error_calibration=relative_error(weight, calibration, kept, comp.weight, comp.bias),
-            error_heldout=relative_error(weight, heldout, kept, comp.weight, comp.bias),
+            error_calibration=relative_error(
+                weight, calibration, kept, comp.weight, comp.bias, wg["calibration"]
+            ),
+            error_heldout=relative_error(weight, heldout, kept, comp.weight, comp.bias, wg["heldout"]),
             geometry=token_geometry(y, yhat),
             rotation=rotation_diagnostics(comp),
             explained_variance=explained_variance(evals_yhat),
@@ -163,8 +166,8 @@ def analyze_sublayer(
         projection_z=pc2.T @ (z - centre),
         inner_products_y=torch.sum(y[:, first] * y[:, second], dim=0),
         error_uncompensated={
-            "calibration": relative_error(weight, calibration, kept, none.weight),
-            "heldout": relative_error(weight, heldout, kept, none.weight),
+            "calibration": relative_error(weight, calibration, kept, none.weight, wg=wg["calibration"]),
+            "heldout": relative_error(weight, heldout, kept, none.weight, wg=wg["heldout"]),
         },
         methods=results,
     )

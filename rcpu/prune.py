@@ -170,6 +170,7 @@ def _errors(weight: torch.Tensor, stats: dict, kept: torch.Tensor, comp: Compens
     out = {}
     w = weight.detach().to(torch.float64)
     for split, st in stats.items():
-        out[f"error_{split}"] = relative_error(w, st, kept, comp.weight, comp.bias)
-        out[f"error_uncompensated_{split}"] = relative_error(w, st, kept, w[:, kept])
+        wg = w @ st.gram
+        out[f"error_{split}"] = relative_error(w, st, kept, comp.weight, comp.bias, wg)
+        out[f"error_uncompensated_{split}"] = relative_error(w, st, kept, w[:, kept], wg=wg)
     return out

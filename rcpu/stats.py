@@ -85,8 +85,8 @@ class StatsAccumulator:
         """Add tokens given as rows, shape (..., d_in)."""
         rows = rows.reshape(-1, rows.shape[-1]).detach()
         x = rows.to(torch.float64)
-        finite = torch.isfinite(x).all(dim=1)
-        if not bool(finite.all()):
+        if not bool(torch.isfinite(x.sum())):  # cheap check; the row mask only when needed
+            finite = torch.isfinite(x).all(dim=1)
             self._nonfinite += int((~finite).sum())
             x = x[finite]
             rows = rows[finite]
