@@ -90,6 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .config import DataConfig
     from .evaluate import evaluation_windows, perplexity
     from .models import count_parameters
+    from .sweep import EvalSpec
     from .text import load_text
 
     cli = _cli()
@@ -106,10 +107,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bar.close()
     record = getattr(lm.model.config, "rcpu", None) or {}
     params = count_parameters(lm.model)
+    dense = _dense_of(record, data, EvalSpec(data.data if explicit else None, args.eval_windows)) if record else None
     report = {
         "model": args.model,
         "eval_data": data.data if explicit else f"{data.data} (held-out part)",
         "ppl": ev["ppl"],
+        "ppl_dense": dense["ppl"] if dense else None,
         "params_before": record.get("params_before", params),
         "params_after": params,
         "eval_tokens": ev["eval_tokens"],
@@ -119,9 +122,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "timing_s": {"eval": ev["seconds"]},
     }
     print(f"perplexity {ev['ppl']:.3f} on {ev['eval_tokens']} tokens ({ev['tokens_per_s']:.0f} tokens/s), "
-          f"{params:,} parameters")
+          f"{params:,} parameters" + (f"; dense source model {dense['ppl']:.3f}" if dense else ""))
     cli._write_json(json_out, report)
     return 0
+
+
+def _dense_of(record: dict, data, spec) -> dict | None:
+    """Perplexity of the model a pruned folder came from, on the same windows (cached)."""
+    import logging
+    from dataclasses import replace
+
+    from .models import load_model
+    from .sweep import dense_result
+
+    try:
+        source = load_model(record["model"])
+        return dense_result(source, replace(data, model=record["model"]), spec)
+    except (RcpuError, KeyError) as exc:
+        logging.getLogger("rcpu").warning("dense perplexity of the source model skipped: %s", exc)
+        return None
 
 
 def _floats(text: str) -> tuple[float, ...]:

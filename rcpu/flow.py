@@ -9,6 +9,7 @@ head), and a sequential prune costs about one pass over the calibration tokens.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -17,6 +18,8 @@ from torch import Tensor, nn
 
 from .adapters import LlamaLayoutAdapter
 from .stats import StatsAccumulator
+
+log = logging.getLogger("rcpu")
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
@@ -115,4 +118,10 @@ def layer_input_stats(flow: LayerFlow, index: int, sample_size: int, seed: int, 
     modules = {name: adapter.sublayer(index, name) for name in ("o_proj", "down_proj")}
     with record_inputs(modules, sample_size, seed) as accumulators:
         flow.run_layer(index, update=update)
+    for name, acc in accumulators.items():
+        if acc.nonfinite_tokens:
+            log.warning(
+                "layer %d %s: %d tokens with inf/NaN inputs were left out of the statistics",
+                index, name, acc.nonfinite_tokens,
+            )
     return {name: acc.finish() for name, acc in accumulators.items()}

@@ -34,6 +34,7 @@ def test_prune_save_eval_roundtrip(tiny_model_dir, tmp_cache, tmp_path, capsys):
     assert evaluated["ppl"] == pytest.approx(pruned["ppl"], rel=1e-5)
     assert evaluated["params_after"] == pruned["params_after"]
     assert evaluated["params_before"] == pruned["params_before"]
+    assert evaluated["ppl_dense"] == pytest.approx(pruned["ppl_dense"], rel=1e-9)  # the source model, same windows
 
     # An existing output is never overwritten without --overwrite.
     capsys.readouterr()
