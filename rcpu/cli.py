@@ -104,8 +104,10 @@ def cmd_layer(args: argparse.Namespace) -> int:
     load_text(data.data)  # fail on a bad text before the model loads
     lm = _load(data)
     progress = _progress_bar("statistics")
-    report = layer_report(lm, data, cfg, progress)
-    progress.close()
+    try:
+        report = layer_report(lm, data, cfg, progress)
+    finally:
+        progress.close()
     print(format_layer_report(report))
     _write_json(out, report)
     return 0
@@ -117,6 +119,10 @@ def _validate_choices(score: str, method: str) -> None:
 
     check_score(score)
     check_method(method)
+
+
+def _num(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def format_layer_report(r: dict) -> str:
@@ -132,15 +138,15 @@ def format_layer_report(r: dict) -> str:
         f"  {'uncompensated':<28}{r['error_uncompensated']['calibration']:>12.4f}{r['error_uncompensated']['heldout']:>12.4f}",
         f"  {'compensated (' + r['method'] + ')':<28}{r['error']['calibration']:>12.4f}{r['error']['heldout']:>12.4f}",
         "",
-        f"  norm ratio ||yhat||/||y||   mean {r['norm_ratio']['mean']:.4f}  p05 {r['norm_ratio']['p05']:.4f}  p95 {r['norm_ratio']['p95']:.4f}",
-        f"  cosine(yhat, y)             mean {r['cosine']['mean']:.4f}  p05 {r['cosine']['p05']:.4f}  p95 {r['cosine']['p95']:.4f}",
+        "  norm ratio ||yhat||/||y||   " + "  ".join(f"{k} {_num(r['norm_ratio'][k])}" for k in ("mean", "p05", "p95")),
+        "  cosine(yhat, y)             " + "  ".join(f"{k} {_num(r['cosine'][k])}" for k in ("mean", "p05", "p95")),
         f"  Gram distortion             {r['gram_distortion']:.4f}",
         f"  principal angles (deg)      {', '.join(f'{a:.1f}' for a in r['principal_angles_deg'][:4])} ...",
     ]
     if r["orthogonality_error"] is not None:
         lines.append(
             f"  Q: ||Q^T Q - I|| {r['orthogonality_error']:.1e}, ||Q - I|| {r['distance_from_identity']:.3f}, "
-            f"cond(M) {r['condition_number_M']:.3g}"
+            f"cond(M) {_num(r['condition_number_M'], '.3g')}"
         )
     t = r["timing_s"]
     lines.append(

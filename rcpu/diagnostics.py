@@ -138,7 +138,7 @@ def rotation_diagnostics(comp: Compensation) -> dict:
     eye = torch.eye(q.shape[0], dtype=q.dtype)
     angles = torch.rad2deg(torch.angle(torch.linalg.eigvals(q)).abs())
     s = comp.singular_values
-    cond = float(s[0] / s[-1]) if s[-1] > 0 else math.inf
+    cond = float(s[0] / s[-1]) if s[-1] > 0 else None  # None: M is singular (JSON null)
     return {
         "orthogonality_error": float(torch.linalg.matrix_norm(q.T @ q - eye)),
         "distance_from_identity": float(torch.linalg.matrix_norm(q - eye)),

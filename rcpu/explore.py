@@ -10,7 +10,7 @@ from .errors import RcpuError
 from .flow import Progress
 from .layer import SublayerAnalysis, analyze_sublayer, summary
 from .models import LoadedModel
-from .scores import check_ratio
+from .scores import check_keeps_some, check_ratio
 
 
 def explore_layer(
@@ -25,6 +25,9 @@ def explore_layer(
         raise RcpuError(f"unknown sublayer {cfg.sublayer!r}; choose o_proj or down_proj")
     check_ratio(cfg.ratio)
     lm.adapter.check_layer(cfg.layer)
+    check_keeps_some(lm.adapter.num_units(cfg.layer, cfg.sublayer), cfg.ratio, lm.adapter.unit_name(cfg.sublayer))
+    if data.heldout_samples < 1:
+        raise RcpuError("layer diagnostics need held-out tokens: use --heldout-samples 1 or more")
     stats = layer_stats(lm, data.data, data.sampling, cfg.layer, progress)
     weight = lm.adapter.sublayer(cfg.layer, cfg.sublayer).weight
     analysis = analyze_sublayer(

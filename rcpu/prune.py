@@ -25,7 +25,7 @@ from .export import stock_layout
 from .flow import LayerFlow, Progress, layer_input_stats
 from .layer import select
 from .models import LoadedModel, count_parameters
-from .scores import check_ratio, check_score, select_units
+from .scores import check_keeps_some, check_ratio, check_score
 from .surgery import SublayerPlan, apply_plan
 
 TARGETS = {"attn": ("o_proj",), "mlp": ("down_proj",), "both": ("o_proj", "down_proj")}
@@ -103,7 +103,7 @@ def prune_model(
     adapter = adapter_for(model)
     sublayers = TARGETS[cfg.targets]
     for sub in sublayers:  # fail before any work if a layer would lose everything
-        select_units(torch.zeros(adapter.num_units(0, sub)), cfg.ratio, adapter.unit_name(sub))
+        check_keeps_some(adapter.num_units(0, sub), cfg.ratio, adapter.unit_name(sub))
 
     flows = {"calibration": LayerFlow(adapter, tokens.calibration, batch_size)}
     if len(tokens.heldout):

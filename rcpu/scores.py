@@ -8,6 +8,7 @@ lowest-scoring units are pruned.
 from __future__ import annotations
 
 import math
+import numbers
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Callable
 
@@ -87,8 +88,16 @@ def num_pruned(n_units: int, ratio: float) -> int:
 
 
 def check_ratio(ratio: float) -> None:
-    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
-        raise RcpuError(f"ratio must be in [0, 1), got {ratio}")
+    if not (isinstance(ratio, numbers.Real) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+        raise RcpuError(f"ratio must be in [0, 1), got {ratio!r}")
+
+
+def check_keeps_some(n_units: int, ratio: float, what: str = "units") -> int:
+    """Units pruned at ``ratio``; raises if none of the ``n_units`` would be left."""
+    n_pruned = num_pruned(n_units, ratio)
+    if n_pruned >= n_units:
+        raise RcpuError(f"ratio {ratio} would remove all {n_units} {what} of a layer; use a smaller ratio")
+    return n_pruned
 
 
 def select_units(scores: Tensor, ratio: float, what: str = "units") -> tuple[Tensor, Tensor]:
@@ -96,12 +105,7 @@ def select_units(scores: Tensor, ratio: float, what: str = "units") -> tuple[Ten
 
     Ties break by index (lower index pruned first), so selection is deterministic.
     """
-    n_units = scores.numel()
-    n_pruned = num_pruned(n_units, ratio)
-    if n_pruned >= n_units:
-        raise RcpuError(
-            f"ratio {ratio} would remove all {n_units} {what} of a layer; use a smaller ratio"
-        )
+    n_pruned = check_keeps_some(scores.numel(), ratio, what)
     order = torch.sort(scores, stable=True).indices
     pruned = torch.sort(order[:n_pruned]).values
     kept = torch.sort(order[n_pruned:]).values

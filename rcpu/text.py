@@ -30,9 +30,12 @@ def _embedded_text() -> str:
 
 
 def _read_txt(path: Path) -> str:
-    if path.stat().st_size > MAX_TEXT_BYTES:
-        raise RcpuError(f"text file {path} is larger than {MAX_TEXT_BYTES // 1_000_000} MB")
-    raw = path.read_bytes()
+    try:
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise RcpuError(f"text file {path} is larger than {MAX_TEXT_BYTES // 1_000_000} MB")
+        raw = path.read_bytes()
+    except OSError as exc:  # unreadable: permissions, a folder named *.txt, ...
+        raise RcpuError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
     if b"\x00" in raw[:65536]:
         raise RcpuError(f"{path} looks binary, not text")
     try:
@@ -57,9 +60,23 @@ def _hub_text(name: str, config: str | None, split: str) -> str:
     return "\n\n".join(ds[column])
 
 
-@lru_cache(maxsize=8)
+def _stamp(source: str) -> tuple:
+    """Changes when a local text source changes, so cached text never goes stale."""
+    path = Path(source).expanduser()
+    try:
+        files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+        return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    except OSError:
+        return ()
+
+
 def load_text(source: str, split: str = "train") -> str:
     """The raw text of a source. ``split`` only matters for hub datasets."""
+    return _load_text(source, split, _stamp(source))
+
+
+@lru_cache(maxsize=8)
+def _load_text(source: str, split: str, stamp: tuple) -> str:
     if source == "embedded":
         return _embedded_text()
     if source == "wikitext2":

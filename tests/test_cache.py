@@ -1,4 +1,4 @@
-"""The disk cache: round trips, damage detection (discard + warn + recompute), no pickle, atomicity."""
+"""The disk cache: round trips, damage detection (discard, warn, recompute), no pickle."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ PAYLOAD = {"a": [1, 2.5, "x"], "b": None, "nested": {"k": True}}
 
 
 def same_arrays(a: dict, b: dict) -> bool:
-    return set(a) == set(b) and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+    return set(a) == set(b) and all(
+        a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a
+    )
 
 
 def leftovers(folder):
@@ -69,7 +71,9 @@ def _expect_discarded(path, caplog, loader):
     with caplog.at_level(logging.WARNING, logger="rcpu"):
         assert loader(path) is None
     assert not path.exists()
-    assert any("discarded" in r.getMessage() and path.name in r.getMessage() for r in caplog.records)
+    assert any(
+        "discarded" in r.getMessage() and path.name in r.getMessage() for r in caplog.records
+    )
 
 
 @pytest.mark.parametrize("keep", [0, 10, 100, 0.5, 0.9, -1])
@@ -77,7 +81,11 @@ def test_truncated_arrays_discarded(tmp_cache, arrays, caplog, keep):
     path = tmp_cache / "t.npz"
     cache.save_arrays(path, arrays)
     data = path.read_bytes()
-    n = int(len(data) * keep) if isinstance(keep, float) else (len(data) + keep if keep < 0 else keep)
+    n = (
+        int(len(data) * keep)
+        if isinstance(keep, float)
+        else (len(data) + keep if keep < 0 else keep)
+    )
     path.write_bytes(data[:n])
     _expect_discarded(path, caplog, cache.load_arrays)
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rcpu import cli
 from rcpu.compensate import METHODS
@@ -19,6 +20,15 @@ SMALL = ["--layer", "2", "--calib-samples", "4", "--seq-len", "128", "--heldout-
 ROTATIONS = {"rotation", "rotation_scale", "rotation_so", "rotation_bias", "rotation_diag"}
 SHAPES = {"o_proj": (576, 576), "down_proj": (576, 1536)}  # (d_out, d_in) of SmolLM2-135M
 HEAD_DIM = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, two spin-waiting threads run ~8x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def strict_json(text: str) -> dict:
@@ -49,11 +59,33 @@ def run_layer(tmp_path: Path, capsys, *args: str) -> tuple[dict, str]:
 
 def check_report(r: dict, sublayer: str, method: str) -> None:
     d_out, d_in = SHAPES[sublayer]
-    for key in ("layer", "sublayer", "ratio", "score", "method", "d_in", "d_out", "kept", "pruned",
-                "error", "error_uncompensated", "orthogonality_error", "norm_ratio", "cosine",
-                "gram_distortion", "principal_angles_deg", "timing_s"):
+    for key in (
+        "layer",
+        "sublayer",
+        "ratio",
+        "score",
+        "method",
+        "d_in",
+        "d_out",
+        "kept",
+        "pruned",
+        "error",
+        "error_uncompensated",
+        "orthogonality_error",
+        "norm_ratio",
+        "cosine",
+        "gram_distortion",
+        "principal_angles_deg",
+        "timing_s",
+    ):
         assert key in r, key
-    assert (r["layer"], r["sublayer"], r["ratio"], r["score"], r["method"]) == (2, sublayer, 0.2, "rcpu", method)
+    assert (r["layer"], r["sublayer"], r["ratio"], r["score"], r["method"]) == (
+        2,
+        sublayer,
+        0.2,
+        "rcpu",
+        method,
+    )
     assert (r["d_out"], r["d_in"]) == (d_out, d_in)
     kept, pruned = r["kept"], r["pruned"]
     assert len(kept) + len(pruned) == d_in
@@ -61,7 +93,9 @@ def check_report(r: dict, sublayer: str, method: str) -> None:
     if sublayer == "o_proj":
         assert len(pruned) == 2 * HEAD_DIM  # round(0.2 * 9 heads) = 2 whole heads
         heads = {c // HEAD_DIM for c in pruned}
-        assert len(heads) == 2 and all(set(range(h * HEAD_DIM, (h + 1) * HEAD_DIM)) <= set(pruned) for h in heads)
+        assert len(heads) == 2 and all(
+            set(range(h * HEAD_DIM, (h + 1) * HEAD_DIM)) <= set(pruned) for h in heads
+        )
     else:
         assert len(pruned) == 307  # round(0.2 * 1536)
     for key in ("error", "error_uncompensated"):
@@ -100,7 +134,9 @@ def test_layer_every_method(tmp_cache, use_embedded, tmp_path, capsys, sublayer)
     # same selection for every method; uncompensated error independent of the method
     first = reports["none"]
     for r in reports.values():
-        assert r["kept"] == first["kept"] and r["error_uncompensated"] == first["error_uncompensated"]
+        assert (
+            r["kept"] == first["kept"] and r["error_uncompensated"] == first["error_uncompensated"]
+        )
     calib = {m: r["error"]["calibration"] for m, r in reports.items()}
     assert calib["none"] == pytest.approx(first["error_uncompensated"]["calibration"], rel=1e-9)
     assert calib["ls"] <= calib["ridge"] + 1e-9
@@ -115,8 +151,9 @@ def test_layer_every_method(tmp_cache, use_embedded, tmp_path, capsys, sublayer)
 
 @pytest.mark.slow
 def test_cache_hit_on_second_call(tmp_cache, use_embedded, tmp_path, capsys):
-    first, out1 = run_layer(tmp_path, capsys, "--sublayer", "down_proj", "--method", "rotation", "--ratio", "0.3")
-    second, out2 = run_layer(tmp_path, capsys, "--sublayer", "down_proj", "--method", "rotation", "--ratio", "0.3")
+    args = ("--sublayer", "down_proj", "--method", "rotation", "--ratio", "0.3")
+    first, out1 = run_layer(tmp_path, capsys, *args)
+    second, out2 = run_layer(tmp_path, capsys, *args)
     assert first["timing_s"]["statistics_from_cache"] is False
     assert second["timing_s"]["statistics_from_cache"] is True
     assert "(computed)" in out1 and "(cache)" in out2
@@ -124,7 +161,7 @@ def test_cache_hit_on_second_call(tmp_cache, use_embedded, tmp_path, capsys):
     for key in ("kept", "error", "error_uncompensated", "orthogonality_error", "gram_distortion"):
         assert first[key] == second[key], key
     # a different seed is a different cache entry
-    third, _ = run_layer(tmp_path, capsys, "--sublayer", "down_proj", "--method", "rotation", "--seed", "1")
+    third, _ = run_layer(tmp_path, capsys, *args, "--seed", "1")
     assert third["timing_s"]["statistics_from_cache"] is False
 
 
@@ -142,9 +179,25 @@ def test_damaged_stats_entry_is_recomputed(tmp_cache, use_embedded, tmp_path, ca
 def test_layer_subprocess(tmp_cache, tmp_path):
     out = tmp_path / "sub.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "rcpu", "layer", *SMALL, "--sublayer", "o_proj", "--method", "rotation_bias",
-         "--json", str(out)],
-        cwd=REPO, env=dict(os.environ, RCPU_CACHE=str(tmp_cache)), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "rcpu",
+            "layer",
+            *SMALL,
+            "--sublayer",
+            "o_proj",
+            "--method",
+            "rotation_bias",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=dict(os.environ, RCPU_CACHE=str(tmp_cache), OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -157,7 +210,12 @@ def test_layer_subprocess(tmp_cache, tmp_path):
 def test_error_subprocess(tmp_cache):
     proc = subprocess.run(
         [sys.executable, "-m", "rcpu", "layer", *SMALL, "--ratio", "1.0"],
-        cwd=REPO, env=dict(os.environ, RCPU_CACHE=str(tmp_cache)), capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=dict(os.environ, RCPU_CACHE=str(tmp_cache), OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -212,7 +270,11 @@ def test_empty_text_file(tmp_cache, tmp_path, capsys):
 
 
 def test_json_into_missing_folder(tmp_cache, tmp_path, capsys):
-    expect_error(capsys, ["layer", *SMALL, "--json", str(tmp_path / "no" / "such" / "r.json")], "does not exist")
+    expect_error(
+        capsys,
+        ["layer", *SMALL, "--json", str(tmp_path / "no" / "such" / "r.json")],
+        "does not exist",
+    )
 
 
 @pytest.mark.slow
@@ -232,7 +294,9 @@ def test_text_shorter_than_one_sample(tmp_cache, use_embedded, tmp_path, capsys)
 @pytest.mark.slow
 def test_ratio_removing_every_head(tmp_cache, use_embedded, capsys):
     # 0.95 * 9 heads rounds to 9: nothing would be left
-    expect_error(capsys, ["layer", *SMALL, "--sublayer", "o_proj", "--ratio", "0.95"], "remove all", "heads")
+    expect_error(
+        capsys, ["layer", *SMALL, "--sublayer", "o_proj", "--ratio", "0.95"], "remove all", "heads"
+    )
 
 
 # rcpu cache ---------------------------------------------------------------------------
@@ -249,3 +313,9 @@ def test_cache_info_and_clear(tmp_cache, capsys):
     assert "freed" in capsys.readouterr().out
     assert not (tmp_cache / "stats").exists()
     assert (tmp_cache / "models").is_symlink()
+
+
+@pytest.mark.slow
+def test_layer_without_heldout_tokens_is_refused(tmp_cache, use_embedded, capsys):
+    argv = ["layer", *SMALL, "--heldout-samples", "0"]
+    expect_error(capsys, argv, "held-out")

@@ -6,6 +6,7 @@ Every check recomputes the quantity independently from an explicit input matrix 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -37,14 +38,28 @@ ROTATIONS = ("rotation", "rotation_scale", "rotation_so", "rotation_bias", "rota
 NO_BIAS = ("none", "ls", "ridge", "rotation", "rotation_scale", "rotation_so", "rotation_diag")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matrices: one intra-op thread avoids thread hand-off overhead on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_data(seed: int = 0, d_out: int = D_OUT, d_in: int = D_IN, n: int = N):
     """W (d_out, d_in), X (d_in, N) with non-zero means and unequal scales, kept columns K."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
     scales = torch.rand(d_in, generator=g, dtype=torch.float64) * 2 + 0.2
     offsets = torch.randn(d_in, generator=g, dtype=torch.float64)
-    mix = torch.eye(d_in, dtype=torch.float64) + 0.3 * torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
-    x = mix @ (torch.randn(d_in, n, generator=g, dtype=torch.float64) * scales[:, None]) + offsets[:, None]
+    mix = torch.eye(d_in, dtype=torch.float64) + 0.3 * torch.randn(
+        d_in, d_in, generator=g, dtype=torch.float64
+    )
+    x = (
+        mix @ (torch.randn(d_in, n, generator=g, dtype=torch.float64) * scales[:, None])
+        + offsets[:, None]
+    )
     kept = torch.sort(torch.randperm(d_in, generator=g)[: (d_in * 7) // 10]).values
     return w, x, kept
 
@@ -96,14 +111,14 @@ def test_q_is_orthogonal(method, seed):
 
 @pytest.mark.parametrize("method", ["none", "bias", "ls", "ridge"])
 def test_non_rotation_methods_have_no_q(data, method):
-    w, x, kept, stats = data
+    w, _x, kept, stats = data
     comp = compensate(method, w, stats, kept)
     assert comp.rotation is None and comp.singular_values is None
     assert rotation_diagnostics(comp)["orthogonality_error"] is None
 
 
 def test_rotation_weight_is_q_times_kept_weight(data):
-    w, x, kept, stats = data
+    w, _x, kept, stats = data
     for method in ("rotation", "rotation_so", "rotation_bias"):
         comp = compensate(method, w, stats, kept)
         assert torch.allclose(comp.weight, comp.rotation @ w[:, kept], atol=1e-12)
@@ -170,12 +185,12 @@ def test_procrustes_proper_flag_on_explicit_matrix():
     for _ in range(20):
         m = torch.from_numpy(rng.standard_normal((7, 7)))
         q, s = procrustes(m)
-        qp, sp = procrustes(m, proper=True)
+        qp, _ = procrustes(m, proper=True)
         u, sv, vh = np.linalg.svd(m.numpy())
         assert np.allclose(q.numpy(), u @ vh, atol=1e-12)
         assert np.allclose(s.numpy(), sv, atol=1e-12) and np.all(np.diff(sv) <= 0)
         assert float(torch.linalg.det(qp)) == pytest.approx(1.0, abs=1e-10)
-        # tr(Q^T M) of the proper solution: trace(S) minus twice the smallest singular value if flipped
+        # tr(Q^T M) of the proper solution: trace(S), less twice the smallest if flipped
         expected = sv.sum() if np.linalg.det(u @ vh) > 0 else sv.sum() - 2 * sv[-1]
         assert float(torch.trace(qp.T @ m)) == pytest.approx(expected, rel=1e-10)
 
@@ -267,7 +282,7 @@ def test_ls_is_least_norm_on_singular_gram():
 
 
 def test_ls_beats_every_method_without_bias_on_calibration(data):
-    w, x, kept, stats = data
+    w, _x, kept, stats = data
     ls = relative_error(w, stats, kept, compensate("ls", w, stats, kept).weight)
     for method in NO_BIAS:
         comp = compensate(method, w, stats, kept)
@@ -287,11 +302,13 @@ def test_ridge_closed_form(data, alpha):
 
 
 def test_ridge_calibration_error_grows_with_alpha(data):
-    w, x, kept, stats = data
+    w, _x, kept, stats = data
     errors = [relative_error(w, stats, kept, compensate("ls", w, stats, kept).weight)]
     for alpha in (1e-4, 1e-2, 0.1, 1.0, 10.0):
-        errors.append(relative_error(w, stats, kept, compensate("ridge", w, stats, kept, alpha).weight))
-    assert all(a <= b + 1e-12 for a, b in zip(errors, errors[1:]))
+        errors.append(
+            relative_error(w, stats, kept, compensate("ridge", w, stats, kept, alpha).weight)
+        )
+    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(errors))
     assert errors[0] < errors[-1]
     # tiny alpha is (nearly) least squares
     tiny = compensate("ridge", w, stats, kept, alpha=1e-12).weight
@@ -356,7 +373,7 @@ def naive_scores(w: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("name", ["magnitude", "wanda_sp", "fluctuation", "rcpu"])
 def test_scores_equal_naive_definitions(data, name):
-    w, x, kept, stats = data
+    w, x, _kept, stats = data
     expected = naive_scores(w.numpy(), x.numpy())[name]
     got = score_columns(name, w, stats).numpy()
     assert got.shape == (D_IN,)
@@ -364,14 +381,16 @@ def test_scores_equal_naive_definitions(data, name):
 
 
 def test_scores_accept_float32_weights(data):
-    w, x, kept, stats = data
+    w, x, _kept, stats = data
     got = score_columns("rcpu", w.to(torch.float32), stats)
     assert got.dtype == torch.float64
-    assert np.allclose(got.numpy(), naive_scores(w.float().double().numpy(), x.numpy())["rcpu"], rtol=1e-9)
+    assert np.allclose(
+        got.numpy(), naive_scores(w.float().double().numpy(), x.numpy())["rcpu"], rtol=1e-9
+    )
 
 
 def test_random_score_is_seeded(data):
-    w, x, kept, stats = data
+    w, _x, _kept, stats = data
     a = score_columns("random", w, stats, seed=3)
     b = score_columns("random", w * 5 + 1, stats, seed=3)
     c = score_columns("random", w, stats, seed=4)
@@ -382,14 +401,14 @@ def test_random_score_is_seeded(data):
 
 
 def test_unknown_score_raises(data):
-    w, x, kept, stats = data
+    w, _x, _kept, stats = data
     with pytest.raises(RcpuError, match="unknown score"):
         score_columns("nope", w, stats)
     assert set(SCORES) == {"magnitude", "wanda_sp", "fluctuation", "rcpu", "random"}
 
 
 def test_variance_is_population_variance(data):
-    w, x, kept, stats = data
+    _w, x, _kept, stats = data
     assert np.allclose(stats.var.numpy(), np.var(x.numpy(), axis=1), rtol=1e-10)
     assert np.allclose(stats.mean.numpy(), x.numpy().mean(axis=1), rtol=1e-12)
 
@@ -407,11 +426,15 @@ def test_rotation_scale_is_closed_form_optimum(data):
     # recover s from the returned weight: W' = s Q W_K
     s = float(torch.sum(comp.weight * rot.weight) / torch.sum(rot.weight**2))
     assert torch.allclose(comp.weight, s * rot.weight, atol=1e-12)
-    numeric = minimize_scalar(lambda t: float(np.sum((y - t * qz) ** 2)), bracket=(0.0, 2.0), tol=1e-12).x
+    numeric = minimize_scalar(
+        lambda t: float(np.sum((y - t * qz) ** 2)), bracket=(0.0, 2.0), tol=1e-12
+    ).x
     assert s == pytest.approx(numeric, rel=1e-6)
     # derivative of ||Y - s QZ||^2 in s is zero at the optimum
     assert float(np.sum((y - s * qz) * qz)) == pytest.approx(0.0, abs=1e-9 * float(np.sum(y * y)))
-    assert err2(torch.from_numpy(y), torch.from_numpy(s * qz)) <= err2(torch.from_numpy(y), torch.from_numpy(qz))
+    assert err2(torch.from_numpy(y), torch.from_numpy(s * qz)) <= err2(
+        torch.from_numpy(y), torch.from_numpy(qz)
+    )
 
 
 def test_bias_restores_the_mean(data):
@@ -464,17 +487,24 @@ def test_rotation_diag_per_row_scale_is_optimal(data):
     assert torch.allclose(comp.weight, scales[:, None] * rot.weight, atol=1e-12)
     for i in range(D_OUT):
         yi, ri = y[i].numpy(), r[i].numpy()
-        numeric = minimize_scalar(lambda t: float(np.sum((yi - t * ri) ** 2)), bracket=(0.0, 2.0), tol=1e-12).x
+        numeric = minimize_scalar(
+            lambda t, yi=yi, ri=ri: float(np.sum((yi - t * ri) ** 2)), bracket=(0.0, 2.0), tol=1e-12
+        ).x
         assert float(scales[i]) == pytest.approx(numeric, rel=1e-6)
-        assert float(np.dot(yi - float(scales[i]) * ri, ri)) == pytest.approx(0.0, abs=1e-9 * float(yi @ yi))
+        assert float(np.dot(yi - float(scales[i]) * ri, ri)) == pytest.approx(
+            0.0, abs=1e-9 * float(yi @ yi)
+        )
     assert err2(y, comp.weight @ x[kept]) <= err2(y, r) + 1e-9
 
 
 def test_calibration_error_ordering(data):
     """Each richer family contains the poorer one, so its calibration error is no larger."""
-    w, x, kept, stats = data
-    e = {m: relative_error(w, stats, kept, c.weight, c.bias)
-         for m in METHODS for c in [compensate(m, w, stats, kept)]}
+    w, _x, kept, stats = data
+    e = {
+        m: relative_error(w, stats, kept, c.weight, c.bias)
+        for m in METHODS
+        for c in [compensate(m, w, stats, kept)]
+    }
     tol = 1e-12
     assert e["rotation"] <= e["none"] + tol
     assert e["rotation_so"] <= e["none"] + tol
@@ -489,7 +519,7 @@ def test_calibration_error_ordering(data):
 
 
 def test_unknown_method_raises(data):
-    w, x, kept, stats = data
+    w, _x, kept, stats = data
     with pytest.raises(RcpuError, match="unknown method"):
         compensate("magic", w, stats, kept)
 
@@ -512,15 +542,21 @@ def test_token_geometry_against_explicit():
     assert geo["cosine"]["p05"] == pytest.approx(np.quantile(cos, 0.05))
     assert geo["cosine"]["p95"] == pytest.approx(np.quantile(cos, 0.95))
     gy, gh = y.T @ y, yhat.T @ yhat
-    assert geo["gram_distortion"] == pytest.approx(float(torch.linalg.norm(gh - gy) / torch.linalg.norm(gy)))
+    assert geo["gram_distortion"] == pytest.approx(
+        float(torch.linalg.norm(gh - gy) / torch.linalg.norm(gy))
+    )
     same = token_geometry(y, y)
     assert same["gram_distortion"] == 0.0 and same["cosine"]["mean"] == pytest.approx(1.0)
 
 
 def test_principal_angles():
     eye = torch.eye(4, dtype=torch.float64)
-    assert torch.allclose(principal_angles(eye[:, :2], eye[:, :2]), torch.zeros(2, dtype=torch.float64), atol=1e-6)
-    assert torch.allclose(principal_angles(eye[:, :2], eye[:, 2:]), torch.full((2,), 90.0, dtype=torch.float64))
+    assert torch.allclose(
+        principal_angles(eye[:, :2], eye[:, :2]), torch.zeros(2, dtype=torch.float64), atol=1e-6
+    )
+    assert torch.allclose(
+        principal_angles(eye[:, :2], eye[:, 2:]), torch.full((2,), 90.0, dtype=torch.float64)
+    )
     t = math.radians(30)
     b = torch.tensor([[math.cos(t)], [math.sin(t)], [0.0], [0.0]], dtype=torch.float64)
     assert float(principal_angles(eye[:, :1], b)[0]) == pytest.approx(30.0)
@@ -531,10 +567,18 @@ def test_rotation_diagnostics_angles_of_known_rotation():
 
     t = math.radians(40)
     q = torch.eye(3, dtype=torch.float64)
-    q[:2, :2] = torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], dtype=torch.float64)
-    comp = Compensation(weight=q, rotation=q, singular_values=torch.tensor([3.0, 2.0, 0.5], dtype=torch.float64))
+    q[:2, :2] = torch.tensor(
+        [[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], dtype=torch.float64
+    )
+    comp = Compensation(
+        weight=q, rotation=q, singular_values=torch.tensor([3.0, 2.0, 0.5], dtype=torch.float64)
+    )
     d = rotation_diagnostics(comp)
     assert d["orthogonality_error"] < 1e-14
-    assert d["distance_from_identity"] == pytest.approx(float(torch.linalg.norm(q - torch.eye(3, dtype=torch.float64))))
-    assert sorted(d["rotation_angles_deg"].tolist(), reverse=True) == pytest.approx([40.0, 40.0, 0.0], abs=1e-9)
+    assert d["distance_from_identity"] == pytest.approx(
+        float(torch.linalg.norm(q - torch.eye(3, dtype=torch.float64)))
+    )
+    assert sorted(d["rotation_angles_deg"].tolist(), reverse=True) == pytest.approx(
+        [40.0, 40.0, 0.0], abs=1e-9
+    )
     assert d["condition_number_M"] == pytest.approx(6.0)

@@ -30,7 +30,9 @@ def head_case(heads: int = 9, head_dim: int = 8, d_out: int = 16, n: int = 300, 
     g = torch.Generator().manual_seed(seed)
     d_in = heads * head_dim
     w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
-    x = torch.randn(d_in, n, generator=g, dtype=torch.float64) * (torch.rand(d_in, 1, generator=g) + 0.1)
+    x = torch.randn(d_in, n, generator=g, dtype=torch.float64) * (
+        torch.rand(d_in, 1, generator=g) + 0.1
+    )
     return w, LayerStats.from_inputs(x)
 
 
@@ -39,8 +41,19 @@ def head_case(heads: int = 9, head_dim: int = 8, d_out: int = 16, n: int = 300, 
 
 @pytest.mark.parametrize(
     "n, ratio, expected",
-    [(10, 0.25, 3), (10, 0.24, 2), (10, 0.0, 0), (9, 0.2, 2), (9, 0.15, 1), (9, 0.5, 5),
-     (1536, 0.2, 307), (50, 0.29, 15), (25, 0.58, 15), (90, 0.35, 32), (4, 0.125, 1)],
+    [
+        (10, 0.25, 3),
+        (10, 0.24, 2),
+        (10, 0.0, 0),
+        (9, 0.2, 2),
+        (9, 0.15, 1),
+        (9, 0.5, 5),
+        (1536, 0.2, 307),
+        (50, 0.29, 15),
+        (25, 0.58, 15),
+        (90, 0.35, 32),
+        (4, 0.125, 1),
+    ],
 )
 def test_num_pruned_rounds_half_up(n, ratio, expected):
     assert num_pruned(n, ratio) == expected == half_up(ratio, n)

@@ -14,7 +14,9 @@ def tokens(n: int = 500, d: int = 7, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, d, generator=g) * 3 + torch.arange(d, dtype=torch.float32)
 
 
-def accumulate(rows: torch.Tensor, splits: list[int], sample_size: int = 16, seed: int = 0) -> LayerStats:
+def accumulate(
+    rows: torch.Tensor, splits: list[int], sample_size: int = 16, seed: int = 0
+) -> LayerStats:
     acc = StatsAccumulator(rows.shape[1], sample_size=sample_size, seed=seed)
     start = 0
     for size in splits:
@@ -76,8 +78,10 @@ def test_reservoir_matches_algorithm_r(size, seed):
 
 def test_reservoir_independent_of_split_and_seeded():
     rows = tokens(800)
-    samples = [accumulate(rows, splits, sample_size=32, seed=5).sample
-               for splits in ([800], [1] * 800, [31, 1, 768], [400, 400])]
+    samples = [
+        accumulate(rows, splits, sample_size=32, seed=5).sample
+        for splits in ([800], [1] * 800, [31, 1, 768], [400, 400])
+    ]
     for s in samples[1:]:
         assert torch.equal(s, samples[0])
     again = accumulate(rows, [800], sample_size=32, seed=5).sample
@@ -154,7 +158,9 @@ def test_mean_var_centred_gram():
 
 
 def test_var_of_constant_dimension_is_zero_not_negative():
-    x = torch.ones(4, 100, dtype=torch.float64) * torch.tensor([[0.1], [1e3], [-7.3], [0.0]], dtype=torch.float64)
+    x = torch.ones(4, 100, dtype=torch.float64) * torch.tensor(
+        [[0.1], [1e3], [-7.3], [0.0]], dtype=torch.float64
+    )
     stats = LayerStats.from_inputs(x)
     assert bool((stats.var >= 0).all())
     assert torch.allclose(stats.var, torch.zeros(4, dtype=torch.float64), atol=1e-9)

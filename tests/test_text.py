@@ -18,7 +18,6 @@ from rcpu.text import (
     text_fingerprint,
 )
 
-
 # Sources ------------------------------------------------------------------------------
 
 
@@ -104,6 +103,15 @@ def test_folder_without_txt(tmp_path):
     assert "no .txt files" in _error(str(folder))
 
 
+def test_unreadable_entry_is_a_clear_error(tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "a.txt").write_text("fine")
+    (folder / "sub.txt").mkdir()  # a folder whose name ends in .txt
+    message = _error(str(folder))
+    assert "cannot read" in message and "sub.txt" in message
+
+
 def test_folder_with_a_bad_file_names_it(tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -179,8 +187,12 @@ def test_consecutive_windows():
 
 @pytest.mark.parametrize(
     "kwargs, word",
-    [({"seq_len": 0}, "sequence length"), ({"seq_len": 40000}, "sequence length"),
-     ({"calib_samples": 0}, "calibration samples"), ({"heldout_samples": -1}, "held-out samples")],
+    [
+        ({"seq_len": 0}, "sequence length"),
+        ({"seq_len": 40000}, "sequence length"),
+        ({"calib_samples": 0}, "calibration samples"),
+        ({"heldout_samples": -1}, "held-out samples"),
+    ],
 )
 def test_sampling_check(kwargs, word):
     with pytest.raises(RcpuError, match=word):
@@ -194,7 +206,7 @@ def test_embedded_text_tokenizes_into_a_valid_split(embedded):
 
     ids = tokenize(embedded.tokenizer, load_text("embedded")[:50_000])
     assert ids.dtype == torch.long and len(ids) > 5000
-    calib, held = split_tokens(ids, 256)
+    calib, _ = split_tokens(ids, 256)
     windows = calibration_windows(calib, Sampling(calib_samples=8, seq_len=256))
     assert windows.shape == (8, 256)
     assert int(windows.max()) < embedded.model.config.vocab_size
