@@ -73,7 +73,12 @@ class LayerFlow:
         layer = self.adapter.layers[index]
         with torch.no_grad():
             for i, (hidden, kwargs) in enumerate(self.batches):
-                out = layer(hidden, **kwargs)
+                try:
+                    out = layer(hidden, **kwargs)
+                except _Stop:  # a hook has seen all it needs of this batch
+                    if update:
+                        raise RuntimeError("a layer whose outputs are needed was stopped early") from None
+                    continue
                 out = out[0] if isinstance(out, tuple) else out
                 if update:
                     self.batches[i] = (out, kwargs)
@@ -89,8 +94,14 @@ class LayerFlow:
 
 
 @contextmanager
-def record_inputs(modules: dict[str, nn.Module], sample_size: int, seed: int) -> Iterator[dict]:
-    """Accumulate input statistics of each named module while the context is open."""
+def record_inputs(
+    modules: dict[str, nn.Module], sample_size: int, seed: int, stop_after: str | None = None
+) -> Iterator[dict]:
+    """Accumulate input statistics of each named module while the context is open.
+
+    With ``stop_after``, the forward pass is cut short once that module's input is
+    recorded (its own matmul and everything after it are not needed).
+    """
     accumulators: dict[str, StatsAccumulator] = {}
     handles = []
 
@@ -100,6 +111,8 @@ def record_inputs(modules: dict[str, nn.Module], sample_size: int, seed: int) ->
             if name not in accumulators:
                 accumulators[name] = StatsAccumulator(x.shape[-1], sample_size=sample_size, seed=seed)
             accumulators[name].add(x)
+            if name == stop_after:
+                raise _Stop
 
         return hook
 
@@ -116,7 +129,8 @@ def layer_input_stats(flow: LayerFlow, index: int, sample_size: int, seed: int, 
     """Statistics of the ``o_proj`` and ``down_proj`` inputs of layer ``index`` on a flow."""
     adapter = flow.adapter
     modules = {name: adapter.sublayer(index, name) for name in ("o_proj", "down_proj")}
-    with record_inputs(modules, sample_size, seed) as accumulators:
+    stop_after = None if update else "down_proj"  # the layer's last matmul; its output is unused
+    with record_inputs(modules, sample_size, seed, stop_after) as accumulators:
         flow.run_layer(index, update=update)
     for name, acc in accumulators.items():
         if acc.nonfinite_tokens:

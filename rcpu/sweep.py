@@ -96,7 +96,8 @@ def prune_point(
         return None
     dense = dense_result(lm, data, spec)
     start = time.perf_counter()
-    result = prune_model(lm, data, cfg, progress=progress)
+    # A sweep point needs perplexity only: skip the per-layer held-out statistics.
+    result = prune_model(lm, replace(data, heldout_samples=0), cfg, progress=progress)
     windows = evaluation_windows(lm, data, spec.eval_data, spec.eval_windows)
     ev = perplexity(result.model, windows)
     row = {
