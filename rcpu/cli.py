@@ -45,7 +45,8 @@ def _data_config(args: argparse.Namespace) -> DataConfig:
     )
 
 
-def _check_output(path: str | None, overwrite: bool = True) -> Path | None:
+def _check_output(path: str | None) -> Path | None:
+    """A JSON/CSV output path, checked before any work (its folder must exist)."""
     if path is None:
         return None
     out = Path(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -254,7 +253,3 @@ def _has_safetensors(source: str | Path) -> bool | None:
                 "(convert them with save_pretrained(safe_serialization=True))"
             )
     return True
-
-
-def describe(config_path: Path) -> dict:
-    return json.loads(config_path.read_text())
