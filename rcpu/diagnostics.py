@@ -94,16 +94,14 @@ def gram_distortion(y: Tensor, yhat: Tensor) -> float:
     return float(torch.linalg.matrix_norm(yhat.T @ yhat - token_gram) / denom)
 
 
-def output_covariances(weight: Tensor, stats: LayerStats, kept: Tensor, comp: Compensation):
-    """Centred output covariances (d_out, d_out) of Y, Z and Yhat (bias does not change them)."""
-    w = weight.to(torch.float64)
-    cov = stats.centred_gram / max(stats.count, 1)
-    cov_kk = cov[kept][:, kept]
-    w_kept = w[:, kept]
-    cov_y = w @ cov @ w.T
-    cov_z = w_kept @ cov_kk @ w_kept.T
-    cov_yhat = comp.weight @ cov_kk @ comp.weight.T
-    return cov_y, cov_z, cov_yhat
+def input_covariance(stats: LayerStats) -> Tensor:
+    """Centred input covariance ``C / n`` (d_in, d_in)."""
+    return stats.centred_gram / max(stats.count, 1)
+
+
+def output_covariance(weight: Tensor, cov: Tensor) -> Tensor:
+    """``W C W^T`` (d_out, d_out): the centred covariance of ``W x`` (a bias does not change it)."""
+    return weight @ cov @ weight.T
 
 
 def principal_directions(cov: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,7 +134,10 @@ def rotation_diagnostics(comp: Compensation) -> dict:
         }
     q = comp.rotation
     eye = torch.eye(q.shape[0], dtype=q.dtype)
-    angles = torch.rad2deg(torch.angle(torch.linalg.eigvals(q)).abs())
+    # Eigenvalues of an orthogonal Q are exp(+-i theta) (and +-1); those of its symmetric
+    # part are cos(theta): the same angles from a symmetric eigensolver, ~100x faster.
+    cosines = torch.linalg.eigvalsh((q + q.T) / 2).clamp(-1.0, 1.0)
+    angles = torch.rad2deg(torch.arccos(cosines))
     s = comp.singular_values
     cond = float(s[0] / s[-1]) if s[-1] > 0 else None  # None: M is singular (JSON null)
     return {

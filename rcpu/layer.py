@@ -15,7 +15,8 @@ from torch import Tensor
 from .compensate import DEFAULT_ALPHA, Compensation, check_method, compensate
 from .diagnostics import (
     explained_variance,
-    output_covariances,
+    input_covariance,
+    output_covariance,
     principal_angles,
     principal_directions,
     relative_error,
@@ -23,6 +24,7 @@ from .diagnostics import (
     sample_outputs,
     token_geometry,
 )
+from .errors import RcpuError
 from .scores import check_score, score_columns, select_units, unit_scores, units_to_columns
 from .stats import LayerStats
 
@@ -48,6 +50,11 @@ def select(
 ) -> Selection:
     """Score columns, sum them per unit, prune the lowest ``ratio`` of units."""
     check_score(score)
+    if stats.count == 0:  # e.g. every token was left out of the statistics for inf/NaN inputs
+        raise RcpuError(
+            "no calibration tokens with finite inputs reach this sublayer (activations overflow to "
+            "inf/NaN earlier in the model); load the model in float32 or check its weights"
+        )
     columns = score_columns(score, weight, stats, seed)
     units = unit_scores(columns, unit_size)
     kept_units, pruned_units = select_units(units, ratio, what)
@@ -121,7 +128,10 @@ def analyze_sublayer(
 
     none = Compensation(weight=weight[:, kept])
     wg = {"calibration": weight @ calibration.gram, "heldout": weight @ heldout.gram}  # W G, reused
-    cov_y, cov_z, _ = output_covariances(weight, calibration, kept, none)
+    cov = input_covariance(calibration)
+    cov_kk = cov[kept][:, kept]
+    cov_y = output_covariance(weight, cov)
+    cov_z = output_covariance(weight[:, kept], cov_kk)
     evals_y, evecs_y = principal_directions(cov_y)
     evals_z, evecs_z = principal_directions(cov_z)
     top = evecs_y[:, :TOP_DIRECTIONS]
@@ -135,7 +145,7 @@ def analyze_sublayer(
         comp = compensate(name, weight, calibration, kept, alpha)
         t1 = time.perf_counter()
         _, _, yhat = sample_outputs(weight, sample, kept, comp)
-        _, _, cov_yhat = output_covariances(weight, calibration, kept, comp)
+        cov_yhat = output_covariance(comp.weight, cov_kk)
         evals_yhat, evecs_yhat = principal_directions(cov_yhat)
         results[name] = MethodResult(
             method=name,

@@ -582,3 +582,15 @@ def test_rotation_diagnostics_angles_of_known_rotation():
         [40.0, 40.0, 0.0], abs=1e-9
     )
     assert d["condition_number_M"] == pytest.approx(6.0)
+
+
+def test_rotation_angles_match_the_eigenvalues_of_q():
+    """The fast symmetric-part formula gives the angles of Q's complex eigenvalues."""
+    from rcpu.compensate import Compensation
+    from rcpu.diagnostics import rotation_diagnostics
+
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(9, 9, generator=gen, dtype=torch.float64))
+    got = rotation_diagnostics(Compensation(weight=q, rotation=q, singular_values=torch.ones(9)))
+    expected = torch.sort(torch.rad2deg(torch.angle(torch.linalg.eigvals(q)).abs()), descending=True).values
+    torch.testing.assert_close(got["rotation_angles_deg"], expected, rtol=0, atol=1e-6)

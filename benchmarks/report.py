@@ -1,0 +1,257 @@
+"""``docs/benchmarks.md`` and its SVG plots, written from the JSON result files only."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import BENCHMARKS
+from .common import format_goal
+from .svg import line_chart
+
+MB = 2**20
+
+
+def load_results(results_dir: Path) -> dict[str, dict]:
+    results = {}
+    for name in BENCHMARKS:
+        path = results_dir / f"{name}.json"
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+    return results
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _verdict(met) -> str:
+    return {True: "met", False: "**missed**", None: "n/a"}[met]
+
+
+def _provenance(r: dict) -> str:
+    m = r["machine"]
+    return (f"_{r['mode']} mode, {r['date']}, {r['wall_s']:.0f} s; {m['nproc']} CPUs ({m['cpu']}), "
+            f"torch {m['torch']} with {m['torch_threads']} threads, load average at the end "
+            f"{', '.join(str(x) for x in m['load_average'])}._")
+
+
+def _goal_rows(goals: list[dict]) -> list[str]:
+    rows = ["| goal | measured | target | verdict |", "|---|---|---|---|"]
+    for g in goals:
+        rows.append(f"| {g['name']} | {_num(g['value'])}{g['unit']} | {g['op']} {g['target']:g}{g['unit']} "
+                    f"| {_verdict(g['met'])} |")
+    return rows
+
+
+def _floor(r: dict) -> list[str]:
+    cal = r["calibration"]
+    split = r["prune_split_s"]
+    lines = [
+        "## 1. Pruning cost against the forward-pass floor", "", _provenance(r), "",
+        (f"Same calibration tokens for both: {cal['samples']} samples x {cal['seq_len']} tokens "
+        f"({cal['tokens']:,} tokens). Forward = `LayerFlow` capture + every decoder layer once "
+        "(no LM head). Prune = `prune_model` with rcpu:rotation, both targets, ratio 0.2, no held-out "
+        f"windows. Best of {len(r['forward_runs_s'])} run(s) each."), "",
+        "| | seconds | / forward |", "|---|---|---|",
+        f"| forward pass | {r['forward_s']:.2f} | 1.00 |",
+        f"| whole-model prune | {r['prune_s']:.2f} | {r['ratio']:.2f} |",
+    ]
+    for key, value in (r.get("prune_detail_s") or split).items():
+        lines.append(f"| &nbsp;&nbsp;{key} | {value:.2f} | {value / r['forward_s']:.2f} |")
+    lines += ["", ("`prune_model`'s own split is statistics (each dense layer run with the Gram hooks), "
+                   "compensation and recompute (the pruned layer run again); the inner steps are timed by "
+                   "wrapping `rcpu.stats.StatsAccumulator.add` (Gram), `rcpu.compensate.procrustes` (SVD), "
+                   "`rcpu.prune._errors` and `rcpu.prune.apply_plan` (surgery). `other` is the model copy, "
+                   "the layer-0 capture and the final layout."), ""]
+    return lines + _goal_rows(r["goals"]) + [""]
+
+
+def _explorer(r: dict) -> list[str]:
+    e = r["embedded"]
+    rates = r["matmul_flop_per_s"]
+    lines = [
+        "## 2. Explorer latency (one sublayer, statistics in memory)", "", _provenance(r), "",
+        (f"`analyze_sublayer` with score {r['score']}, method {r['method']}, ratio {r['ratio']}: compensation "
+        "and every diagnostic. Embedded: layer "
+        f"{e['layer']} with real statistics ({e['calibration_tokens']:,} calibration tokens). Large shapes: random "
+        f"weights, Gram = n (diag(d) + B B^T + mu mu^T) with B of {r['large']['rank']} columns, "
+        f"{r['large']['sample_tokens']} sample tokens."), "",
+        "| sublayer | d_out x d_in | kept k | runs | median total s | median compensate s | compensate GFLOP/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for sub in ("down_proj", "o_proj"):
+        s = e[sub]
+        lines.append(f"| {e['model']} {sub} | {s['d_out']} x {s['d_in']} | {s['k']} | {len(s['runs'])} | "
+                     f"{s['median_total_s']:.3f} | {s['median_compensate_s']:.3f} | |")
+    for sub, s in r["large"].items():
+        if not isinstance(s, dict):
+            continue
+        lines.append(f"| {r['large'].get('label', '7B')}-shape {sub} | {s['d_out']} x {s['d_in']} | {s['k']} | {len(s['runs'])} | "
+                     f"{s['median_total_s']:.2f} | {s['median_compensate_s']:.2f} | "
+                     f"{s['compensation_flop_per_s'] / 1e9:.1f} |")
+    lines += [
+        "",
+        (f"Machine matmul rate in the same run ({rates['size']}^3): float64 {rates['float64'] / 1e9:.1f} GFLOP/s, "
+        f"float32 {rates['float32'] / 1e9:.1f} GFLOP/s. Compensation FLOPs are counted as W G[:,K] "
+        f"2 d_out d_in k + M 2 d_out^2 k + SVD {r['large']['svd_flops_constant']} d_out^3 + U V^T 2 d_out^3 + "
+        "Q W_K 2 d_out^2 k; the library computes them in float64, so the goal compares with the float64 rate."),
+        "",
+    ]
+    sv = r.get("svd_threads")
+    if sv:
+        counts = [k for k in sv if k.startswith("threads_")]
+        lines += [f"SVD of a {sv['n']} x {sv['n']} float64 matrix: "
+                  + ", ".join(f"{sv[k]:.3f} s with {k.split('_')[1]} thread(s)" for k in counts) + ".", ""]
+    return lines + _goal_rows(r["goals"]) + [""]
+
+
+def _memory(r: dict) -> list[str]:
+    small, large = r["samples"]
+    runs = r["runs"]
+    seq = r["settings"]["seq_len"]
+    lines = [
+        "## 3. Peak memory of a whole-model prune", "", _provenance(r), "",
+        ("Each prune (rcpu:rotation, both targets, ratio 0.2) runs in a fresh subprocess; peak RSS is "
+        "`ru_maxrss`."), "",
+        "| calibration | peak RSS before prune MiB | peak RSS MiB | prune s |", "|---|---|---|---|",
+    ]
+    for n in (small, large):
+        run = runs[str(n)]
+        lines.append(f"| {n} x {seq} | {run['maxrss_before_prune'] / MB:.0f} | {run['maxrss'] / MB:.0f} | "
+                     f"{run['prune_s']:.1f} |")
+    lines += [
+        "",
+        (f"Growth {r['measured_growth_bytes'] / MB:.1f} MiB; expected {r['expected_growth_bytes'] / MB:.1f} MiB = "
+        f"{large - small} extra samples x {seq} tokens x hidden {runs[str(large)]['hidden']} x 4 bytes x "
+        f"{r['flow_buffers']} hidden-state buffer(s) kept by `LayerFlow`."), "",
+    ]
+    return lines + _goal_rows(r["goals"]) + [""]
+
+
+def _eval(r: dict) -> list[str]:
+    lines = [
+        "## 4. Evaluation throughput", "", _provenance(r), "",
+        (f"{r['windows']} windows of {r['seq_len']} tokens from the held-out text, best of "
+        f"{len(r['rcpu']['runs_tokens_per_s'])} alternating run(s) each."), "",
+        "| | batch | tokens/s | perplexity |", "|---|---|---|---|",
+        (f"| `rcpu.evaluate.perplexity` | {r['rcpu']['batch_size']} | {r['rcpu']['tokens_per_s']:.0f} | "
+        f"{r['rcpu']['ppl']:.4f} |"),
+        (f"| plain `model(input_ids, labels=...)` loop | {r['plain']['batch_size']} | "
+        f"{r['plain']['tokens_per_s']:.0f} | {r['plain']['ppl']:.4f} |"), "",
+    ]
+    return lines + _goal_rows(r["goals"]) + [""]
+
+
+def _quality(r: dict, img_dir: Path, docs_dir: Path) -> list[str]:
+    cal = r["calibration"]
+    lines = [
+        "## 5. Quality", "", _provenance(r), "",
+        (f"Calibration: {cal['samples']} x {cal['seq_len']} tokens of `{cal['data']}` (seed {cal['seed']}); "
+        f"targets both; evaluation windows: {r['eval_windows'] or 'all'} of {r['settings']['seq_len']} tokens. "
+        "Points come from `rcpu.sweep.run_sweep` and its cache."), "",
+    ]
+    for i, (label, table) in enumerate(r["tables"].items()):
+        rows = table["rows"]
+        ratios = sorted({row["ratio"] for row in rows})
+        configs = list(dict.fromkeys(row["config"] for row in rows))
+        by = {(row["config"], row["ratio"]): row["ppl"] for row in rows}
+        dense = table["dense"]["ppl"] if table.get("dense") else None
+        lines += [f"### Perplexity on {label} (dense {_num(dense, 4)})", "",
+                  "| config | " + " | ".join(f"ratio {x:g}" for x in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for c in configs:
+            lines.append(f"| {c} | " + " | ".join(_num(by.get((c, x)), 4) for x in ratios) + " |")
+        name = f"bench-quality-ratio-{i}.svg"
+        svg = line_chart({c: [(x, by.get((c, x))) for x in ratios] for c in configs},
+                         title=f"Perplexity vs ratio ({label})", xlabel="pruning ratio", ylabel="perplexity",
+                         hline=(dense, "dense") if dense else None)
+        (img_dir / name).write_text(svg)
+        lines += ["", f"![perplexity vs ratio]({os.path.relpath(img_dir / name, docs_dir)})", ""]
+    curve = r["curve"]
+    rows = curve["rows"]
+    sizes = sorted({row["calib_samples"] for row in rows})
+    configs = list(dict.fromkeys(row["config"] for row in rows))
+    by = {(row["config"], row["calib_samples"]): row["ppl"] for row in rows}
+    lines += [f"### Calibration-size curve (ratio {curve['ratio']:g})", "",
+              "| config | " + " | ".join(f"{n} samples" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for c in configs:
+        lines.append(f"| {c} | " + " | ".join(_num(by.get((c, n)), 4) for n in sizes) + " |")
+    dense = curve["dense"]["ppl"] if curve.get("dense") else None
+    svg = line_chart({c: [(n, by.get((c, n))) for n in sizes] for c in configs},
+                     title=f"Perplexity vs calibration samples (ratio {curve['ratio']:g})",
+                     xlabel=f"calibration samples (x {r['settings']['seq_len']} tokens, log scale)",
+                     ylabel="perplexity", log_x=True, hline=(dense, "dense") if dense else None)
+    (img_dir / "bench-quality-calibration.svg").write_text(svg)
+    lines += ["", (f"![perplexity vs calibration size]"
+              f"({os.path.relpath(img_dir / 'bench-quality-calibration.svg', docs_dir)})"), ""]
+    if r["goals"]:
+        lines += ["Expected ordering on small models (method page, section 7):", ""] + _goal_rows(r["goals"])
+    return lines + [""]
+
+
+def _reduced(results: dict[str, dict]) -> list[str]:
+    """One line per benchmark that ran in a reduced mode, from its own recorded settings."""
+    notes = []
+    for name, r in results.items():
+        if r["mode"] == "full":
+            continue
+        q = r["settings"]
+        text = {
+            "floor": f"{q['floor_samples']} calibration samples of {q['seq_len']} tokens, best of "
+                     f"{q['floor_repeats']} run(s)",
+            "explorer": f"median of {q['explorer_repeats']} runs for the embedded sublayers; large shapes "
+                        f"{', '.join(f'{k} {v[0]}x{v[1]}' for k, v in q['large_shapes'].items())}, "
+                        f"{q['large_repeats']} run(s)",
+            "memory": f"{q['memory_samples'][0]} and {q['memory_samples'][1]} calibration samples "
+                      f"(instead of 32 and 128)",
+            "eval": f"{q['eval_windows']} windows, best of {q['eval_repeats']} run(s)",
+            "quality": f"configs {', '.join(q['configs'])} at ratio(s) {', '.join(str(x) for x in q['ratios'])}, "
+                       f"{q['quality_eval_windows']} evaluation windows; curve of {', '.join(q['curve_configs'])} "
+                       f"at {', '.join(str(n) for n in q['curve_samples'])} samples",
+        }[name]
+        notes.append(f"{name} ({r['mode']}): {text}")
+    return notes
+
+
+def write_docs(results_dir: Path, docs_path: Path, command: str) -> Path:
+    results = load_results(results_dir)
+    docs_dir = docs_path.parent
+    img_dir = docs_dir / "img"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Benchmarks", "",
+        (f"Written by `{command}` from the JSON files in `{os.path.relpath(results_dir, docs_dir)}/`; "
+         "do not edit by hand. Every number here was measured by `python -m benchmarks`; each section "
+         "says when, in which mode and on what machine. Speed goals are ratios measured within one run, "
+         "so they compare like with like even on a busy machine (see the load average)."), "",
+        "| benchmark | goal | measured | verdict | mode |", "|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        for g in r.get("goals", []):
+            lines.append(f"| {name} | {g['name']} {g['op']} {g['target']:g}{g['unit']} | "
+                         f"{_num(g['value'])}{g['unit']} | {_verdict(g['met'])} | {r['mode']} |")
+    lines.append("")
+    notes = _reduced(results)
+    if notes:
+        lines += [("Reduced settings of the sections run with `--quick` or `--tiny` (the full run uses "
+                  "the sizes the issue asks for):"), ""] + [f"- {n}" for n in notes] + [""]
+    sections = {"floor": _floor, "explorer": _explorer, "memory": _memory, "eval": _eval}
+    for name, r in results.items():
+        if name == "quality":
+            lines += _quality(r, img_dir, docs_dir)
+        else:
+            lines += sections[name](r)
+    docs_path.parent.mkdir(parents=True, exist_ok=True)
+    docs_path.write_text("\n".join(lines).rstrip() + "\n")
+    return docs_path
+
+
+def print_goals(result: dict) -> None:
+    for g in result.get("goals", []):
+        print("  " + format_goal(g))

@@ -1,0 +1,67 @@
+"""The benchmark code runs end to end on a tiny setting (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+
+from benchmarks import BENCHMARKS
+from benchmarks.__main__ import main
+from benchmarks.common import DOCS_PATH, RESULTS_DIR, goal, settings_for
+from benchmarks.explorer import compensation_flops
+from benchmarks.svg import line_chart
+
+
+def test_all_tiny_writes_results_and_docs(tmp_cache, tmp_path, capsys):
+    results, docs = tmp_path / "results", tmp_path / "docs" / "benchmarks.md"
+    real = {p: p.stat().st_mtime_ns for p in [DOCS_PATH, *RESULTS_DIR.glob("*.json")] if p.exists()}
+
+    assert main(["all", "--tiny", "--results-dir", str(results), "--docs", str(docs)]) == 0
+
+    out = capsys.readouterr().out
+    for name in BENCHMARKS:
+        result = json.loads((results / f"{name}.json").read_text())
+        assert result["mode"] == "tiny"
+        assert result["machine"]["nproc"] >= 1 and result["machine"]["torch_threads"] >= 1
+        for g in result["goals"]:
+            assert g["met"] in (True, False, None)
+            assert g["name"] in out  # every goal is printed with its verdict
+    floor = json.loads((results / "floor.json").read_text())
+    assert set(floor["prune_split_s"]) == {"statistics", "compensation", "recompute", "other"}
+    memory = json.loads((results / "memory.json").read_text())
+    assert memory["runs"]["2"]["maxrss"] > 0 and memory["runs"]["4"]["samples"] == 4
+    evaluation = json.loads((results / "eval.json").read_text())
+    assert evaluation["ppl_relative_difference"] < 1e-3  # both loops compute the same perplexity
+    quality = json.loads((results / "quality.json").read_text())
+    assert {r["config"] for r in quality["curve"]["rows"]} == {"rcpu:rotation", "rcpu:ls"}
+
+    text = docs.read_text()
+    for heading in ("Pruning cost", "Explorer latency", "Peak memory", "Evaluation throughput", "Quality"):
+        assert heading in text
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert images and all((docs.parent / image).is_file() for image in images)
+    # the committed results and summary were not touched
+    assert real == {p: p.stat().st_mtime_ns for p in real}
+
+
+def test_report_only_rewrites_docs(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    assert main(["report", "--results-dir", str(tmp_path / "none"), "--docs", str(docs)]) == 0
+    assert docs.read_text().startswith("# Benchmarks")
+
+
+def test_goal_and_flop_count():
+    assert goal("x", 1.0, "<=", 1.3)["met"] is True
+    assert goal("x", 0.5, ">=", 0.6)["met"] is False
+    assert goal("x", None, "<", 1)["met"] is None
+    flops = compensation_flops(4096, 11008, 8806)
+    assert flops["total"] == sum(v for k, v in flops.items() if k != "total")
+    assert settings_for("quick").quality_eval_windows and settings_for("tiny").model == "tiny"
+
+
+def test_svg_chart_is_small_and_valid():
+    svg = line_chart({"a": [(8, 30.0), (32, 20.0)], "b": [(8, 400.0), (32, None)]}, title="t <1>",
+                     xlabel="x", ylabel="y", log_x=True, hline=(15.0, "dense"))
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    assert "t &lt;1&gt;" in svg and len(svg) < 10_000
