@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .compensate import DEFAULT_ALPHA, METHODS
+from .compensate import DEFAULT_ALPHA, METHODS, check_alpha
 from .config import DataConfig, LayerConfig
 from .errors import RcpuError
 from .scores import SCORES, check_ratio
@@ -101,6 +101,7 @@ def cmd_layer(args: argparse.Namespace) -> int:
     out = _check_output(args.json)
     _validate_choices(cfg.score, cfg.method)
     check_ratio(cfg.ratio)
+    check_alpha(cfg.alpha)
     data.sampling.check()
     load_text(data.data)  # fail on a bad text before the model loads
     lm = _load(data)
@@ -159,11 +160,16 @@ def format_layer_report(r: dict) -> str:
 
 # rcpu cache -------------------------------------------------------------------
 
+CACHE_SECTIONS = ("models", "stats", "results", "uploads")
+
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from .cache import cache_root, cache_size, clear_cache
 
     if args.action == "clear":
+        known = sorted(set(CACHE_SECTIONS) | set(cache_size()))
+        if args.section is not None and args.section not in known:
+            raise RcpuError(f"unknown cache section {args.section!r}; choose one of: {', '.join(known)}")
         freed = clear_cache(args.section)
         print(f"freed {freed / 1e6:.1f} MB in {cache_root()}")
     else:
@@ -219,8 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
         return args.func(args)
     except RcpuError as exc:
+        _close_progress_bars()
         print(f"rcpu: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("rcpu: interrupted; finished work is kept in the cache", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """Close bars left open by an error, so that its message starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .compensate import DEFAULT_ALPHA, METHODS
+from .compensate import DEFAULT_ALPHA, METHODS, check_alpha
 from .errors import RcpuError
 from .scores import SCORES
 
@@ -38,6 +38,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data = cli._data_config(args)
     cfg = PruneConfig(args.ratio, args.targets, args.score, args.method, args.alpha)
     cfg.check()
+    check_alpha(cfg.alpha)
     data.sampling.check()
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -47,6 +48,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.eval_data:
         load_text(args.eval_data, split="test")
     lm = cli._load(data)
+    _check_before_work(lm, [data], [cfg], args.eval_data, args.eval_windows)
     start = time.perf_counter()
     spec = EvalSpec(args.eval_data, args.eval_windows)
     bar = cli._progress_bar("dense perplexity")
@@ -83,6 +85,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     cli._write_json(json_out, report)
     return 0
+
+
+def _check_before_work(lm, datas: list, configs: list, eval_data: str | None, eval_windows: int | None) -> None:
+    """Refuse what would fail midway before anything is computed, cached or drawn as a progress bar:
+    a ratio that leaves a layer nothing, a text too short for the sampling, too few evaluation tokens."""
+    from .calibration import prepare_tokens
+    from .evaluate import evaluation_windows
+    from .prune import TARGETS
+    from .scores import check_keeps_some
+
+    adapter = lm.adapter
+    for cfg in configs:
+        for sub in TARGETS[cfg.targets]:
+            for index in range(adapter.num_layers):
+                check_keeps_some(adapter.num_units(index, sub), cfg.ratio, adapter.unit_name(sub))
+    for data in {d.sampling: d for d in datas}.values():
+        prepare_tokens(lm, data.data, data.sampling)  # kept in memory: the run reuses these tokens
+    evaluation_windows(lm, datas[0], eval_data, eval_windows)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -165,8 +185,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     cli = _cli()
     ratios = _floats(args.ratios)
+    if not ratios:
+        raise RcpuError(f"no ratios given in --ratios {args.ratios!r}; e.g. --ratios 0.1,0.2")
     for r in ratios:
         check_ratio(r)
+    check_alpha(args.alpha)
     sizes = _ints(args.calib_samples) if args.calib_samples else None
     spec = SweepSpec(ratios, tuple(parse_configs(args.configs)), sizes, args.targets, args.alpha)
     data = cli._data_config(argparse.Namespace(**{**vars(args), "calib_samples": (sizes or (32,))[0]}))
@@ -178,8 +201,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.eval_data:
         load_text(args.eval_data, split="test")
     lm = cli._load(data)
+    points = spec.points(data)
+    _check_before_work(lm, [d for d, _ in points], [c for _, c in points], args.eval_data, args.eval_windows)
     evaluation = EvalSpec(args.eval_data, args.eval_windows)
-    n_points = len(spec.points(data))
+    n_points = len(points)
     from tqdm import tqdm
 
     bar = tqdm(total=n_points, desc="sweep points", unit="point")
@@ -190,9 +215,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{row['config']} r={row['ratio']} ppl={row['ppl']:.2f}")
 
     start = time.perf_counter()
-    result = run_sweep(lm, data, spec, evaluation, progress=layer_bar, on_point=on_point)
-    layer_bar.close()
-    bar.close()
+    try:
+        result = run_sweep(lm, data, spec, evaluation, progress=layer_bar, on_point=on_point)
+    finally:  # an error or Ctrl-C then prints on a line of its own
+        layer_bar.close()
+        bar.close()
     result["timing_s"] = time.perf_counter() - start
     result["settings"] = {"model": data.model, "data": data.data, "seq_len": data.seq_len, "seed": data.seed,
                           "eval_data": evaluation.eval_data, "eval_windows": evaluation.eval_windows,

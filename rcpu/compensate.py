@@ -8,6 +8,8 @@ and, for rotation methods, ``Q`` and the singular values of ``M``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +20,7 @@ from .errors import RcpuError
 from .stats import LayerStats
 
 DEFAULT_ALPHA = 0.01
+LSTSQ_RCOND = 1e-12  # relative cut-off of the least-norm solver on singular Gram matrices
 
 
 @dataclass
@@ -51,10 +54,16 @@ def _solve_psd(matrix: Tensor, rhs_t: Tensor) -> Tensor:
     if chol is not None:
         # Cholesky can "succeed" on a numerically singular matrix with rounding-level pivots
         # (a column dependent on earlier ones); its solution is then arbitrary, not least-norm.
+        # A pivot ratio is the share of a column's energy outside the span of the earlier ones;
+        # rounding error in it grows like eps / (an earlier small ratio), so below sqrt(eps) it
+        # cannot be told from zero: such a matrix goes to the least-norm solver.
         residual = torch.diagonal(chol) ** 2 / torch.diagonal(matrix)
-        if bool(residual.min() > 10 * matrix.shape[0] * torch.finfo(matrix.dtype).eps):
+        if bool(residual.min() > torch.finfo(matrix.dtype).eps ** 0.5):
             return torch.cholesky_solve(rhs_t.T, chol).T
-    return torch.linalg.lstsq(matrix, rhs_t.T, driver="gelsd").solution.T
+    # Eigenvalues of a Gram matrix below ~1e-12 of the largest are rounding noise of its
+    # accumulation (the default cut, n * eps, keeps some of them and the solution is then not
+    # least-norm); a direction that weak carries no measurable share of the output either.
+    return torch.linalg.lstsq(matrix, rhs_t.T, rcond=LSTSQ_RCOND, driver="gelsd").solution.T
 
 
 def _w(weight: Tensor) -> Tensor:
@@ -154,6 +163,12 @@ METHODS: dict[str, MethodFn] = {
 }
 
 
+def check_alpha(alpha: float) -> None:
+    """The ridge strength must be a finite number >= 0 (NaN would reach LAPACK as an illegal value)."""
+    if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha >= 0):
+        raise RcpuError(f"alpha must be a finite number >= 0, got {alpha!r}")
+
+
 def check_method(name: str) -> None:
     if name not in METHODS:
         raise RcpuError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
@@ -170,6 +185,7 @@ def compensate(
 ) -> Compensation:
     """Compensated kept weights for one sublayer; raises on non-finite results."""
     check_method(method)
+    check_alpha(alpha)
     inputs = (weight, stats.gram, stats.total)
     if not all(bool(torch.isfinite(t).all()) for t in inputs):
         raise RcpuError(

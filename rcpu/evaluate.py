@@ -40,6 +40,11 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
                 progress(min(i + batch_size, len(windows)), len(windows), "perplexity")
     seconds = time.perf_counter() - start
     mean = total_nll / total_tokens
+    if not math.isfinite(mean):  # inf/NaN logits: a perplexity would be a silent NaN or a false inf
+        raise RcpuError(
+            "the model produced inf/NaN logits on the evaluation windows (activations overflow), so "
+            "perplexity is undefined; load the model in float32 or check its weights"
+        )
     return {
         "ppl": math.exp(mean) if mean < 700 else math.inf,
         "nll": mean,

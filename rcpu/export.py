@@ -94,14 +94,15 @@ def save_pruned(
     stock = stock_layout(model)  # a no-op layout for a model that prune_model returned
     if record is not None:
         stock.config.rcpu = record
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    _remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     try:
         stock.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _check_config(tmp / "config.json")
         if out.exists():  # --overwrite: swap in the new folder, then drop the old one
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
             os.replace(out, old / "x")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -111,6 +112,31 @@ def save_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
+    return True
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete the hidden temporary folders of earlier saves to ``out`` whose process died (killed
+    mid-save). A ``.tmp-`` folder never became ``out``; an ``.old-`` one is the replaced folder of a
+    finished swap (kept while ``out`` is missing: it is then the only copy of the previous model)."""
+    for stale in out.parent.iterdir():
+        for kind in ("tmp", "old"):
+            prefix = f".{out.name}.{kind}-"
+            if not stale.name.startswith(prefix) or not stale.is_dir():
+                continue
+            pid, sep, _ = stale.name[len(prefix):].partition("-")
+            if not (pid.isdigit() and sep) or _pid_alive(int(pid)) or (kind == "old" and not out.exists()):
+                continue
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _check_config(path: Path) -> None:

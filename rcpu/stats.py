@@ -7,6 +7,7 @@ A small seeded subsample of tokens is kept only for pictures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,16 @@ class LayerStats:
 
     @property
     def var(self) -> Tensor:
-        """Per-dimension variance ``G_jj / n - mu_j^2`` (clamped at zero)."""
-        return (torch.diagonal(self.gram) / max(self.count, 1) - self.mean**2).clamp_min(0.0)
+        """Per-dimension variance ``G_jj / n - mu_j^2``; exactly 0 where it is rounding noise.
+
+        The difference cancels for a (near-)constant dimension and leaves rounding error of the
+        size of ``eps * G_jj / n`` (growing slowly with n), not a variance: that is set to 0.
+        """
+        n = max(self.count, 1)
+        second = torch.diagonal(self.gram) / n
+        var = second - self.mean**2
+        noise = 16 * math.sqrt(n) * torch.finfo(torch.float64).eps * second
+        return torch.where(var > noise, var, torch.zeros_like(var))
 
     @property
     def centred_gram(self) -> Tensor:
