@@ -1,7 +1,8 @@
 """RCPU Explorer: the Streamlit app (``./dev app`` or ``streamlit run app.py``).
 
-This file is the router: it draws the shared sidebar, then runs the chosen
-page. The Home page is the ``home`` function below; the others live in pages/.
+This file is the router: it runs the chosen page. The Home page is the ``home``
+function below; the others live in pages/. Every page draws the shared sidebar
+itself (``ui.common.sidebar``), so a page also works when run on its own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ st.set_page_config(page_title="RCPU Explorer", page_icon="🧭", layout="wide")
 
 
 def home() -> None:
+    common.sidebar()
     st.title("🧭 RCPU Explorer")
     st.markdown(
         """
@@ -23,9 +25,10 @@ compensation (RCPU)** repairs it.
 Pruning removes whole attention heads (`o_proj` inputs) and MLP channels (`down_proj` inputs).
 The layer's outputs `Y = W X` then lose part of their signal: `Z = W_K X_K`. RCPU picks what
 to remove with a variance-aware score and then **rotates** the kept weights, `W'_K = Q W_K`
-with `Q` orthogonal, so that the pruned outputs point where the original ones did, without
-the overfitting of an unconstrained least-squares refit. Everything is computed from
-streaming statistics of calibration tokens, cached on disk, on your CPU.
+with `Q` orthogonal, so that the pruned outputs point where the original ones did. A rotation
+has far fewer degrees of freedom than an unconstrained least-squares refit, which can overfit a
+small calibration set; the app shows both, on calibration and on held-out tokens. Everything is
+computed from streaming statistics of calibration tokens, cached on disk, on your CPU.
 """
     )
     lm = common.model()
@@ -42,9 +45,10 @@ streaming statistics of calibration tokens, cached on disk, on your CPU.
     data = common.data_config()
     st.caption(
         f"Calibration: {data.calib_samples} × {data.seq_len} tokens of "
-        f"{'the embedded text' if data.data == 'embedded' else data.data!r}, seed {data.seed}. "
+        f"{'the embedded text' if data.data == 'embedded' else repr(data.data)}, seed {data.seed}. "
         "Change the model and the data in the sidebar."
     )
+    common.model_status()
 
     st.subheader("Where to go next")
     left, right = st.columns(2)
@@ -66,8 +70,4 @@ EXPLORER = st.Page("pages/layer_explorer.py", title="Layer explorer", icon="🔬
 WHOLE = st.Page("pages/whole_model.py", title="Whole model", icon="✂️")
 SWEEP = st.Page("pages/perplexity.py", title="Perplexity vs ratio", icon="📈")
 
-page = st.navigation([HOME, LEARN, EXPLORER, WHOLE, SWEEP])
-common.persist_page_widgets()
-common.sidebar()
-page.run()
-common.model_status()  # after the page, so that Learn (which needs no model) shows at once
+st.navigation([HOME, LEARN, EXPLORER, WHOLE, SWEEP]).run()

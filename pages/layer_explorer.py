@@ -14,7 +14,7 @@ from rcpu.scores import SCORES
 from ui import common
 
 DEFAULT_METHODS = ["none", "bias", "ls", "rotation"]
-SUBLAYERS = {"o_proj": "o_proj (attention heads)", "down_proj": "down_proj (MLP channels)"}
+SUBLAYERS = {"o_proj": "o_proj (heads)", "down_proj": "down_proj (channels)"}
 
 st.title("🔬 Layer explorer")
 st.caption(
@@ -22,26 +22,34 @@ st.caption(
     "compensation method restores the outputs. Statistics are computed once per layer and cached."
 )
 
-data = common.data_config()
+data = common.sidebar()
 lm = common.model()
 n_layers = lm.adapter.num_layers
 
-c = st.columns([1.2, 1.4, 1.2, 1, 2.2])
-layer = c[0].number_input("Layer", 0, n_layers - 1, value=min(common.defaults().layer, n_layers - 1),
-                          key="le_layer")
+for key, value in (("le_layer", min(common.defaults().layer, n_layers - 1)), ("le_sublayer", "o_proj"),
+                   ("le_ratio", 0.2), ("le_score", "rcpu"), ("le_methods", DEFAULT_METHODS),
+                   ("le_compare", "wanda_sp"), ("le_alpha", DEFAULT_ALPHA), ("le_order", "index")):
+    common.init(key, value)
+if st.session_state["le_layer"] >= n_layers:  # a smaller model than before
+    st.session_state["le_layer"] = n_layers - 1
+
+c = st.columns([1, 1.8, 2, 1.4])
+layer = c[0].number_input("Layer", 0, n_layers - 1, key="le_layer")
 sublayer = c[1].radio("Sublayer", list(SUBLAYERS), format_func=SUBLAYERS.get, key="le_sublayer")
-ratio = c[2].slider("Pruning ratio", 0.0, 0.9, value=0.2, step=0.05, key="le_ratio",
+ratio = c[2].slider("Pruning ratio", 0.0, 0.9, step=0.05, key="le_ratio",
                     help="Fraction of heads (o_proj) or channels (down_proj) removed.")
-score = c[3].selectbox("Score", list(SCORES), index=list(SCORES).index("rcpu"), key="le_score")
-methods = c[4].multiselect("Compensation methods", list(METHODS), default=DEFAULT_METHODS,
-                           format_func=figures.label, key="le_methods")
+score = c[3].selectbox("Score", list(SCORES), key="le_score")
+c = st.columns([3, 1])
+methods = c[0].multiselect("Compensation methods to compare", list(METHODS), format_func=figures.label,
+                           key="le_methods")
+others = [s for s in SCORES if s != score]
+if st.session_state["le_compare"] not in others:
+    st.session_state["le_compare"] = "wanda_sp" if "wanda_sp" in others else others[0]
+compare = c[1].selectbox("Compare kept set with", others, key="le_compare",
+                         help="A second score: the Scores view shows how the two kept sets overlap.")
 with st.expander("More settings"):
-    m1, m2 = st.columns(2)
-    others = [s for s in SCORES if s != score]
-    compare = m1.selectbox("Compare the kept set with the score", others,
-                           index=others.index("wanda_sp") if "wanda_sp" in others else 0, key="le_compare")
-    alpha = m2.number_input("Ridge alpha (λ = α · tr(G_KK) / k)", 0.0, 10.0, value=DEFAULT_ALPHA, step=0.005,
-                            format="%.4f", key="le_alpha")
+    alpha = st.number_input("Ridge alpha (λ = α · tr(G_KK) / k)", 0.0, 10.0, step=0.005, format="%.4f",
+                            key="le_alpha")
 
 cfg = LayerConfig(layer=int(layer), sublayer=sublayer, ratio=float(ratio), score=score,
                   method=methods[0] if methods else "none", alpha=float(alpha))
@@ -60,11 +68,12 @@ what = "heads" if sublayer == "o_proj" else "channels"
 m = st.columns(4)
 m[0].metric(f"Kept {what}", f"{len(sel.kept_units)} / {sel.unit_scores.numel()}")
 m[1].metric("Input dimensions kept", f"{len(sel.kept)} / {analysis.d_in}")
-m[2].metric("Error without compensation (held-out)", f"{analysis.error_uncompensated['heldout']:.3f}")
+m[2].metric("Held-out error, pruned", f"{analysis.error_uncompensated['heldout']:.3f}",
+            help="‖Y − Z‖_F / ‖Y‖_F on held-out tokens, before any compensation.")
 if shown:
     best = min(shown, key=lambda name: analysis.methods[name].error_heldout)
-    m[3].metric("Best held-out error", f"{analysis.methods[best].error_heldout:.3f}", help=figures.label(best),
-                delta=f"{figures.label(best)}", delta_color="off")
+    m[3].metric("Best held-out error", f"{analysis.methods[best].error_heldout:.3f}", delta=figures.label(best),
+                delta_color="off", delta_arrow="off")
 calib_tokens = stats.calibration[sublayer].count
 st.caption(
     f"Layer {cfg.layer} `{sublayer}`: W is {analysis.d_out} × {analysis.d_in}; "
@@ -75,6 +84,7 @@ if not shown:
     st.info("Choose at least one compensation method to compare.")
 
 VIEWS = ["📊 Scores", "🧭 Principal directions", "📐 Geometry", "📉 Error"]
+common.init("le_view", VIEWS[0])
 view = st.radio("View", VIEWS, horizontal=True, key="le_view", label_visibility="collapsed")
 if view == VIEWS[0]:
     order = st.radio("Order", ["index", "sorted"], horizontal=True, key="le_order",

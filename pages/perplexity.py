@@ -1,2 +1,107 @@
+"""Perplexity versus pruning ratio (and versus calibration size), cached point by point."""
+
+from __future__ import annotations
+
 import streamlit as st
-st.title("coming")
+
+from rcpu import figures
+from rcpu.compensate import METHODS
+from rcpu.scores import SCORES
+from rcpu.sweep import EvalSpec, SweepSpec, parse_configs, run_sweep, to_csv
+from ui import common
+
+RATIOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6]
+CONFIGS = [f"{s}:{m}" for s in SCORES for m in METHODS]
+DEFAULT_CONFIGS = ["rcpu:rotation", "wanda_sp:none", "fluctuation:bias"]
+TARGET_LABELS = {"both": "both", "attn": "o_proj only", "mlp": "down_proj only"}
+VIEWS = ["📈 Perplexity vs ratio", "🧪 Calibration size"]
+
+data = common.sidebar()
+st.title("📈 Perplexity vs ratio")
+st.caption(
+    "Each point prunes the whole model with one configuration and measures its perplexity. Points are "
+    "cached on disk: those computed before appear at once; missing ones are computed on request."
+)
+lm = common.model()
+
+d = common.defaults()
+sizes = sorted({max(1, d.calib_samples // 4), max(1, d.calib_samples // 2), d.calib_samples})
+for key, value in (("pv_ratios", [0.1, 0.2, 0.3]), ("pv_configs", DEFAULT_CONFIGS), ("pv_targets", "both"),
+                   ("pv_view", VIEWS[0]), ("pv_sizes", sizes), ("pv_size_ratio", 0.2)):
+    common.init(key, value)
+
+c = st.columns([2, 3, 1.2])
+configs = c[1].multiselect("Configurations (score:method)", CONFIGS, key="pv_configs")
+targets = c[2].radio("Targets", list(TARGET_LABELS), format_func=TARGET_LABELS.get, key="pv_targets")
+view = st.radio("View", VIEWS, horizontal=True, key="pv_view", label_visibility="collapsed")
+with c[0]:
+    if view == VIEWS[0]:
+        ratios = st.multiselect("Pruning ratios", RATIOS, format_func=lambda r: f"{r:.0%}", key="pv_ratios")
+    else:
+        size_options = sorted(set([1, 2, 4, 8, 16, 32, 64, 128, 256] + list(sizes)))
+        calib_sizes = st.multiselect("Calibration samples", size_options, key="pv_sizes")
+        size_ratio = st.select_slider("Pruning ratio", RATIOS, format_func=lambda r: f"{r:.0%}",
+                                      key="pv_size_ratio")
+eval_data, eval_windows = common.evaluation_settings("pv", data)
+
+with common.guarded():
+    pairs = tuple(parse_configs(",".join(configs))) if configs else ()
+    if view == VIEWS[0]:
+        spec = SweepSpec(ratios=tuple(sorted(ratios)), configs=pairs, targets=targets)
+    else:
+        spec = SweepSpec(ratios=(float(size_ratio),), configs=pairs, calib_samples=tuple(sorted(calib_sizes)),
+                         targets=targets)
+    evaluation = EvalSpec(eval_data, eval_windows)
+    cached = run_sweep(lm, data, spec, evaluation, compute=False)
+
+
+def draw(points: list[dict], dense: dict | None):
+    ppl = None if dense is None else dense["ppl"]
+    if view == VIEWS[0]:
+        return figures.ppl_vs_ratio_figure(points, ppl)
+    return figures.ppl_vs_calibration_figure(points, ppl)
+
+
+chart = st.empty()
+chart.plotly_chart(draw(cached["points"], cached["dense"]), key="fig_sweep")
+total = len(spec.points(data))
+missing = cached["missing"] + (cached["dense"] is None)
+if not pairs or total == 0:
+    st.info("Choose at least one configuration and one " + ("ratio." if view == VIEWS[0] else "calibration size."))
+elif missing:
+    st.caption(f"{total - cached['missing']} of {total} points cached"
+               + ("; the dense model's perplexity is not cached yet" if cached["dense"] is None else "") + ".")
+    b1, b2 = st.columns([1.6, 4])
+    label = f"Compute {cached['missing']} point{'s' if cached['missing'] != 1 else ''}" if cached["missing"] \
+        else "Compute the dense perplexity"
+    compute = b1.button(label, icon="▶️", type="primary", key="compute_points")
+    b2.button("Stop", key="stop_points", help="Interrupts the computation; finished points stay cached.")
+    if compute:
+        overall = st.progress(0.0, text="Dense model…")
+        current = st.progress(0.0, text="")
+        done_points: list[dict] = list(cached["points"])
+
+        def on_point(i: int, n: int, row: dict) -> None:
+            if not row.get("cached"):
+                done_points.append(row)
+                chart.plotly_chart(draw(done_points, {"ppl": row["ppl_dense"]}))
+            overall.progress(i / n, text=f"{i} of {n} points")
+
+        def on_layer(done: int, n: int, what: str) -> None:
+            current.progress(min(done / max(n, 1), 1.0), text=f"Pruning: {what}")
+
+        with common.guarded(), common.model_in_use("this sweep"):
+            result = run_sweep(lm, data, spec, evaluation, compute=True, progress=on_layer, on_point=on_point)
+        overall.empty()
+        current.empty()
+        cached = result
+        chart.plotly_chart(draw(cached["points"], cached["dense"]), key="fig_sweep_done")
+        st.success(f"All {total} points computed and cached.")
+
+rows = cached["points"]
+if rows:
+    st.dataframe([{k: r.get(k) for k in ("config", "ratio", "calib_samples", "targets", "ppl", "ppl_dense",
+                                          "params_after", "cached")} for r in rows], hide_index=True)
+    st.download_button("⬇️ Table (CSV)", to_csv(rows), file_name="rcpu-perplexity.csv", mime="text/csv",
+                       on_click="ignore", key="download_csv")
+common.model_status()

@@ -20,9 +20,10 @@ import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Hashable, TypeVar
+from typing import TypeVar
 
 from .cache import atomic_write_bytes, cache_root
 from .calibration import LayerData

@@ -10,7 +10,7 @@ math themselves; they only arrange, sort and colour what the library computed.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -71,13 +71,31 @@ def _thin(n: int, limit: int = MAX_POINTS) -> np.ndarray:
     return np.linspace(0, n - 1, limit).round().astype(int)
 
 
-def _layout(fig: go.Figure, title: str, height: int = 380, **extra) -> go.Figure:
+def _legend_rows(fig: go.Figure, width_px: float = 540.0) -> int:
+    """Rough number of rows a horizontal legend takes in a half-width chart."""
+    names = [t.name for t in fig.data if t.name and t.showlegend is not False]
+    if not names:
+        return 0
+    rows, used = 1, 0.0
+    for name in names:
+        item = 40 + 6.5 * len(name)
+        if used + item > width_px and used > 0:
+            rows, used = rows + 1, 0.0
+        used += item
+    return rows
+
+
+def _layout(fig: go.Figure, title: str, height: int = 380, subplot_titles: bool = False) -> go.Figure:
+    """Common look: title top left, horizontal legend under it, then the plot area."""
+    rows = _legend_rows(fig)
+    top = 42 + 26 * rows + (28 if subplot_titles else 6)
     fig.update_layout(
-        title=dict(text=title, x=0.0, xanchor="left", font=dict(size=15)),
-        height=height,
-        margin=dict(l=60, r=20, t=60, b=50),
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
-        **extra,
+        title={"text": title, "x": 0.0, "xanchor": "left", "xref": "container", "y": 1.0 - 8 / height, "yref": "container",
+                   "yanchor": "top", "pad": {"l": 8}, "font": {"size": 15}},
+        height=height + top - 60,
+        margin={"l": 60, "r": 20, "t": top, "b": 50},
+        legend={"orientation": "h", "x": 0.0, "xanchor": "left", "y": 1.0 - 40 / (height + top - 60), "yref": "container",
+                    "yanchor": "top"},
     )
     return fig
 
@@ -136,19 +154,20 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
                 go.Scatter(
                     x=position[idx], y=_positive(values[idx]), mode="markers", name=f"{what} ({len(idx)})",
                     legendgroup=what, showlegend=row == 1, customdata=custom,
-                    marker=dict(color=col, size=4 if analysis.d_in > 300 else 6),
+                    marker={"color": col, "size": 4 if analysis.d_in > 300 else 6},
                     hovertemplate=hover + "<br>" + name + " %{y:.3g}<extra>" + what + "</extra>",
                 ),
                 row=row, col=1,
             )
-        fig.update_yaxes(type="log", title_text=name if row == 2 else f"score ({sel.score})", row=row, col=1)
+        fig.update_yaxes(type="log", dtick=1, exponentformat="power",
+                         title_text=name if row == 2 else f"score ({sel.score})", row=row, col=1)
     if unit > 1 and order == "index":
         n_units = sel.unit_scores.numel()
-        shapes = [dict(type="rect", xref="x", yref="paper", x0=u * unit - 0.5, x1=(u + 1) * unit - 0.5,
-                       y0=0, y1=1, fillcolor="#e5e7eb", opacity=0.5, line_width=0, layer="below")
+        shapes = [{"type": "rect", "xref": "x", "yref": "paper", "x0": u * unit - 0.5, "x1": (u + 1) * unit - 0.5,
+                       "y0": 0, "y1": 1, "fillcolor": "#e5e7eb", "opacity": 0.5, "line_width": 0, "layer": "below"}
                   for u in range(0, n_units, 2)]
-        notes = [dict(x=(u + 0.5) * unit, y=1.0, xref="x", yref="paper", yanchor="bottom", text=f"h{u}",
-                      showarrow=False, font=dict(size=10)) for u in range(n_units)]
+        notes = [{"x": (u + 0.5) * unit, "y": 1.0, "xref": "x", "yref": "paper", "yanchor": "bottom", "text": f"head {u}" if n_units <= 12 else f"h{u}",
+                      "showarrow": False, "font": {"size": 10}} for u in range(n_units)]
         fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + notes)
     xtitle = "input dimension" if order == "index" else "rank (highest score first" + (
         ", heads kept together)" if unit > 1 else ")")
@@ -156,7 +175,7 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
     what = "heads" if unit > 1 else "units"
     title = (f"Score and variance per input dimension ({'sorted' if order == 'sorted' else 'index order'}): "
              f"{len(sel.pruned_units)} of {sel.unit_scores.numel()} {what} pruned")
-    return _layout(fig, title, height=470)
+    return _layout(fig, title, height=470, subplot_titles=unit > 1 and order == "index")
 
 
 def unit_score_figure(analysis: SublayerAnalysis) -> go.Figure:
@@ -207,13 +226,12 @@ def overlap_figure(first: Selection, second: Selection) -> go.Figure:
         idx = np.nonzero(mask)[0]
         fig.add_trace(go.Scatter(
             x=_positive(x[idx]), y=_positive(y[idx]), mode="markers", name=f"{name} ({len(idx)})",
-            marker=dict(color=col, size=5 if x.size > 100 else 9), text=[f"unit {i}" for i in idx],
+            marker={"color": col, "size": 5 if x.size > 100 else 9}, text=[f"unit {i}" for i in idx],
             hovertemplate="%{text}<extra></extra>",
         ))
     fig.update_xaxes(type="log", title_text=f"{first.score} score")
     fig.update_yaxes(type="log", title_text=f"{second.score} score")
-    title = (f"Kept sets under {first.score} and {second.score}: {counts['both_kept']} units kept by both, "
-             f"Jaccard {counts['jaccard']:.2f}")
+    title = f"Kept by {first.score} vs {second.score}: Jaccard {counts['jaccard']:.2f}"
     return _layout(fig, title, height=420)
 
 
@@ -226,14 +244,13 @@ def mean_variance_figure(analysis: SublayerAnalysis) -> go.Figure:
     for idx, what, col in ((sel.kept.numpy(), "kept", KEPT), (sel.pruned.numpy(), "pruned", PRUNED)):
         fig.add_trace(go.Scatter(
             x=_positive(mean[idx]), y=_positive(var[idx]), mode="markers", name=f"{what} ({len(idx)})",
-            marker=dict(color=col, size=4 if analysis.d_in > 300 else 7, opacity=0.7),
+            marker={"color": col, "size": 4 if analysis.d_in > 300 else 7, "opacity": 0.7},
             text=[f"column {j}" for j in idx], hovertemplate="%{text}<br>|mean| %{x:.3g}, var %{y:.3g}<extra></extra>",
         ))
-    fig.update_xaxes(type="log", title_text="|mean| of the input dimension")
-    fig.update_yaxes(type="log", title_text="variance of the input dimension")
+    fig.update_xaxes(type="log", dtick=1, exponentformat="power", title_text="|mean| of the input dimension")
+    fig.update_yaxes(type="log", dtick=1, exponentformat="power", title_text="variance of the input dimension")
     return _layout(
-        fig, "Mean against variance: large, near-constant dimensions (right, low) carry a bias, not information",
-        height=420,
+        fig, "Mean vs variance per input dimension", height=420,
     )
 
 
@@ -248,13 +265,13 @@ def spectra_figure(analysis: SublayerAnalysis, methods: Sequence[str], top: int 
     n = min(top, analysis.explained_variance_y.numel())
     comp = np.arange(1, n + 1)
     fig.add_trace(go.Scatter(x=comp, y=_positive(_np(analysis.explained_variance_y)[:n]), name="original Y",
-                             line=dict(color=ORIGINAL, width=3)))
+                             line={"color": ORIGINAL, "width": 3}))
     fig.add_trace(go.Scatter(x=comp, y=_positive(_np(analysis.explained_variance_z)[:n]), name="pruned Z",
-                             line=dict(color=UNCOMPENSATED, dash="dash", width=2)))
+                             line={"color": UNCOMPENSATED, "dash": "dash", "width": 2}))
     for m in methods:
         res = analysis.methods[m]
         fig.add_trace(go.Scatter(x=comp, y=_positive(_np(res.explained_variance)[:n]), name=label(m),
-                                 line=dict(color=color(m), width=1.5)))
+                                 line={"color": color(m), "width": 1.5}))
     fig.update_xaxes(title_text="principal component of the output")
     fig.update_yaxes(type="log", title_text="fraction of output variance")
     return _layout(fig, f"Explained-variance spectra (top {n} components)")
@@ -275,13 +292,13 @@ def projection_figure(analysis: SublayerAnalysis, methods: Sequence[str], column
         p = _np(proj)
         fig.add_trace(go.Scatter(x=y[0, keep], y=y[1, keep], mode="markers", name="original Y",
                                  legendgroup="y", showlegend=i == 0,
-                                 marker=dict(color=ORIGINAL, size=3, opacity=0.35)), row=r, col=c)
+                                 marker={"color": ORIGINAL, "size": 3, "opacity": 0.35}), row=r, col=c)
         fig.add_trace(go.Scatter(x=p[0, keep], y=p[1, keep], mode="markers", name=name, showlegend=False,
-                                 marker=dict(color=col, size=3, opacity=0.6)), row=r, col=c)
+                                 marker={"color": col, "size": 3, "opacity": 0.6}), row=r, col=c)
         fig.update_xaxes(title_text="PC1 of Y", row=r, col=c)
         fig.update_yaxes(title_text="PC2 of Y" if c == 1 else None, row=r, col=c)
-    return _layout(fig, "Tokens on the top two principal components of the original output",
-                   height=330 * rows + 40)
+    return _layout(fig, "Tokens on the top two principal components of Y", height=330 * rows + 40,
+                   subplot_titles=True)
 
 
 def principal_angles_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
@@ -290,11 +307,11 @@ def principal_angles_figure(analysis: SublayerAnalysis, methods: Sequence[str]) 
     z = _np(analysis.principal_angles_z_deg)
     r = np.arange(1, z.size + 1)
     fig.add_trace(go.Scatter(x=r, y=z, name="pruned Z", mode="lines+markers",
-                             line=dict(color=UNCOMPENSATED, dash="dash")))
+                             line={"color": UNCOMPENSATED, "dash": "dash"}))
     for m in methods:
         a = _np(analysis.methods[m].principal_angles_deg)
         fig.add_trace(go.Scatter(x=np.arange(1, a.size + 1), y=a, name=label(m), mode="lines+markers",
-                                 line=dict(color=color(m))))
+                                 line={"color": color(m)}))
     fig.update_xaxes(title_text="principal angle index", dtick=1)
     fig.update_yaxes(title_text="angle to Y's subspace (degrees)", rangemode="tozero")
     return _layout(fig, f"Principal angles between the top-{z.size} output subspaces")
@@ -318,7 +335,7 @@ def geometry_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Fi
     fig.update_xaxes(title_text="‖ŷ_t‖ / ‖y_t‖", row=1, col=1)
     fig.update_xaxes(title_text="cos(ŷ_t, y_t)", row=1, col=2)
     fig.update_yaxes(title_text="tokens", row=1, col=1)
-    return _layout(fig, "Per-token geometry: 1 is perfect for both")
+    return _layout(fig, "Per-token geometry: 1 is perfect for both", subplot_titles=True)
 
 
 def inner_products_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
@@ -329,14 +346,14 @@ def inner_products_figure(analysis: SublayerAnalysis, methods: Sequence[str]) ->
     for m in methods:
         yhat = _np(analysis.methods[m].inner_products)
         fig.add_trace(go.Scatter(x=y[keep], y=yhat[keep], mode="markers", name=label(m),
-                                 marker=dict(color=color(m), size=4, opacity=0.6)))
+                                 marker={"color": color(m), "size": 4, "opacity": 0.6}))
     if y.size:
         lo, hi = float(np.min(y)), float(np.max(y))
         fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="ŷ = y",
-                                 line=dict(color="black", dash="dot", width=1)))
+                                 line={"color": "black", "dash": "dot", "width": 1}))
     fig.update_xaxes(title_text="⟨y_t, y_u⟩ original")
     fig.update_yaxes(title_text="⟨ŷ_t, ŷ_u⟩ compensated")
-    return _layout(fig, "Inner products between token pairs (on the diagonal = preserved)", height=420)
+    return _layout(fig, "Inner products of token pairs (diagonal = preserved)", height=420)
 
 
 def gram_distortion_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
@@ -361,19 +378,19 @@ def error_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figur
     held = [analysis.error_uncompensated["heldout"]] + [analysis.methods[m].error_heldout for m in methods]
     fig = go.Figure()
     fig.add_trace(go.Bar(x=names, y=calib, name="calibration tokens", marker_color="#93c5fd",
-                         text=[f"{v:.3f}" for v in calib], textposition="outside"))
+                         text=[f"{v:.2f}" for v in calib], textposition="outside", textfont={"size": 10}))
     fig.add_trace(go.Bar(x=names, y=held, name="held-out tokens", marker_color="#1d4ed8",
-                         text=[f"{v:.3f}" for v in held], textposition="outside"))
+                         text=[f"{v:.2f}" for v in held], textposition="outside", textfont={"size": 10}))
     fig.update_layout(barmode="group")
     fig.update_xaxes(title_text="method")
     fig.update_yaxes(title_text="‖Y − Ŷ‖_F / ‖Y‖_F", rangemode="tozero")
-    return _layout(fig, "Relative output error: calibration vs held-out (a gap = overfitting)", height=400)
+    return _layout(fig, "Relative output error: calibration vs held-out", height=400)
 
 
 def singular_values_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
     """Singular values of M = Y Zᵀ for the rotation methods among ``methods``."""
     rotations = [m for m in methods if analysis.methods[m].rotation.get("singular_values_M") is not None]
-    title = "Singular values of M = Y Zᵀ (the Procrustes cross-covariance)"
+    title = "Singular values of M = Y Zᵀ"
     if not rotations:
         return _empty(title, "Select a rotation method to see the spectrum of M.")
     fig = go.Figure()
@@ -381,11 +398,11 @@ def singular_values_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -
         rot = analysis.methods[m].rotation
         s = _np(rot["singular_values_M"])
         fig.add_trace(go.Scatter(
-            x=np.arange(1, s.size + 1), y=_positive(s), mode="lines", line=dict(color=color(m), dash=("solid", "dash", "dot")[i % 3]),
+            x=np.arange(1, s.size + 1), y=_positive(s), mode="lines", line={"color": color(m), "dash": ("solid", "dash", "dot")[i % 3]},
             name=f"{label(m)}: cond {rot['condition_number_M']:.3g}, ‖Q − I‖ {rot['distance_from_identity']:.3g}",
         ))
     fig.update_xaxes(title_text="index")
-    fig.update_yaxes(type="log", title_text="singular value of M")
+    fig.update_yaxes(type="log", exponentformat="power", title_text="singular value of M")
     return _layout(fig, title)
 
 
@@ -441,34 +458,34 @@ def toy_outputs_figure(example) -> go.Figure:
     if y.shape[0] == 3:
         return _toy_outputs_3d(example)
     fig = make_subplots(rows=1, cols=3, subplot_titles=[f"{n}: error {example.errors[n]['calibration']:.2f}"
-                                                        for n in TOY_NAMES], horizontal_spacing=0.06)
+                                                        for n in TOY_NAMES], horizontal_spacing=0.05,
+                        shared_xaxes=True, shared_yaxes=True)
     for i, name in enumerate(TOY_NAMES, start=1):
         out = _np(example.outputs[name])
         xs, ys, _ = _segments(y, out)
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="#d1d5db", width=1),
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": "#d1d5db", "width": 1},
                                  hoverinfo="skip", showlegend=False), row=1, col=i)
         fig.add_trace(go.Scatter(x=y[0], y=y[1], mode="markers", name="original y = W x", legendgroup="orig",
-                                 showlegend=i == 1, marker=dict(color=ORIGINAL, size=7)), row=1, col=i)
+                                 showlegend=i == 1, marker={"color": ORIGINAL, "size": 7}), row=1, col=i)
         fig.add_trace(go.Scatter(x=out[0], y=out[1], mode="markers", name=name,
-                                 marker=dict(color=TOY_COLORS[name], size=7, symbol="diamond")), row=1, col=i)
+                                 marker={"color": TOY_COLORS[name], "size": 7, "symbol": "diamond"}), row=1, col=i)
         fig.update_xaxes(title_text="output 1", row=1, col=i)
-        fig.update_yaxes(title_text="output 2" if i == 1 else None, scaleanchor=f"x{'' if i == 1 else i}",
-                         row=1, col=i)
+        fig.update_yaxes(title_text="output 2" if i == 1 else None, row=1, col=i)
     return _layout(fig, f"Outputs after removing input dimension {example.removed + 1}: grey lines join "
-                        "each original point to its approximation", height=420)
+                        "each original point to its approximation", height=420, subplot_titles=True)
 
 
 def _toy_outputs_3d(example) -> go.Figure:
     fig = go.Figure()
     y = _np(example.outputs["original"])
     fig.add_trace(go.Scatter3d(x=y[0], y=y[1], z=y[2], mode="markers", name="original y = W x",
-                               marker=dict(color=ORIGINAL, size=4)))
+                               marker={"color": ORIGINAL, "size": 4}))
     for name in TOY_NAMES:
         out = _np(example.outputs[name])
         fig.add_trace(go.Scatter3d(x=out[0], y=out[1], z=out[2], mode="markers", name=name,
-                                   marker=dict(color=TOY_COLORS[name], size=4, symbol="diamond")))
-    fig.update_layout(scene=dict(xaxis_title="output 1", yaxis_title="output 2", zaxis_title="output 3",
-                                 aspectmode="data"))
+                                   marker={"color": TOY_COLORS[name], "size": 4, "symbol": "diamond"}))
+    fig.update_layout(scene={"xaxis_title": "output 1", "yaxis_title": "output 2", "zaxis_title": "output 3",
+                                 "aspectmode": "data"})
     return _layout(fig, f"Outputs after removing input dimension {example.removed + 1}", height=520)
 
 
@@ -482,23 +499,22 @@ def toy_columns_figure(example) -> go.Figure:
     for name, cols, col, idx in series:
         xs, ys, zs = _segments(np.zeros_like(cols), cols)
         if cols.shape[0] == 3:
-            fig.add_trace(go.Scatter3d(x=xs, y=ys, z=zs, mode="lines", name=name, line=dict(color=col, width=5)))
+            fig.add_trace(go.Scatter3d(x=xs, y=ys, z=zs, mode="lines", name=name, line={"color": col, "width": 5}))
         else:
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, line=dict(color=col, width=3)))
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, line={"color": col, "width": 3}))
             fig.add_trace(go.Scatter(x=cols[0], y=cols[1], mode="markers+text", showlegend=False,
                                      text=[f"w{j + 1}" for j in idx], textposition="top center",
-                                     marker=dict(color=col, size=6), name=name))
+                                     marker={"color": col, "size": 6}, name=name))
     removed = int(example.removed)
     if w.shape[0] == 2:
         fig.add_trace(go.Scatter(x=[0, w[0, removed]], y=[0, w[1, removed]], mode="lines",
                                  name=f"removed column w{removed + 1}",
-                                 line=dict(color=PRUNED, width=3, dash="dot")))
+                                 line={"color": PRUNED, "width": 3, "dash": "dot"}))
         fig.update_xaxes(title_text="output 1")
         fig.update_yaxes(title_text="output 2", scaleanchor="x")
     else:
-        fig.update_layout(scene=dict(xaxis_title="output 1", yaxis_title="output 2", zaxis_title="output 3"))
-    return _layout(fig, "Weight columns: rotation turns the kept columns together; least squares reshapes them",
-                   height=420)
+        fig.update_layout(scene={"xaxis_title": "output 1", "yaxis_title": "output 2", "zaxis_title": "output 3"})
+    return _layout(fig, "Weight columns as arrows", height=420)
 
 
 def toy_error_figure(example) -> go.Figure:
@@ -512,7 +528,7 @@ def toy_error_figure(example) -> go.Figure:
     fig.update_layout(barmode="group")
     fig.update_xaxes(title_text="approximation")
     fig.update_yaxes(title_text="relative error ‖Y − Ŷ‖ / ‖Y‖", rangemode="tozero")
-    return _layout(fig, "Error on the points used to fit, and on new points", height=360)
+    return _layout(fig, "Error on the fitted points and on new points", height=360)
 
 
 # ---------------------------------------------------------------------------
@@ -521,10 +537,10 @@ def toy_error_figure(example) -> go.Figure:
 
 
 ERROR_SERIES = (
-    ("error_calibration", "compensated, calibration", dict(dash="solid", width=2.5), None),
-    ("error_heldout", "compensated, held-out", dict(dash="dash", width=2.5), None),
-    ("error_uncompensated_calibration", "uncompensated, calibration", dict(dash="solid", width=1.5), UNCOMPENSATED),
-    ("error_uncompensated_heldout", "uncompensated, held-out", dict(dash="dash", width=1.5), UNCOMPENSATED),
+    ("error_calibration", "compensated, calibration", {"dash": "solid", "width": 2.5}, None),
+    ("error_heldout", "compensated, held-out", {"dash": "dash", "width": 2.5}, None),
+    ("error_uncompensated_calibration", "uncompensated, calibration", {"dash": "solid", "width": 1.5}, UNCOMPENSATED),
+    ("error_uncompensated_heldout", "uncompensated, held-out", {"dash": "dash", "width": 1.5}, UNCOMPENSATED),
 )
 SUBLAYER_COLORS = {"o_proj": "#7c3aed", "down_proj": "#059669"}
 
@@ -548,16 +564,16 @@ def layer_errors_figure(layers: Sequence[dict], num_layers: int | None = None,
                 continue
             fig.add_trace(go.Scatter(
                 x=[r["layer"] for r in rows], y=[r[sub][key] for r in rows], mode="lines+markers",
-                name=name, legendgroup=name, showlegend=c == 1, marker=dict(size=5),
+                name=name, legendgroup=name, showlegend=c == 1, marker={"size": 5},
                 line=dict(color=fixed or SUBLAYER_COLORS.get(sub, "#6b7280"), **line),
             ), row=1, col=c)
-        fig.update_xaxes(title_text="layer", row=1, col=c,
-                         range=[-0.5, num_layers - 0.5] if num_layers else None)
+        fig.update_xaxes(title_text="layer", row=1, col=c, range=[-0.5, num_layers - 0.5] if num_layers else None,
+                         dtick=max(1, (num_layers or 10) // 10))
     fig.update_yaxes(title_text="‖Y − Ŷ‖_F / ‖Y‖_F", rangemode="tozero", row=1, col=1)
     if not layers:
         fig.add_annotation(text="Run the prune to see each layer's error as it goes.", showarrow=False,
                            x=0.5, y=0.5, xref="paper", yref="paper")
-    return _layout(fig, title, height=400)
+    return _layout(fig, title, height=400, subplot_titles=True)
 
 
 def _lines(points: Sequence[dict], x_key: str) -> list[go.Scatter]:
@@ -567,15 +583,15 @@ def _lines(points: Sequence[dict], x_key: str) -> list[go.Scatter]:
         method = rows[0].get("method")
         traces.append(go.Scatter(
             x=[r[x_key] for r in rows], y=[r["ppl"] for r in rows], mode="lines+markers", name=name,
-            line=dict(color=color(method), width=2.5) if method in METHOD_COLORS else dict(width=2.5),
-            marker=dict(size=8),
+            line={"color": color(method), "width": 2.5} if method in METHOD_COLORS else {"width": 2.5},
+            marker={"size": 8},
         ))
     return traces
 
 
 def _dense_line(fig: go.Figure, dense: float | None) -> None:
     if dense is not None:
-        fig.add_hline(y=dense, line=dict(color="black", dash="dot"), annotation_text=f"dense {dense:.2f}",
+        fig.add_hline(y=dense, line={"color": "black", "dash": "dot"}, annotation_text=f"dense {dense:.2f}",
                       annotation_position="bottom right")
 
 
@@ -586,11 +602,13 @@ def ppl_vs_ratio_figure(points: Sequence[dict], dense: float | None = None) -> g
     """
     fig = go.Figure(_lines(points, "ratio"))
     _dense_line(fig, dense)
+    fig.update_xaxes(title_text="pruning ratio", tickformat=".0%")
+    fig.update_yaxes(title_text="perplexity", type="log")
     if not points:
         fig.add_annotation(text="No points yet: compute them below.", showarrow=False, x=0.5, y=0.5,
                            xref="paper", yref="paper")
-    fig.update_xaxes(title_text="pruning ratio", tickformat=".0%")
-    fig.update_yaxes(title_text="perplexity", type="log")
+        fig.update_xaxes(range=[0, 0.6])
+        fig.update_yaxes(type="linear", range=[0, 1] if dense is None else [0, 2 * dense])
     return _layout(fig, "Perplexity against pruning ratio", height=440)
 
 
@@ -601,9 +619,11 @@ def ppl_vs_calibration_figure(points: Sequence[dict], dense: float | None = None
     """
     fig = go.Figure(_lines(points, "calib_samples"))
     _dense_line(fig, dense)
+    fig.update_xaxes(title_text="calibration samples", type="log")
+    fig.update_yaxes(title_text="perplexity", type="log")
     if not points:
         fig.add_annotation(text="No points yet: compute them below.", showarrow=False, x=0.5, y=0.5,
                            xref="paper", yref="paper")
-    fig.update_xaxes(title_text="calibration samples", type="log")
-    fig.update_yaxes(title_text="perplexity", type="log")
+        fig.update_xaxes(range=[0, 2.5])
+        fig.update_yaxes(type="linear", range=[0, 1] if dense is None else [0, 2 * dense])
     return _layout(fig, "Perplexity against calibration size", height=440)

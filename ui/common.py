@@ -1,22 +1,25 @@
 """The sidebar every page shares, and the cached resources behind it.
 
-``app.py`` calls ``sidebar()`` on every run (before the page), so the sidebar's
-widgets and their values live in ``st.session_state`` across pages. Pages call
-``data_config()``, ``model()``, ``layer_data()`` and ``analyses()``; errors the
-user can fix (``RcpuError``) become ``st.error`` messages, never tracebacks.
+Every page calls ``sidebar()`` first (so a page run on its own, as AppTest
+does, has the same sidebar); the widgets' values live in ``st.session_state``
+and carry over between pages. Pages then call ``model()``, ``layer_data()`` and
+``analyses()``; errors the user can fix (``RcpuError``) become ``st.error``
+messages, never tracebacks.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
 
 import streamlit as st
 
 from rcpu.appstate import AnalysisMemo, AppDefaults, Memo, app_defaults, save_upload, stats_key
-from rcpu.calibration import LayerData, layer_stats
+from rcpu.calibration import LayerData, layer_stats, stats_path
 from rcpu.config import DataConfig
 from rcpu.errors import RcpuError
 from rcpu.models import LoadedModel, load_model
@@ -34,17 +37,26 @@ MODEL_HELP = (
     "a .gguf file, or a Hugging Face hub id like owner/name (needs the hub or its local cache)."
 )
 PERSISTENT_PREFIXES = ("le_", "wm_", "pv_", "learn_")
+SIDEBAR_KEYS = ("model", "text_source", "text_path", "calib_samples", "seq_len", "seed", "heldout_samples")
+UPLOADED = "uploaded_text"  # path of the last accepted upload (a plain key: survives page changes)
 
 
-def persist_page_widgets() -> None:
-    """Keep page widgets' values when the user visits another page and comes back.
+def persist_widgets() -> None:
+    """Keep widget values when the user visits another page and comes back.
 
-    Streamlit forgets the state of widgets that were not drawn in a run;
-    re-assigning a key turns it into user state, which survives.
+    Streamlit forgets the state of widgets that were not drawn in a run (and a
+    widget on another page is another widget); re-assigning a key turns it into
+    user state, which survives and initialises the widget on the next page.
     """
     for key in list(st.session_state.keys()):
-        if isinstance(key, str) and key.startswith(PERSISTENT_PREFIXES) and not key.endswith("_button"):
+        if isinstance(key, str) and (key in SIDEBAR_KEYS or key.startswith(PERSISTENT_PREFIXES)):
             st.session_state[key] = st.session_state[key]
+
+
+def init(key: str, default) -> None:
+    """Set a widget's starting value through session state (widgets get no ``value=``)."""
+    if key not in st.session_state:
+        st.session_state[key] = default
 
 
 @contextmanager
@@ -72,16 +84,21 @@ def defaults() -> AppDefaults:
 
 
 def _text_source() -> str:
+    init("text_source", TEXT_CHOICES[0])
     choice = st.radio("Calibration text", TEXT_CHOICES, key="text_source", help=TEXT_HELP)
     if choice == "upload a .txt file":
         upload = st.file_uploader("Text file", type=["txt"], key="text_upload")
-        if upload is None:
+        if upload is not None:
+            with guarded(stop=False):
+                st.session_state[UPLOADED] = str(save_upload(upload.getvalue()))
+        path = st.session_state.get(UPLOADED)
+        if path is None:
             st.caption("No file yet: the embedded text is used until one is uploaded.")
             return "embedded"
-        with guarded(stop=False):
-            return str(save_upload(upload.getvalue()))
-        return "embedded"
+        st.caption(f"Using the uploaded text (stored as {Path(path).name[:12]}….txt).")
+        return path
     if choice == "local path":
+        init("text_path", "")
         path = st.text_input("Path to a .txt file or a folder of them", key="text_path").strip()
         if not path:
             st.caption("No path yet: the embedded text is used.")
@@ -91,20 +108,24 @@ def _text_source() -> str:
 
 
 def sidebar() -> DataConfig:
-    """Draw the shared sidebar; return the run's data settings (also kept in session state)."""
+    """Draw the shared sidebar (every page calls this first); return the data settings."""
+    persist_widgets()
     d = defaults()
+    for key, value in (("model", "embedded"), ("calib_samples", d.calib_samples), ("seq_len", d.seq_len),
+                       ("seed", d.seed), ("heldout_samples", d.heldout_samples)):
+        init(key, value)
     with st.sidebar:
         st.subheader("Model and calibration")
-        model_name = st.text_input("Model", value="embedded", key="model", help=MODEL_HELP).strip()
+        model_name = st.text_input("Model", key="model", help=MODEL_HELP).strip()
         data = _text_source()
         c1, c2 = st.columns(2)
-        calib = c1.number_input("Calibration samples", 1, 4096, value=d.calib_samples, key="calib_samples",
+        calib = c1.number_input("Calibration samples", 1, 4096, key="calib_samples",
                                 help="Random windows of the calibration text used for statistics.")
-        seq_len = c2.number_input("Sequence length", 16, 8192, value=d.seq_len, step=64, key="seq_len",
+        seq_len = c2.number_input("Sequence length", 16, 8192, step=64, key="seq_len",
                                   help="Tokens per calibration window.")
-        seed = st.number_input("Seed", 0, 2**31 - 1, value=d.seed, key="seed")
+        seed = st.number_input("Seed", 0, 2**31 - 1, key="seed")
         with st.expander("More settings"):
-            heldout = st.number_input("Held-out windows", 1, 1024, value=d.heldout_samples, key="heldout_samples",
+            heldout = st.number_input("Held-out windows", 1, 1024, key="heldout_samples",
                                       help="Windows of the held-out part (never used for calibration) "
                                            "on which held-out errors are measured.")
     config = DataConfig(
@@ -162,6 +183,33 @@ def stats_cached(lm: LoadedModel, data: DataConfig, layer: int) -> bool:
     return stats_key(lm, data, layer) in _stats_memo()
 
 
+@st.cache_resource
+def _model_lock() -> threading.Lock:
+    return threading.Lock()
+
+
+@contextmanager
+def model_in_use(what: str) -> Iterator[None]:
+    """Run forward passes of the shared model one session at a time.
+
+    The loaded model is shared by every browser session (``st.cache_resource``)
+    and the library gathers statistics with forward hooks on its modules, which
+    every forward pass sees: two sessions computing at once would trip over each
+    other's hooks. While another session computes, this one waits (and stays
+    interruptible: a rerun stops the wait).
+    """
+    lock = _model_lock()
+    if not lock.acquire(blocking=False):
+        note = st.empty()
+        while not lock.acquire(timeout=0.5):
+            note.info(f"Another session is computing on the model; {what} starts when it is done…", icon="⏳")
+        note.empty()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def layer_data(lm: LoadedModel, data: DataConfig, layer: int) -> LayerData:
     """A layer's statistics: from memory, from ``cache/``, or computed with a progress bar."""
     memo = _stats_memo()
@@ -169,15 +217,50 @@ def layer_data(lm: LoadedModel, data: DataConfig, layer: int) -> LayerData:
     hit = memo.get(key)
     if hit is not None:
         return hit
-    bar = st.progress(0.0, text=f"Statistics of layer {layer}…")
     start = time.perf_counter()
+    if stats_path(lm, data.data, data.sampling, layer).exists():  # on disk: no forward pass
+        result = layer_stats(lm, data.data, data.sampling, layer)
+    else:
+        with model_in_use(f"the statistics of layer {layer}"):
+            bar = st.progress(0.0, text=f"Statistics of layer {layer}…")
 
-    def report(done: int, total: int, what: str) -> None:
-        bar.progress(min(done / max(total, 1), 1.0), text=f"Statistics of layer {layer}: {what}")
+            def report(done: int, total: int, what: str) -> None:
+                bar.progress(min(done / max(total, 1), 1.0), text=f"Statistics of layer {layer}: {what}")
 
-    result = layer_stats(lm, data.data, data.sampling, layer, report)
-    bar.empty()
+            result = layer_stats(lm, data.data, data.sampling, layer, report)
+            bar.empty()
     if not result.from_cache:
         st.toast(f"Statistics of layer {layer} computed in {time.perf_counter() - start:.1f} s and cached")
     memo.put(key, result)
     return result
+
+
+EVAL_CHOICES = ("held-out part of the calibration text", "embedded text", "another text (local path)")
+
+
+def evaluation_settings(prefix: str, data: DataConfig) -> tuple[str | None, int | None]:
+    """(evaluation text or None for the held-out part, window limit or None for all).
+
+    The evaluation text never overlaps the calibration text: choosing the
+    calibration text itself means its held-out part.
+    """
+    init(f"{prefix}_eval_source", EVAL_CHOICES[0])
+    init(f"{prefix}_eval_path", "")
+    init(f"{prefix}_eval_windows", defaults().eval_windows)
+    left, right = st.columns([2, 1])
+    with left:
+        choice = st.radio("Evaluation text", EVAL_CHOICES, key=f"{prefix}_eval_source", horizontal=True,
+                          help="Perplexity is measured on non-overlapping windows of this text.")
+        source: str | None = None
+        if choice == EVAL_CHOICES[1]:
+            source = "embedded"
+        elif choice == EVAL_CHOICES[2]:
+            source = st.text_input("Path to a .txt file or a folder of them", key=f"{prefix}_eval_path").strip()
+            source = source or None
+        if source is not None and source == data.data:
+            st.caption("That is the calibration text: its held-out part is used instead.")
+            source = None
+    with right:
+        windows = st.number_input(f"Evaluation windows of {data.seq_len} tokens (0 = all)", 0, 100_000,
+                                  key=f"{prefix}_eval_windows")
+    return source, int(windows) or None

@@ -1,0 +1,287 @@
+"""Every page of the app under ``streamlit.testing.v1.AppTest`` (no browser).
+
+The app starts on a small calibration set here (``RCPU_APP_*`` variables, see
+docs/app.md) so that a layer's statistics take about a second.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+import torch
+from streamlit.testing.v1 import AppTest
+
+REPO = Path(__file__).resolve().parent.parent
+APP = str(REPO / "app.py")
+TIMEOUT = 180
+BAD_MODEL = "no/such/model!"
+
+pytestmark = pytest.mark.slow  # the pages load the embedded model
+
+
+@pytest.fixture(autouse=True)
+def small_app(monkeypatch):
+    """Small app defaults, fresh Streamlit caches, one torch thread (the suite shares 2 cores)."""
+    for name, value in (("CALIB_SAMPLES", "4"), ("SEQ_LEN", "128"), ("HELDOUT_SAMPLES", "2"), ("LAYER", "1"),
+                        ("EVAL_WINDOWS", "2")):
+        monkeypatch.setenv(f"RCPU_APP_{name}", value)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def open_page(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    if page:
+        at.switch_page(page).run()
+    return at
+
+
+def ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _decode(value):
+    if isinstance(value, dict) and "bdata" in value:
+        return np.frombuffer(base64.b64decode(value["bdata"]), value["dtype"]).tolist()
+    return value
+
+
+def charts(at: AppTest) -> list[dict]:
+    """Plotly figures on the page, as dicts, with binary arrays decoded to lists."""
+    out = []
+    for el in at.get("plotly_chart"):
+        fig = json.loads(el.proto.spec)
+        for trace in fig["data"]:
+            for key in ("x", "y"):
+                if key in trace:
+                    trace[key] = _decode(trace[key])
+        out.append(fig)
+    return out
+
+
+def chart(at: AppTest, title_start: str) -> dict:
+    found = [f for f in charts(at) if f["layout"]["title"]["text"].startswith(title_start)]
+    assert found, [f["layout"]["title"]["text"] for f in charts(at)]
+    return found[0]
+
+
+def set_model(at: AppTest, name: str) -> AppTest:
+    return at.sidebar.text_input(key="model").set_value(name).run()
+
+
+# --- Home --------------------------------------------------------------------
+
+
+def test_home_shows_the_model_card():
+    at = open_page()
+    ok(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Layers"] == "30" and metrics["Heads / KV heads"] == "9 / 3"
+    assert len(at.get("page_link")) == 4
+
+
+def test_home_bad_model_is_an_error_not_a_traceback():
+    at = set_model(open_page(), BAD_MODEL)
+    assert not at.exception
+    assert any("unknown model" in e.value for e in at.error)
+
+
+def test_missing_text_file_is_an_error():
+    at = open_page()
+    at.sidebar.radio(key="text_source").set_value("local path").run()
+    at.sidebar.text_input(key="text_path").set_value("/nonexistent/calibration.txt").run()
+    assert not at.exception
+    assert any("not found" in e.value for e in at.error)
+
+
+# --- Learn -------------------------------------------------------------------
+
+
+def test_learn_renders_and_reacts():
+    at = open_page("pages/learn.py")
+    ok(at)
+    before = chart(at, "Outputs after removing input dimension 3")
+    assert len(at.get("plotly_chart")) == 3
+    assert len(at.latex) >= 4 and len(at.get("page_link")) >= 1
+    at.radio(key="learn_removed_2").set_value(0).run()
+    ok(at)
+    after = chart(at, "Outputs after removing input dimension 1")
+    pruned = lambda fig: next(t for t in fig["data"] if t.get("name") == "pruned")["x"]
+    assert pruned(before) != pruned(after)
+    at.radio(key="learn_dims").set_value(3).run()
+    ok(at)
+    assert any(t["type"] == "scatter3d" for t in chart(at, "Outputs after removing")["data"])
+
+
+def test_learn_bad_model_shows_an_error():
+    at = open_page("pages/learn.py")
+    set_model(at, BAD_MODEL)
+    assert not at.exception
+    assert any("unknown model" in e.value for e in at.error)
+    assert charts(at)  # the page itself needs no model
+
+
+# --- Layer explorer ------------------------------------------------------------
+
+
+def kept_count(at: AppTest) -> int:
+    fig = chart(at, "Score and variance per input dimension")
+    kept = [t for t in fig["data"] if t.get("legendgroup") == "kept" and t.get("yaxis", "y") == "y"]
+    return len(kept[0]["x"])
+
+
+def test_explorer_renders_and_caches_statistics(tmp_cache):
+    at = open_page("pages/layer_explorer.py")
+    ok(at)
+    assert len(at.get("plotly_chart")) >= 4
+    assert list((tmp_cache / "stats").glob("layer001-*.npz")), "statistics were not cached on disk"
+    fig = chart(at, "Score and variance per input dimension")
+    assert sum(len(t["x"]) for t in fig["data"] if t.get("yaxis", "y") == "y") == 576  # o_proj d_in
+
+
+def test_explorer_ratio_changes_the_figures():
+    at = open_page("pages/layer_explorer.py")
+    before = kept_count(at)
+    at.slider(key="le_ratio").set_value(0.5).run()
+    ok(at)
+    after = kept_count(at)
+    assert before == 7 * 64 and after == 4 * 64  # 9 heads: 2 pruned at 20 %, 5 at 50 % (half up)
+
+
+def test_explorer_methods_and_views():
+    at = open_page("pages/layer_explorer.py")
+    at.radio(key="le_view").set_value("📉 Error").run()
+    ok(at)
+    names = chart(at, "Relative output error")["data"][0]["x"]
+    assert names == ["uncompensated", "none (Wanda-sp)", "bias (FLAP)", "least squares", "rotation (RCPU)"]
+    at.multiselect(key="le_methods").set_value(["rotation_scale", "ridge"]).run()
+    ok(at)
+    assert chart(at, "Relative output error")["data"][0]["x"] == ["uncompensated", "rotation + scale (RCPU)",
+                                                                 "ridge"]
+    assert len(chart(at, "Singular values of M")["data"]) == 1
+    for view in ("🧭 Principal directions", "📐 Geometry"):
+        at.radio(key="le_view").set_value(view).run()
+        ok(at)
+        assert len(at.get("plotly_chart")) == 3
+
+
+def test_explorer_layer_and_sublayer_change_the_data():
+    at = open_page("pages/layer_explorer.py")
+    at.radio(key="le_view").set_value("📉 Error").run()
+    first = chart(at, "Relative output error")["data"][1]["y"]
+    at.number_input(key="le_layer").set_value(0).run()
+    ok(at)
+    second = chart(at, "Relative output error")["data"][1]["y"]
+    assert first != second
+    at.radio(key="le_sublayer").set_value("down_proj").run()
+    ok(at)
+    at.radio(key="le_view").set_value("📊 Scores").run()
+    fig = chart(at, "Score and variance per input dimension")
+    assert sum(len(t["x"]) for t in fig["data"] if t.get("yaxis", "y") == "y") == 1536  # down_proj d_in
+
+
+def test_explorer_too_little_text_is_an_error(tmp_path, tmp_cache):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words of calibration text.\n")
+    at = open_page("pages/layer_explorer.py")
+    at.sidebar.radio(key="text_source").set_value("local path").run()
+    at.sidebar.text_input(key="text_path").set_value(str(short)).run()
+    assert not at.exception
+    assert any("tokens" in e.value for e in at.error)
+
+
+def test_explorer_bad_model_shows_an_error():
+    at = open_page("pages/layer_explorer.py")
+    set_model(at, BAD_MODEL)
+    assert not at.exception
+    assert any("unknown model" in e.value for e in at.error)
+    assert not at.get("plotly_chart")
+
+
+# --- Whole model and perplexity vs ratio ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from apphelp import tiny_model_dir
+
+    return str(tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def layer_errors(at: AppTest) -> list:
+    fig = chart(at, "Relative output error per layer")
+    return [t["y"] for t in fig["data"]]
+
+
+@pytest.mark.parametrize("page", ["pages/whole_model.py", "pages/perplexity.py"])
+def test_run_pages_render_on_the_embedded_defaults_without_running(page, tmp_cache):
+    at = open_page(page)
+    ok(at)
+    assert len(at.get("plotly_chart")) == 1
+    assert not list(tmp_cache.glob("results/*.json"))  # nothing was computed just by opening the page
+
+
+@pytest.mark.parametrize("page", ["pages/whole_model.py", "pages/perplexity.py"])
+def test_run_pages_bad_model_shows_an_error(page):
+    at = set_model(open_page(page), BAD_MODEL)
+    assert not at.exception
+    assert any("unknown model" in e.value for e in at.error)
+
+
+def test_whole_model_run_updates_chart_metrics_and_downloads(tiny_model, tmp_cache):
+    at = set_model(open_page("pages/whole_model.py"), tiny_model)
+    ok(at)
+    at.button(key="run_prune").click().run()
+    ok(at)
+    first = layer_errors(at)
+    assert all(len(series) == 2 for series in first)  # two layers, every series
+    metrics = {m.label: m.value for m in at.metric}
+    assert {"Parameters", "Perplexity before", "Perplexity after"} <= set(metrics)
+    assert len(at.get("download_button")) == 2
+    at.slider(key="wm_ratio").set_value(0.5).run()
+    assert any("earlier run" in w.value for w in at.warning)
+    at.button(key="run_prune").click().run()
+    ok(at)
+    assert layer_errors(at) != first
+    assert not at.warning
+
+
+def test_perplexity_sweep_computes_then_reads_the_cache(tiny_model, tmp_cache):
+    at = set_model(open_page("pages/perplexity.py"), tiny_model)
+    at.multiselect(key="pv_configs").set_value(["rcpu:rotation", "wanda_sp:none"]).run()
+    at.multiselect(key="pv_ratios").set_value([0.1, 0.3]).run()
+    ok(at)
+    assert chart(at, "Perplexity against pruning ratio")["data"] == []
+    at.button(key="compute_points").click().run()
+    ok(at)
+    lines = {t["name"]: t["x"] for t in chart(at, "Perplexity against pruning ratio")["data"]}
+    assert lines == {"rcpu:rotation": [0.1, 0.3], "wanda_sp:none": [0.1, 0.3]}
+    assert len(list((tmp_cache / "results").glob("point-*.json"))) == 4
+    assert len(at.get("download_button")) == 1
+
+    # A new ratio: the four cached points are drawn at once, two are missing.
+    at.multiselect(key="pv_ratios").set_value([0.1, 0.2, 0.3]).run()
+    ok(at)
+    lines = {t["name"]: t["x"] for t in chart(at, "Perplexity against pruning ratio")["data"]}
+    assert lines == {"rcpu:rotation": [0.1, 0.3], "wanda_sp:none": [0.1, 0.3]}
+    assert "Compute 2 points" in at.button(key="compute_points").label
+
+    # The calibration-size view.
+    at.radio(key="pv_view").set_value("🧪 Calibration size").run()
+    at.multiselect(key="pv_sizes").set_value([2, 4]).run()
+    at.button(key="compute_points").click().run()
+    ok(at)
+    fig = chart(at, "Perplexity against calibration size")
+    assert {tuple(t["x"]) for t in fig["data"]} == {(2, 4)}

@@ -1,0 +1,225 @@
+"""Figure functions: traces present, axis titles, kept + pruned = d_in; synthetic analyses only."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from rcpu import figures
+from rcpu.compensate import METHODS
+from rcpu.layer import analyze_sublayer, select
+from rcpu.learn import ToyConfig, build_example
+from rcpu.stats import LayerStats
+
+ALL = list(METHODS)
+D_OUT, D_IN, TOKENS = 10, 24, 300
+
+
+def _inputs(seed: int, tokens: int = TOKENS) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-1, 1, D_IN, dtype=torch.float64)[torch.randperm(D_IN, generator=gen)]
+    mean = torch.randn(D_IN, 1, generator=gen, dtype=torch.float64) * 2
+    mix = torch.eye(D_IN, dtype=torch.float64) + 0.3 * torch.randn(D_IN, D_IN, generator=gen, dtype=torch.float64)
+    return mix @ (scale[:, None] * torch.randn(D_IN, tokens, generator=gen, dtype=torch.float64)) + mean
+
+
+@pytest.fixture(scope="module", params=[1, 4], ids=["channels", "heads"])
+def analysis(request):
+    unit = request.param
+    weight = torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    calib = LayerStats.from_inputs(_inputs(2), sample_size=200)
+    held = LayerStats.from_inputs(_inputs(3, 150), sample_size=100)
+    result = analyze_sublayer(weight, calib, held, score="rcpu", ratio=0.25, methods=ALL, unit_size=unit)
+    result.weight = weight  # for tests that need a second selection
+    result.stats = calib
+    return result
+
+
+def _titles(fig: go.Figure, axis: str) -> list[str]:
+    return [getattr(fig.layout[name].title, "text", None) for name in fig.layout if name.startswith(axis)]
+
+
+def _n(values) -> int:
+    return 0 if values is None else len(values)
+
+
+def test_method_registry_has_colours_and_labels():
+    assert set(figures.METHOD_COLORS) == set(METHODS)
+    assert set(figures.METHOD_LABELS) == set(METHODS)
+
+
+@pytest.mark.parametrize("order", ["index", "sorted"])
+def test_dimension_figure_kept_and_pruned_cover_every_dimension(analysis, order):
+    fig = figures.dimension_figure(analysis, order)
+    assert len(fig.data) == 4  # kept / pruned on the score row and on the variance row
+    for row_axis in ("y", "y2"):
+        traces = [t for t in fig.data if t.yaxis == row_axis]
+        assert {t.legendgroup for t in traces} == {"kept", "pruned"}
+        assert sum(len(t.x) for t in traces) == analysis.d_in
+        xs = np.concatenate([np.asarray(t.x) for t in traces])
+        assert sorted(xs.tolist()) == list(range(analysis.d_in))
+    kept = next(t for t in fig.data if t.legendgroup == "kept")
+    assert len(kept.x) == len(analysis.selection.kept)
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "log"
+    assert "score" in fig.layout.yaxis.title.text and fig.layout.yaxis2.title.text == "variance"
+    assert fig.layout.xaxis2.title.text
+    assert fig.layout.title.text
+
+
+def test_dimension_figure_marks_heads_for_o_proj(analysis):
+    fig = figures.dimension_figure(analysis, "index")
+    heads = [a.text for a in fig.layout.annotations if a.text.startswith("head")]
+    if analysis.selection.unit_size > 1:
+        assert heads == [f"head {u}" for u in range(D_IN // analysis.selection.unit_size)]
+        assert len(fig.layout.shapes) > 0
+    else:
+        assert heads == []
+
+
+def test_sorted_order_is_a_permutation_keeping_units_together(analysis):
+    sel = analysis.selection
+    position = figures.dimension_order(sel, "sorted")
+    assert sorted(position.tolist()) == list(range(D_IN))
+    unit = sel.unit_size
+    by_position = np.argsort(position)  # column at each rank
+    units_in_rank_order = by_position // unit
+    # Each unit's columns are consecutive in rank order, and unit scores descend.
+    blocks = units_in_rank_order.reshape(-1, unit)
+    assert (blocks == blocks[:, :1]).all()
+    unit_scores = sel.unit_scores.numpy()[blocks[:, 0]]
+    assert (np.diff(unit_scores) <= 1e-12).all()
+    with pytest.raises(ValueError):
+        figures.dimension_order(sel, "random")
+
+
+def test_unit_score_figure_has_one_bar_per_unit(analysis):
+    fig = figures.unit_score_figure(analysis)
+    sel = analysis.selection
+    assert sum(len(t.x) for t in fig.data) == sel.unit_scores.numel()
+    assert len(fig.data[1].x) == len(sel.pruned_units)
+    assert fig.layout.xaxis.title.text in ("head", "unit")
+    assert fig.layout.yaxis.title.text
+
+
+def test_overlap_counts_and_figure(analysis):
+    first = analysis.selection
+    second = select(analysis.weight, analysis.stats, "wanda_sp", 0.25, first.unit_size)
+    counts = figures.overlap_counts(first, second)
+    n = first.unit_scores.numel()
+    assert counts["both_kept"] + counts["only_first"] + counts["only_second"] + counts["both_pruned"] == n
+    assert 0.0 <= counts["jaccard"] <= 1.0
+    same = figures.overlap_counts(first, first)
+    assert same["jaccard"] == 1.0 and same["only_first"] == same["only_second"] == 0
+    fig = figures.overlap_figure(first, second)
+    assert len(fig.data) == 4
+    assert sum(len(t.x) for t in fig.data) == n
+    assert fig.layout.xaxis.title.text == "rcpu score" and fig.layout.yaxis.title.text == "wanda_sp score"
+    assert fig.layout.xaxis.type == "log"
+
+
+def test_mean_variance_figure(analysis):
+    fig = figures.mean_variance_figure(analysis)
+    assert [t.name.split(" ")[0] for t in fig.data] == ["kept", "pruned"]
+    assert sum(len(t.x) for t in fig.data) == analysis.d_in
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    assert "mean" in fig.layout.xaxis.title.text and "variance" in fig.layout.yaxis.title.text
+
+
+def test_spectra_figure(analysis):
+    methods = ["none", "ls", "rotation"]
+    fig = figures.spectra_figure(analysis, methods)
+    assert [t.name for t in fig.data] == ["original Y", "pruned Z"] + [figures.label(m) for m in methods]
+    assert all(len(t.y) == min(64, D_OUT) for t in fig.data)
+    assert fig.layout.yaxis.type == "log"
+    assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+
+
+def test_projection_figure_one_panel_per_method(analysis):
+    methods = ["bias", "rotation", "rotation_scale", "ls"]
+    fig = figures.projection_figure(analysis, methods)
+    assert len(fig.data) == 2 * (1 + len(methods))  # original + approximation per panel
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[0].startswith("pruned Z") and titles[1:] == [figures.label(m) for m in methods]
+    assert "PC1" in fig.layout.xaxis.title.text and "PC2" in fig.layout.yaxis.title.text
+    m = analysis.projection_y.shape[1]
+    assert len(fig.data[0].x) == min(m, figures.MAX_POINTS)
+
+
+def test_principal_angles_figure(analysis):
+    fig = figures.principal_angles_figure(analysis, ["rotation", "ls"])
+    assert len(fig.data) == 3
+    assert len(fig.data[0].y) == analysis.principal_angles_z_deg.numel()
+    assert "degrees" in fig.layout.yaxis.title.text
+
+
+def test_geometry_figure_histograms_per_method(analysis):
+    methods = ["none", "rotation"]
+    fig = figures.geometry_figure(analysis, methods)
+    assert len(fig.data) == 2 * len(methods)
+    assert all(isinstance(t, go.Histogram) for t in fig.data)
+    rot = [t for t in fig.data if t.name == figures.label("rotation")]
+    np.testing.assert_allclose(rot[0].x, analysis.methods["rotation"].geometry["norm_ratio_values"].numpy())
+    assert fig.layout.xaxis.title.text and fig.layout.xaxis2.title.text
+
+
+def test_inner_products_figure(analysis):
+    fig = figures.inner_products_figure(analysis, ["rotation", "ls"])
+    assert [t.name for t in fig.data][:2] == [figures.label("rotation"), figures.label("ls")]
+    assert fig.data[-1].name == "ŷ = y"
+    assert len(fig.data[0].x) == len(fig.data[0].y) > 0
+    assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+
+
+def test_gram_distortion_figure_values(analysis):
+    fig = figures.gram_distortion_figure(analysis, ALL)
+    assert list(fig.data[0].x) == [figures.label(m) for m in ALL]
+    np.testing.assert_allclose(fig.data[0].y, [analysis.methods[m].geometry["gram_distortion"] for m in ALL])
+
+
+def test_error_figure_includes_uncompensated(analysis):
+    methods = ["ls", "rotation"]
+    fig = figures.error_figure(analysis, methods)
+    assert [t.name for t in fig.data] == ["calibration tokens", "held-out tokens"]
+    assert list(fig.data[0].x) == ["uncompensated", figures.label("ls"), figures.label("rotation")]
+    assert fig.data[1].y[0] == pytest.approx(analysis.error_uncompensated["heldout"])
+    assert fig.data[0].y[1] == pytest.approx(analysis.methods["ls"].error_calibration)
+    assert fig.layout.yaxis.title.text
+
+
+def test_singular_values_figure_only_rotations(analysis):
+    fig = figures.singular_values_figure(analysis, ["ls", "rotation", "rotation_bias"])
+    assert len(fig.data) == 2
+    assert all(len(t.y) == D_OUT for t in fig.data)
+    assert fig.layout.yaxis.type == "log"
+    empty = figures.singular_values_figure(analysis, ["ls", "none"])
+    assert len(empty.data) == 0 and "rotation" in empty.layout.annotations[0].text
+
+
+def test_method_table(analysis):
+    rows = figures.method_table(analysis, ["none", "rotation"])
+    assert [r["method"] for r in rows] == ["uncompensated", figures.label("none"), figures.label("rotation")]
+    assert rows[2]["‖Q − I‖_F"] is not None and rows[1]["‖Q − I‖_F"] is None
+
+
+def test_figures_serialise(analysis):
+    methods = ["none", "rotation"]
+    for fig in (figures.dimension_figure(analysis), figures.projection_figure(analysis, methods),
+                figures.error_figure(analysis, methods)):
+        assert fig.to_json()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_toy_figures(dims):
+    example = build_example(ToyConfig(dims=dims, removed=0, calib_points=10))
+    outputs = figures.toy_outputs_figure(example)
+    names = {t.name for t in outputs.data}
+    assert {"original y = W x", "pruned", "least squares", "rotation"} <= names
+    if dims == 2:
+        assert outputs.layout.xaxis.title.text == "output 1"
+    columns = figures.toy_columns_figure(example)
+    assert {"original W", "least squares", "rotation"} <= {t.name for t in columns.data}
+    errors = figures.toy_error_figure(example)
+    assert len(errors.data) == 2 and list(errors.data[0].x) == list(figures.TOY_NAMES)
+    assert errors.data[1].y[2] == pytest.approx(example.errors["rotation"]["heldout"])
