@@ -46,16 +46,17 @@ def relative_error(
     return math.sqrt(err / ref) if ref > 0 else 0.0
 
 
+def compensated_outputs(comp: Compensation, inputs_kept: Tensor) -> Tensor:
+    """``Yhat = W'_K X_K + b`` (d_out, m) for kept inputs ``X_K`` (k, m), float64."""
+    yhat = comp.weight @ inputs_kept.to(torch.float64)
+    return yhat + comp.bias[:, None] if comp.bias is not None else yhat
+
+
 def sample_outputs(weight: Tensor, sample: Tensor, kept: Tensor, comp: Compensation):
     """(Y, Z, Yhat) on sample tokens, each (d_out, m) float64."""
     w = weight.to(torch.float64)
     x = sample.to(torch.float64)
-    y = w @ x
-    z = w[:, kept] @ x[kept]
-    yhat = comp.weight @ x[kept]
-    if comp.bias is not None:
-        yhat = yhat + comp.bias[:, None]
-    return y, z, yhat
+    return w @ x, w[:, kept] @ x[kept], compensated_outputs(comp, x[kept])
 
 
 def _summary(values: Tensor) -> dict:

@@ -21,6 +21,7 @@ from .diagnostics import (
     principal_directions,
     relative_error,
     rotation_diagnostics,
+    compensated_outputs,
     sample_outputs,
     token_geometry,
 )
@@ -136,6 +137,7 @@ def analyze_sublayer(
     evals_z, evecs_z = principal_directions(cov_z)
     top = evecs_y[:, :TOP_DIRECTIONS]
     y, z, _ = sample_outputs(weight, sample, kept, none)
+    sample_kept = sample[kept].to(torch.float64)  # X_K on sample tokens, shared by every method
     centre = y.mean(dim=1, keepdim=True)
     pc2 = evecs_y[:, :2]
 
@@ -144,7 +146,7 @@ def analyze_sublayer(
         t0 = time.perf_counter()
         comp = compensate(name, weight, calibration, kept, alpha)
         t1 = time.perf_counter()
-        _, _, yhat = sample_outputs(weight, sample, kept, comp)
+        yhat = compensated_outputs(comp, sample_kept)
         cov_yhat = output_covariance(comp.weight, cov_kk)
         evals_yhat, evecs_yhat = principal_directions(cov_yhat)
         results[name] = MethodResult(
