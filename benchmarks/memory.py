@@ -1,7 +1,7 @@
 """Peak resident memory of a whole-model prune with a small and a large calibration set.
 
 Each prune runs in a fresh subprocess (``python -m benchmarks memory-worker``) that
-reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss``. Statistics are streamed, so the
+reports its peak RSS (``VmHWM``). Statistics are streamed, so the
 growth from the small to the large set should be no more than the hidden-state buffer
 the extra samples need: ``extra_samples * seq_len * hidden * 4 bytes * FLOW_BUFFERS``.
 """
@@ -24,6 +24,19 @@ MB = 2**20
 
 
 def _maxrss_bytes() -> int:
+    """Peak RSS of this process's own address space (VmHWM).
+
+    Not ``getrusage().ru_maxrss``: Linux carries that across fork and exec, so a worker
+    started by a parent that once held gigabytes (the 7B explorer shapes) would report
+    the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
