@@ -595,6 +595,14 @@ def _dense_line(fig: go.Figure, dense: float | None) -> None:
                       annotation_position="bottom right")
 
 
+def _no_points_yet(fig: go.Figure, dense: float | None, x_range: list[float]) -> None:
+    """An empty perplexity chart: a note, and axes that frame the dense line if there is one."""
+    fig.add_annotation(text="No points yet: compute them below.", showarrow=False, x=0.5, y=0.5,
+                       xref="paper", yref="paper")
+    fig.update_xaxes(range=x_range)
+    fig.update_yaxes(type="linear", range=[0, 1] if dense is None else [0, 2 * dense])
+
+
 def ppl_vs_ratio_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
     """Perplexity against pruning ratio, one line per config, the dense model as a reference line.
 
@@ -605,10 +613,7 @@ def ppl_vs_ratio_figure(points: Sequence[dict], dense: float | None = None) -> g
     fig.update_xaxes(title_text="pruning ratio", tickformat=".0%")
     fig.update_yaxes(title_text="perplexity", type="log")
     if not points:
-        fig.add_annotation(text="No points yet: compute them below.", showarrow=False, x=0.5, y=0.5,
-                           xref="paper", yref="paper")
-        fig.update_xaxes(range=[0, 0.6])
-        fig.update_yaxes(type="linear", range=[0, 1] if dense is None else [0, 2 * dense])
+        _no_points_yet(fig, dense, x_range=[0, 0.6])
     return _layout(fig, "Perplexity against pruning ratio", height=440)
 
 
@@ -622,8 +627,5 @@ def ppl_vs_calibration_figure(points: Sequence[dict], dense: float | None = None
     fig.update_xaxes(title_text="calibration samples", type="log")
     fig.update_yaxes(title_text="perplexity", type="log")
     if not points:
-        fig.add_annotation(text="No points yet: compute them below.", showarrow=False, x=0.5, y=0.5,
-                           xref="paper", yref="paper")
-        fig.update_xaxes(range=[0, 2.5])
-        fig.update_yaxes(type="linear", range=[0, 1] if dense is None else [0, 2 * dense])
+        _no_points_yet(fig, dense, x_range=[0, 2.5])
     return _layout(fig, "Perplexity against calibration size", height=440)

@@ -49,6 +49,26 @@ def make_tiny_llama(
     return model
 
 
+def random_tokens(seed: int = 0, n: int = 8, length: int = 32, vocab: int = 128):
+    """A TokenSet of random ids for tiny models: n calibration windows, 2 held-out windows."""
+    from rcpu.calibration import TokenSet
+
+    gen = torch.Generator().manual_seed(seed)
+    return TokenSet(
+        torch.randint(0, vocab, (n, length), generator=gen),
+        torch.randint(0, vocab, (2, length), generator=gen),
+        torch.randint(0, vocab, (4 * length,), generator=gen),
+    )
+
+
+def tiny_lm(model):
+    """A LoadedModel around an in-memory model (no tokenizer: pass tokens explicitly)."""
+    from rcpu.adapters import adapter_for
+    from rcpu.models import LoadedModel
+
+    return LoadedModel(model, None, adapter_for(model), "tiny", "tiny")
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -11,9 +11,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, random_tokens as _tokens, tiny_lm as _lm
 from rcpu.adapters import adapter_for
-from rcpu.calibration import TokenSet
 from rcpu.compensate import compensate
 from rcpu.config import DataConfig
 from rcpu.errors import RcpuError
@@ -21,24 +20,12 @@ from rcpu.evaluate import perplexity
 from rcpu.export import save_pruned
 from rcpu.flow import LayerFlow, layer_input_stats
 from rcpu.layer import select
-from rcpu.models import LoadedModel
 from rcpu.prune import PruneConfig, prune_model
 from rcpu.surgery import mask_plan
 
 VOCAB = 128
 
 
-def _tokens(seed: int = 0, n: int = 8, length: int = 32) -> TokenSet:
-    gen = torch.Generator().manual_seed(seed)
-    return TokenSet(
-        torch.randint(0, VOCAB, (n, length), generator=gen),
-        torch.randint(0, VOCAB, (2, length), generator=gen),
-        torch.randint(0, VOCAB, (4 * length,), generator=gen),
-    )
-
-
-def _lm(model) -> LoadedModel:
-    return LoadedModel(model, None, adapter_for(model), "tiny", "tiny")
 
 
 def _masked(model, plans):

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, random_tokens as _tokens, tiny_lm as _lm
 
 from rcpu import cache, cli
 from rcpu import sweep as sweep_module
 from rcpu.adapters import SUPPORTED_TYPES, adapter_for
-from rcpu.calibration import TokenSet, layer_stats, stats_path
+from rcpu.calibration import layer_stats, stats_path
 from rcpu.compensate import METHODS
 from rcpu.config import DataConfig
 from rcpu.errors import RcpuError
@@ -42,7 +42,7 @@ from rcpu.evaluate import perplexity
 from rcpu.export import save_pruned
 from rcpu.flow import LayerFlow, layer_input_stats
 from rcpu.layer import analyze_sublayer
-from rcpu.models import LoadedModel, embedded_gguf, load_model
+from rcpu.models import embedded_gguf, load_model
 from rcpu.prune import PruneConfig, prune_model
 from rcpu.scores import SCORES
 from rcpu.text import Sampling
@@ -352,17 +352,6 @@ def test_bad_model_in_a_real_process(tmp_path, bad_files, case):
 # 2. Numerical edge cases ------------------------------------------------------------------------
 
 
-def _tokens(seed: int = 0, n: int = 8, length: int = 32) -> TokenSet:
-    gen = torch.Generator().manual_seed(seed)
-    return TokenSet(
-        torch.randint(0, VOCAB, (n, length), generator=gen),
-        torch.randint(0, VOCAB, (2, length), generator=gen),
-        torch.randint(0, VOCAB, (4 * length,), generator=gen),
-    )
-
-
-def _lm(model) -> LoadedModel:
-    return LoadedModel(model, None, adapter_for(model), "tiny", "tiny")
 
 
 TINY = {"layers": 2, "heads": 6, "kv_heads": 2, "hidden": 48, "intermediate": 64}
