@@ -7,13 +7,13 @@ import time
 import streamlit as st
 
 from rcpu import figures
+from rcpu.appstate import EXPLORER_METHODS
 from rcpu.compensate import DEFAULT_ALPHA, METHODS
 from rcpu.config import LayerConfig
 from rcpu.layer import select
 from rcpu.scores import SCORES
 from ui import common
 
-DEFAULT_METHODS = ["none", "bias", "ls", "rotation"]
 SUBLAYERS = {"o_proj": "o_proj (heads)", "down_proj": "down_proj (channels)"}
 
 st.title("🔬 Layer explorer")
@@ -27,7 +27,7 @@ lm = common.model()
 n_layers = lm.adapter.num_layers
 
 for key, value in (("le_layer", min(common.defaults().layer, n_layers - 1)), ("le_sublayer", "o_proj"),
-                   ("le_ratio", 0.2), ("le_score", "rcpu"), ("le_methods", DEFAULT_METHODS),
+                   ("le_ratio", 0.2), ("le_score", "rcpu"), ("le_methods", list(EXPLORER_METHODS)),
                    ("le_compare", "wanda_sp"), ("le_alpha", DEFAULT_ALPHA), ("le_order", "index")):
     common.init(key, value)
 if st.session_state["le_layer"] >= n_layers:  # a smaller model than before

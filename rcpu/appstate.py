@@ -30,12 +30,13 @@ from .calibration import LayerData
 from .config import DataConfig, LayerConfig
 from .errors import RcpuError
 from .export import save_pruned
-from .layer import SublayerAnalysis, analyze_sublayer
+from .layer import SublayerAnalysis, analyze_sublayer, prepare_sublayer
 from .models import LoadedModel
 from .prune import PruneResult
 from .scores import check_ratio
 
 MAX_UPLOAD_BYTES = 20_000_000
+EXPLORER_METHODS = ("none", "bias", "ls", "rotation")  # the layer explorer compares these at first
 ENV_PREFIX = "RCPU_APP_"
 
 T = TypeVar("T")
@@ -156,8 +157,9 @@ class AnalysisMemo:
     part, which depends only on the selection, is identical between calls).
     """
 
-    def __init__(self, max_entries: int = 32):
+    def __init__(self, max_entries: int = 16, max_bases: int = 4):
         self._memo = Memo(max_entries)
+        self._bases = Memo(max_bases)  # (stats, sublayer) -> SublayerBasis, shared by every ratio and score
         self._lock = threading.Lock()
 
     def get(
@@ -170,10 +172,15 @@ class AnalysisMemo:
             stored: SublayerAnalysis | None = self._memo.get(key)
             missing = [m for m in methods if stored is None or m not in stored.methods]
             if missing:
+                weight = lm.adapter.sublayer(cfg.layer, cfg.sublayer).weight
+                calibration, heldout = stats.calibration[cfg.sublayer], stats.heldout[cfg.sublayer]
+                basis = self._bases.get_or_compute(
+                    (key[0], cfg.sublayer), lambda: prepare_sublayer(weight, calibration, heldout, data.seed)
+                )
                 fresh = analyze_sublayer(
-                    lm.adapter.sublayer(cfg.layer, cfg.sublayer).weight,
-                    stats.calibration[cfg.sublayer],
-                    stats.heldout[cfg.sublayer],
+                    weight,
+                    calibration,
+                    heldout,
                     score=cfg.score,
                     ratio=cfg.ratio,
                     methods=missing,
@@ -181,6 +188,7 @@ class AnalysisMemo:
                     alpha=cfg.alpha,
                     seed=data.seed,
                     what="heads" if cfg.sublayer == "o_proj" else "channels",
+                    basis=basis,
                 )
                 if stored is None:
                     stored = fresh

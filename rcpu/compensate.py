@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import RcpuError
+from .problem import KeptProblem
 from .stats import LayerStats
 
 DEFAULT_ALPHA = 0.01
@@ -66,25 +67,17 @@ def _solve_psd(matrix: Tensor, rhs_t: Tensor) -> Tensor:
     return torch.linalg.lstsq(matrix, rhs_t.T, rcond=LSTSQ_RCOND, driver="gelsd").solution.T
 
 
-def _w(weight: Tensor) -> Tensor:
-    return weight.to(torch.float64)
+def _none(p: KeptProblem, alpha: float) -> Compensation:
+    return Compensation(weight=p.w_kept.clone())
 
 
-def _none(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
-    return Compensation(weight=_w(weight)[:, kept].clone())
+def _bias(p: KeptProblem, alpha: float) -> Compensation:
+    pruned = _complement(p.kept, p.w.shape[1])
+    return Compensation(weight=p.w_kept.clone(), bias=p.w[:, pruned] @ p.stats.mean[pruned])
 
 
-def _bias(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
-    w = _w(weight)
-    pruned = _complement(kept, w.shape[1])
-    return Compensation(weight=w[:, kept].clone(), bias=w[:, pruned] @ stats.mean[pruned])
-
-
-def _ls(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
-    w = _w(weight)
-    gram_kk = stats.gram[kept][:, kept]  # (k, k)
-    target = w @ stats.gram[:, kept]  # (d_out, k) = W G[:, K]
-    return Compensation(weight=_solve_psd(gram_kk, target))
+def _ls(p: KeptProblem, alpha: float) -> Compensation:
+    return Compensation(weight=_solve_psd(p.gram_kk, p.target))  # W G[:, K] G[K, K]^-1
 
 
 def ridge_lambda(gram_kk: Tensor, alpha: float) -> float:
@@ -92,25 +85,21 @@ def ridge_lambda(gram_kk: Tensor, alpha: float) -> float:
     return float(alpha * torch.trace(gram_kk) / gram_kk.shape[0])
 
 
-def _ridge(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
-    w = _w(weight)
-    gram_kk = stats.gram[kept][:, kept]
-    lam = ridge_lambda(gram_kk, alpha)
-    regularised = gram_kk + lam * torch.eye(gram_kk.shape[0], dtype=gram_kk.dtype)
-    return Compensation(weight=_solve_psd(regularised, w @ stats.gram[:, kept]))
+def _ridge(p: KeptProblem, alpha: float) -> Compensation:
+    lam = ridge_lambda(p.gram_kk, alpha)
+    regularised = p.gram_kk + lam * torch.eye(p.gram_kk.shape[0], dtype=p.gram_kk.dtype)
+    return Compensation(weight=_solve_psd(regularised, p.target))
 
 
-def _rotation_parts(weight: Tensor, gram: Tensor, kept: Tensor, proper: bool = False):
-    w = _w(weight)
-    w_kept = w[:, kept]  # (d_out, k)
-    cross = (w @ gram[:, kept]) @ w_kept.T  # M = W G[:, K] W_K^T, (d_out, d_out)
-    q, s = procrustes(cross, proper=proper)
-    return w, w_kept, q, s
+def _rotation_parts(p: KeptProblem, centred: bool = False, proper: bool = False) -> tuple[Tensor, Tensor]:
+    """``Q`` and the singular values of ``M = W G[:, K] W_K^T`` (``C`` for ``G`` when centred)."""
+    cross = (p.centred_target if centred else p.target) @ p.w_kept.T  # (d_out, d_out)
+    return procrustes(cross, proper=proper)
 
 
-def _rotation(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
-    _, w_kept, q, s = _rotation_parts(weight, stats.gram, kept)
-    return Compensation(weight=q @ w_kept, rotation=q, singular_values=s)
+def _rotation(p: KeptProblem, alpha: float) -> Compensation:
+    q, s = _rotation_parts(p)
+    return Compensation(weight=q @ p.w_kept, rotation=q, singular_values=s)
 
 
 def rotation_scale_factor(singular_values: Tensor, w_kept: Tensor, gram_kk: Tensor) -> float:
@@ -119,36 +108,34 @@ def rotation_scale_factor(singular_values: Tensor, w_kept: Tensor, gram_kk: Tens
     return float(singular_values.sum() / denom) if denom > 0 else 1.0
 
 
-def _rotation_scale(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
-    _, w_kept, q, s = _rotation_parts(weight, stats.gram, kept)
-    scale = rotation_scale_factor(s, w_kept, stats.gram[kept][:, kept])
-    return Compensation(weight=scale * (q @ w_kept), rotation=q, singular_values=s)
+def _rotation_scale(p: KeptProblem, alpha: float) -> Compensation:
+    q, s = _rotation_parts(p)
+    scale = rotation_scale_factor(s, p.w_kept, p.gram_kk)
+    return Compensation(weight=scale * (q @ p.w_kept), rotation=q, singular_values=s)
 
 
-def _rotation_so(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
-    _, w_kept, q, s = _rotation_parts(weight, stats.gram, kept, proper=True)
-    return Compensation(weight=q @ w_kept, rotation=q, singular_values=s)
+def _rotation_so(p: KeptProblem, alpha: float) -> Compensation:
+    q, s = _rotation_parts(p, proper=True)
+    return Compensation(weight=q @ p.w_kept, rotation=q, singular_values=s)
 
 
-def _rotation_bias(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
-    w, w_kept, q, s = _rotation_parts(weight, stats.centred_gram, kept)
-    mu = stats.mean
-    bias = w @ mu - q @ (w_kept @ mu[kept])  # b = W mu - Q W_K mu_K
-    return Compensation(weight=q @ w_kept, bias=bias, rotation=q, singular_values=s)
+def _rotation_bias(p: KeptProblem, alpha: float) -> Compensation:
+    q, s = _rotation_parts(p, centred=True)
+    bias = p.output_mean - q @ (p.w_kept @ p.mean_kept)  # b = W mu - Q W_K mu_K
+    return Compensation(weight=q @ p.w_kept, bias=bias, rotation=q, singular_values=s)
 
 
-def _rotation_diag(weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float) -> Compensation:
-    w, w_kept, q, s = _rotation_parts(weight, stats.gram, kept)
-    rotated = q @ w_kept  # (d_out, k)
-    gram_kk = stats.gram[kept][:, kept]
+def _rotation_diag(p: KeptProblem, alpha: float) -> Compensation:
+    q, s = _rotation_parts(p)
+    rotated = q @ p.w_kept  # (d_out, k)
     # Per output channel i: d_i = <Y_i, (QZ)_i> / ||(QZ)_i||^2.
-    numer = torch.sum((w @ stats.gram[:, kept]) * rotated, dim=1)
-    denom = torch.sum((rotated @ gram_kk) * rotated, dim=1)
+    numer = torch.sum(p.target * rotated, dim=1)
+    denom = torch.sum(p.weight_gram(rotated) * rotated, dim=1)
     scale = torch.where(denom > 0, numer / denom.clamp_min(1e-300), torch.ones_like(denom))
     return Compensation(weight=scale[:, None] * rotated, rotation=q, singular_values=s)
 
 
-MethodFn = Callable[[Tensor, LayerStats, Tensor, float], Compensation]
+MethodFn = Callable[[KeptProblem, float], Compensation]
 
 METHODS: dict[str, MethodFn] = {
     "none": _none,
@@ -184,15 +171,19 @@ def compensate(
     method: str, weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float = DEFAULT_ALPHA
 ) -> Compensation:
     """Compensated kept weights for one sublayer; raises on non-finite results."""
+    return compensate_problem(method, KeptProblem(weight, stats, kept), alpha)
+
+
+def compensate_problem(method: str, problem: KeptProblem, alpha: float = DEFAULT_ALPHA) -> Compensation:
+    """``compensate`` on a ``KeptProblem``, whose shared products other methods reuse."""
     check_method(method)
     check_alpha(alpha)
-    inputs = (weight, stats.gram, stats.total)
-    if not all(bool(torch.isfinite(t).all()) for t in inputs):
+    if not problem.inputs_finite:
         raise RcpuError(
             f"compensation {method!r} cannot use non-finite weights or statistics (inf/NaN)"
         )
     try:
-        result = METHODS[method](weight, stats, kept, alpha)
+        result = METHODS[method](problem, alpha)
     except torch.linalg.LinAlgError as exc:
         raise RcpuError(f"compensation {method!r} failed: {str(exc).splitlines()[0]}") from None
     parts = [result.weight] + ([result.bias] if result.bias is not None else [])

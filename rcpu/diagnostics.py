@@ -6,12 +6,12 @@ token-level geometry come from the small token sample. ``Yhat = W'_K X_K + b``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
 from .compensate import Compensation
+from .problem import KeptProblem
 from .stats import LayerStats
 
 
@@ -19,31 +19,19 @@ def output_error(
     weight: Tensor, stats: LayerStats, kept: Tensor, new_weight: Tensor, bias: Tensor | None = None,
     wg: Tensor | None = None,
 ) -> tuple[float, float]:
-    """(``||Y - Yhat||_F^2``, ``||Y||_F^2``) from G, s and n alone.
+    """(``||Y - Yhat||_F^2``, ``||Y||_F^2``) from G, s and n alone (``KeptProblem.error``).
 
-    ``||Y - Yhat||^2 = tr(W G W^T) - 2 tr(W' G[K,:] W^T) + tr(W' G[K,K] W'^T)
-    - 2 b^T (W s - W' s_K) + n ||b||^2``. ``wg = W G`` may be passed in when
-    several candidates are compared on the same statistics.
+    ``wg = W G`` may be passed in when several candidates are compared on the same statistics.
     """
-    w = weight.to(torch.float64)
-    wg = w @ stats.gram if wg is None else wg  # (d_out, d_in)
-    reference = torch.sum(wg * w)
-    cross = torch.sum(wg[:, kept] * new_weight)
-    own = torch.sum((new_weight @ stats.gram[kept][:, kept]) * new_weight)
-    err = reference - 2 * cross + own
-    if bias is not None:
-        residual_mean = w @ stats.total - new_weight @ stats.total[kept]  # (d_out,)
-        err = err - 2 * torch.dot(bias, residual_mean) + stats.count * torch.dot(bias, bias)
-    return max(float(err), 0.0), float(reference)
+    return KeptProblem(weight, stats, kept, wg).error(new_weight.to(torch.float64), bias)
 
 
 def relative_error(
     weight: Tensor, stats: LayerStats, kept: Tensor, new_weight: Tensor, bias: Tensor | None = None,
     wg: Tensor | None = None,
 ) -> float:
-    """``||Y - Yhat||_F / ||Y||_F``."""
-    err, ref = output_error(weight, stats, kept, new_weight, bias, wg)
-    return math.sqrt(err / ref) if ref > 0 else 0.0
+    """``||Y - Yhat||_F / ||Y||_F`` (``KeptProblem.relative_error``)."""
+    return KeptProblem(weight, stats, kept, wg).relative_error(new_weight.to(torch.float64), bias)
 
 
 def compensated_outputs(comp: Compensation, inputs_kept: Tensor) -> Tensor:
@@ -70,7 +58,7 @@ def _summary(values: Tensor) -> dict:
     }
 
 
-def token_geometry(y: Tensor, yhat: Tensor) -> dict:
+def token_geometry(y: Tensor, yhat: Tensor, token_gram: Tensor | None = None) -> dict:
     """Per-token norm ratio and cosine, and relative Gram distortion over tokens."""
     y_norm = torch.linalg.vector_norm(y, dim=0)
     yhat_norm = torch.linalg.vector_norm(yhat, dim=0)
@@ -82,34 +70,29 @@ def token_geometry(y: Tensor, yhat: Tensor) -> dict:
         "cosine_values": cosine,
         "norm_ratio": _summary(ratio),
         "cosine": _summary(cosine),
-        "gram_distortion": gram_distortion(y, yhat),
+        "gram_distortion": gram_distortion(y, yhat, token_gram),
     }
 
 
-def gram_distortion(y: Tensor, yhat: Tensor) -> float:
-    """``||Yhat^T Yhat - Y^T Y||_F / ||Y^T Y||_F`` over sample tokens."""
-    token_gram = y.T @ y
+def gram_distortion(y: Tensor, yhat: Tensor, token_gram: Tensor | None = None) -> float:
+    """``||Yhat^T Yhat - Y^T Y||_F / ||Y^T Y||_F`` over sample tokens (``Y^T Y`` may be passed in)."""
+    token_gram = y.T @ y if token_gram is None else token_gram
     denom = torch.linalg.matrix_norm(token_gram)
     if denom == 0:
         return 0.0
     return float(torch.linalg.matrix_norm(yhat.T @ yhat - token_gram) / denom)
 
 
-def input_covariance(stats: LayerStats) -> Tensor:
-    """Centred input covariance ``C / n`` (d_in, d_in)."""
-    return stats.centred_gram / max(stats.count, 1)
-
-
-def output_covariance(weight: Tensor, cov: Tensor) -> Tensor:
-    """``W C W^T`` (d_out, d_out): the centred covariance of ``W x`` (a bias does not change it)."""
-    return weight @ cov @ weight.T
-
-
 def principal_directions(cov: Tensor) -> tuple[Tensor, Tensor]:
-    """(eigenvalues descending, eigenvectors as columns) of a symmetric covariance."""
+    """(eigenvalues descending, eigenvectors as columns) of a symmetric covariance.
+
+    Each eigenvector's sign is fixed so that its largest-magnitude entry is positive,
+    so that projections on it do not flip between runs or equivalent inputs.
+    """
     evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
-    order = torch.argsort(evals, descending=True)
-    return evals[order].clamp_min(0.0), evecs[:, order]
+    evals, evecs = evals.flip(0), evecs.flip(1)  # eigh sorts ascending
+    peak = evecs.gather(0, evecs.abs().argmax(dim=0, keepdim=True))
+    return evals.clamp_min(0.0), evecs * torch.where(peak < 0, -1.0, 1.0).to(evecs.dtype)
 
 
 def explained_variance(evals: Tensor) -> Tensor:

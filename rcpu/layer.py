@@ -7,25 +7,23 @@ benchmarks call; it takes the weight and statistics and returns plain results.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
-from .compensate import DEFAULT_ALPHA, Compensation, check_method, compensate
+from .compensate import DEFAULT_ALPHA, Compensation, check_alpha, check_method, compensate_problem
 from .diagnostics import (
+    compensated_outputs,
     explained_variance,
-    input_covariance,
-    output_covariance,
     principal_angles,
     principal_directions,
-    relative_error,
     rotation_diagnostics,
-    compensated_outputs,
-    sample_outputs,
     token_geometry,
 )
 from .errors import RcpuError
+from .problem import KeptProblem, covariance_from_gram
 from .scores import check_score, score_columns, select_units, unit_scores, units_to_columns
 from .stats import LayerStats
 
@@ -45,17 +43,21 @@ class Selection:
     pruned: Tensor  # pruned columns P, sorted
 
 
+def check_has_tokens(stats: LayerStats) -> None:
+    if stats.count == 0:  # e.g. every token was left out of the statistics for inf/NaN inputs
+        raise RcpuError(
+            "no calibration tokens with finite inputs reach this sublayer (activations overflow to "
+            "inf/NaN earlier in the model); load the model in float32 or check its weights"
+        )
+
+
 def select(
     weight: Tensor, stats: LayerStats, score: str, ratio: float, unit_size: int = 1, seed: int = 0,
     what: str = "units",
 ) -> Selection:
     """Score columns, sum them per unit, prune the lowest ``ratio`` of units."""
     check_score(score)
-    if stats.count == 0:  # e.g. every token was left out of the statistics for inf/NaN inputs
-        raise RcpuError(
-            "no calibration tokens with finite inputs reach this sublayer (activations overflow to "
-            "inf/NaN earlier in the model); load the model in float32 or check its weights"
-        )
+    check_has_tokens(stats)
     columns = score_columns(score, weight, stats, seed)
     units = unit_scores(columns, unit_size)
     kept_units, pruned_units = select_units(units, ratio, what)
@@ -65,19 +67,150 @@ def select(
     )
 
 
+def _pairs(m: int, count: int = 2000, seed: int = 0) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, m, (count,), generator=gen)
+    second = torch.randint(0, m, (count,), generator=gen)
+    keep = first != second
+    return first[keep], second[keep]
+
+
 @dataclass
+class SublayerBasis:
+    """What the analysis of one sublayer needs that does not depend on the selection.
+
+    ``prepare_sublayer`` builds it; ``analyze_sublayer`` reuses one across ratios,
+    scores and methods on the same weight and statistics.
+    """
+
+    weight: Tensor  # W, float64
+    wg: dict[str, Tensor]  # split -> W G
+    evals_y: Tensor  # eigenvalues of Y's covariance, descending
+    top: Tensor  # (d_out, r) Y's top-r principal directions
+    sample: Tensor  # (d_in, m) float64 tokens for the pictures
+    y: Tensor  # (d_out, m) W x on the sample
+    token_gram_y: Tensor  # (m, m) Y^T Y
+    centre: Tensor  # (d_out, 1) mean of y over the sample
+    pairs: tuple[Tensor, Tensor]  # token pairs for the inner products
+
+    def project(self, outputs: Tensor) -> Tensor:
+        """Sample outputs (d_out, m) on Y's top two principal components, centred on Y's sample mean."""
+        return self.top[:, :2].T @ (outputs - self.centre)
+
+    def inner_products(self, outputs: Tensor) -> Tensor:
+        first, second = self.pairs
+        return torch.sum(outputs[:, first] * outputs[:, second], dim=0)
+
+
+def prepare_sublayer(weight: Tensor, calibration: LayerStats, heldout: LayerStats, seed: int = 0) -> SublayerBasis:
+    """The selection-independent part of ``analyze_sublayer`` (W G, Y's principal directions, sample)."""
+    check_has_tokens(calibration)
+    w = weight.detach().to(torch.float64)
+    wg = {"calibration": w @ calibration.gram, "heldout": w @ heldout.gram}
+    everything = torch.arange(w.shape[1])
+    cov_y = KeptProblem(w, calibration, everything, wg["calibration"]).covariance(w, wg["calibration"])
+    evals_y, evecs_y = principal_directions(cov_y)
+    sample = (heldout.sample if heldout.sample.shape[1] > 1 else calibration.sample).to(torch.float64)
+    y = w @ sample
+    return SublayerBasis(
+        weight=w, wg=wg, evals_y=evals_y, top=evecs_y[:, :TOP_DIRECTIONS], sample=sample, y=y,
+        token_gram_y=y.T @ y, centre=y.mean(dim=1, keepdim=True), pairs=_pairs(sample.shape[1], seed=seed),
+    )
+
+
 class MethodResult:
-    method: str
-    compensation: Compensation
-    error_calibration: float
-    error_heldout: float
-    geometry: dict  # norm ratio / cosine (values and summaries), gram distortion
-    rotation: dict  # orthogonality error, distance from identity, angles, spectrum of M
-    explained_variance: Tensor  # of Yhat, descending
-    principal_angles_deg: Tensor  # between top-r subspaces of Y and Yhat
-    projection: Tensor  # (2, m) sample tokens of Yhat on Y's top two components
-    inner_products: Tensor  # (pairs,) <yhat_t, yhat_u>
-    seconds: dict = field(default_factory=dict)
+    """One compensation method on one selection, and its diagnostics.
+
+    The errors are computed at once (from the Gram matrices); the spectrum, principal
+    angles, token-level geometry and rotation diagnostics on first use, so a page that
+    shows one view pays only for that view. ``like``: a result with the same ``W'_K``
+    (the uncompensated one, for ``none`` and ``bias``), whose spectrum this one shares.
+    ``weight_grams``: ``W'_K G[K,K]`` per split, which the errors and the covariance share.
+    """
+
+    def __init__(
+        self, method: str, compensation: Compensation, basis: SublayerBasis, problems: dict[str, KeptProblem],
+        weight_grams: dict[str, Tensor], like: "MethodResult | None" = None, seconds: dict | None = None,
+    ):
+        start = time.perf_counter()
+        self.method = method
+        self.compensation = compensation
+        self._basis = basis
+        self._like = like
+        calib = problems["calibration"]
+        self._kept, self._mean_kept, self._count = calib.kept, calib.mean_kept, calib.count
+        self._weight_gram = None if like is not None else weight_grams["calibration"]  # until the spectrum
+        errors = {
+            split: p.relative_error(compensation.weight, compensation.bias, weight_grams[split])
+            for split, p in problems.items()
+        }
+        self.error_calibration: float = errors["calibration"]
+        self.error_heldout: float = errors["heldout"]
+        self.seconds = {**(seconds or {}), "errors": time.perf_counter() - start}
+
+    @cached_property
+    def _spectrum(self) -> tuple[Tensor, Tensor]:
+        if self._like is not None:
+            return self._like._spectrum
+        cov = covariance_from_gram(self.compensation.weight, self._weight_gram, self._mean_kept, self._count)
+        self._weight_gram = None
+        evals, evecs = principal_directions(cov)
+        return explained_variance(evals), principal_angles(self._basis.top, evecs[:, :TOP_DIRECTIONS])
+
+    @property
+    def explained_variance(self) -> Tensor:
+        """Explained-variance ratios of ``Yhat``'s covariance, descending."""
+        return self._spectrum[0]
+
+    @property
+    def principal_angles_deg(self) -> Tensor:
+        """Principal angles between the top-r output subspaces of ``Y`` and ``Yhat``."""
+        return self._spectrum[1]
+
+    @property
+    def outputs(self) -> Tensor:
+        """``Yhat`` (d_out, m) on the sample tokens (computed on each use, not kept)."""
+        bias = self.compensation.bias
+        if self._like is not None:
+            base = self._like.outputs
+            return base if bias is None else base + bias[:, None]
+        return compensated_outputs(self.compensation, self._basis.sample[self._kept])
+
+    @cached_property
+    def _sample_diagnostics(self) -> tuple[Tensor, Tensor, dict]:
+        if self._like is not None and self.compensation.bias is None:
+            return self._like._sample_diagnostics
+        outputs = self.outputs
+        return (self._basis.project(outputs), self._basis.inner_products(outputs),
+                token_geometry(self._basis.y, outputs, self._basis.token_gram_y))
+
+    @property
+    def projection(self) -> Tensor:
+        """(2, m) sample tokens of ``Yhat`` on ``Y``'s top two principal components."""
+        return self._sample_diagnostics[0]
+
+    @property
+    def inner_products(self) -> Tensor:
+        """(pairs,) ``<yhat_t, yhat_u>`` for the basis's token pairs."""
+        return self._sample_diagnostics[1]
+
+    @property
+    def geometry(self) -> dict:
+        """Norm ratio and cosine per sample token (values and summaries), Gram distortion."""
+        return self._sample_diagnostics[2]
+
+    @cached_property
+    def rotation(self) -> dict:
+        """Orthogonality error, distance from identity, rotation angles, spectrum of ``M``."""
+        return rotation_diagnostics(self.compensation)
+
+    def complete(self) -> "MethodResult":
+        """Compute every diagnostic now; ``seconds["diagnostics"]`` says how long that took."""
+        start = time.perf_counter()
+        for name in ("_spectrum", "_sample_diagnostics", "rotation"):
+            getattr(self, name)
+        self.seconds.setdefault("diagnostics", time.perf_counter() - start)
+        return self
 
 
 @dataclass
@@ -87,22 +220,43 @@ class SublayerAnalysis:
     selection: Selection
     variance: Tensor  # var_j of calibration inputs (d_in,)
     mean: Tensor  # mu_j (d_in,)
-    explained_variance_y: Tensor
-    explained_variance_z: Tensor
-    principal_angles_z_deg: Tensor
-    projection_y: Tensor  # (2, m)
-    projection_z: Tensor  # (2, m)
-    inner_products_y: Tensor  # (pairs,) <y_t, y_u>
-    error_uncompensated: dict  # calibration / heldout
+    basis: SublayerBasis
+    uncompensated: MethodResult  # Z = W_K X_K
     methods: dict[str, MethodResult]
 
+    @property
+    def explained_variance_y(self) -> Tensor:
+        return explained_variance(self.basis.evals_y)
 
-def _pairs(m: int, count: int = 2000, seed: int = 0) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    first = torch.randint(0, m, (count,), generator=gen)
-    second = torch.randint(0, m, (count,), generator=gen)
-    keep = first != second
-    return first[keep], second[keep]
+    @property
+    def projection_y(self) -> Tensor:  # (2, m)
+        return self.basis.project(self.basis.y)
+
+    @property
+    def inner_products_y(self) -> Tensor:  # (pairs,) <y_t, y_u>
+        return self.basis.inner_products(self.basis.y)
+
+    @property
+    def explained_variance_z(self) -> Tensor:
+        return self.uncompensated.explained_variance
+
+    @property
+    def principal_angles_z_deg(self) -> Tensor:
+        return self.uncompensated.principal_angles_deg
+
+    @property
+    def projection_z(self) -> Tensor:  # (2, m)
+        return self.uncompensated.projection
+
+    @property
+    def error_uncompensated(self) -> dict:  # calibration / heldout
+        return {"calibration": self.uncompensated.error_calibration, "heldout": self.uncompensated.error_heldout}
+
+    def complete(self) -> "SublayerAnalysis":
+        """Compute every diagnostic of every method now (reports and benchmarks want them all)."""
+        for result in (self.uncompensated, *self.methods.values()):
+            result.complete()
+        return self
 
 
 def analyze_sublayer(
@@ -117,70 +271,45 @@ def analyze_sublayer(
     alpha: float = DEFAULT_ALPHA,
     seed: int = 0,
     what: str = "units",
+    basis: SublayerBasis | None = None,
 ) -> SublayerAnalysis:
-    """Everything the method page's pictures need for one sublayer and several methods."""
+    """Everything the method page's pictures need for one sublayer and several methods.
+
+    ``basis`` (from ``prepare_sublayer`` on the same weight, statistics and seed) skips
+    the selection-independent work when the same sublayer is analysed again.
+    """
     for m in methods:
         check_method(m)
-    weight = weight.detach().to(torch.float64)
-    sel = select(weight, calibration, score, ratio, unit_size, seed, what)
-    kept = sel.kept
-    sample = heldout.sample if heldout.sample.shape[1] > 1 else calibration.sample
-    first, second = _pairs(sample.shape[1], seed=seed)
-
-    none = Compensation(weight=weight[:, kept])
-    wg = {"calibration": weight @ calibration.gram, "heldout": weight @ heldout.gram}  # W G, reused
-    cov = input_covariance(calibration)
-    cov_kk = cov[kept][:, kept]
-    cov_y = output_covariance(weight, cov)
-    cov_z = output_covariance(weight[:, kept], cov_kk)
-    evals_y, evecs_y = principal_directions(cov_y)
-    evals_z, evecs_z = principal_directions(cov_z)
-    top = evecs_y[:, :TOP_DIRECTIONS]
-    y, z, _ = sample_outputs(weight, sample, kept, none)
-    sample_kept = sample[kept].to(torch.float64)  # X_K on sample tokens, shared by every method
-    centre = y.mean(dim=1, keepdim=True)
-    pc2 = evecs_y[:, :2]
-
+    check_alpha(alpha)
+    if basis is None:
+        basis = prepare_sublayer(weight, calibration, heldout, seed)
+    sel = select(basis.weight, calibration, score, ratio, unit_size, seed, what)
+    problems = {
+        split: KeptProblem(basis.weight, stats, sel.kept, basis.wg[split])
+        for split, stats in (("calibration", calibration), ("heldout", heldout))
+    }
+    w_kept = problems["calibration"].w_kept
+    grams_kept = {split: p.weight_gram(w_kept) for split, p in problems.items()}  # W_K G[K,K]
+    uncompensated = MethodResult("none", Compensation(weight=w_kept), basis, problems, grams_kept)
     results = {}
     for name in methods:
-        t0 = time.perf_counter()
-        comp = compensate(name, weight, calibration, kept, alpha)
-        t1 = time.perf_counter()
-        yhat = compensated_outputs(comp, sample_kept)
-        cov_yhat = output_covariance(comp.weight, cov_kk)
-        evals_yhat, evecs_yhat = principal_directions(cov_yhat)
-        results[name] = MethodResult(
-            method=name,
-            compensation=comp,
-            error_calibration=relative_error(
-                weight, calibration, kept, comp.weight, comp.bias, wg["calibration"]
-            ),
-            error_heldout=relative_error(weight, heldout, kept, comp.weight, comp.bias, wg["heldout"]),
-            geometry=token_geometry(y, yhat),
-            rotation=rotation_diagnostics(comp),
-            explained_variance=explained_variance(evals_yhat),
-            principal_angles_deg=principal_angles(top, evecs_yhat[:, :TOP_DIRECTIONS]),
-            projection=pc2.T @ (yhat - centre),
-            inner_products=torch.sum(yhat[:, first] * yhat[:, second], dim=0),
-            seconds={"compensate": t1 - t0, "diagnostics": time.perf_counter() - t1},
-        )
-
+        start = time.perf_counter()
+        comp = compensate_problem(name, problems["calibration"], alpha)
+        seconds = {"compensate": time.perf_counter() - start}
+        if torch.equal(comp.weight, w_kept):  # none, bias: Z's covariance and products
+            results[name] = MethodResult(name, comp, basis, problems, grams_kept, like=uncompensated,
+                                         seconds=seconds)
+        else:
+            grams = {split: p.weight_gram(comp.weight) for split, p in problems.items()}
+            results[name] = MethodResult(name, comp, basis, problems, grams, seconds=seconds)
     return SublayerAnalysis(
-        d_in=weight.shape[1],
-        d_out=weight.shape[0],
+        d_in=basis.weight.shape[1],
+        d_out=basis.weight.shape[0],
         selection=sel,
         variance=calibration.var,
         mean=calibration.mean,
-        explained_variance_y=explained_variance(evals_y),
-        explained_variance_z=explained_variance(evals_z),
-        principal_angles_z_deg=principal_angles(top, evecs_z[:, :TOP_DIRECTIONS]),
-        projection_y=pc2.T @ (y - centre),
-        projection_z=pc2.T @ (z - centre),
-        inner_products_y=torch.sum(y[:, first] * y[:, second], dim=0),
-        error_uncompensated={
-            "calibration": relative_error(weight, calibration, kept, none.weight, wg=wg["calibration"]),
-            "heldout": relative_error(weight, heldout, kept, none.weight, wg=wg["heldout"]),
-        },
+        basis=basis,
+        uncompensated=uncompensated,
         methods=results,
     )
 
@@ -196,7 +325,7 @@ def _list(t: Tensor | None, limit: int | None = None) -> list | None:
 
 def summary(analysis: SublayerAnalysis, method: str) -> dict:
     """The JSON-ready result of one method on one sublayer (``rcpu layer --json``)."""
-    res = analysis.methods[method]
+    res = analysis.methods[method].complete()
     sel = analysis.selection
     geo = res.geometry
     rot = res.rotation

@@ -17,14 +17,14 @@ import torch
 
 from .adapters import adapter_for
 from .calibration import TokenSet, prepare_tokens
-from .compensate import DEFAULT_ALPHA, Compensation, check_method, compensate
+from .compensate import DEFAULT_ALPHA, Compensation, check_method, compensate_problem
 from .config import DataConfig
-from .diagnostics import relative_error
 from .errors import RcpuError
 from .export import stock_layout
 from .flow import LayerFlow, Progress, layer_input_stats
 from .layer import select
 from .models import LoadedModel, count_parameters
+from .problem import KeptProblem
 from .scores import check_keeps_some, check_ratio, check_score
 from .surgery import SublayerPlan, apply_plan
 
@@ -127,13 +127,15 @@ def prune_model(
                 linear.weight, calib, cfg.score, cfg.ratio, adapter.unit_size(sub), data.seed,
                 adapter.unit_name(sub),
             )
+            # One problem per split: compensation and the errors share W G and G[K,K].
+            problems = {split: KeptProblem(linear.weight, st[sub], sel.kept) for split, st in stats.items()}
             if len(sel.pruned) == 0:
                 comp = _identity(linear.weight, sel.kept)  # nothing removed: nothing to compensate
             else:
-                comp = compensate(cfg.method, linear.weight, calib, sel.kept, cfg.alpha)
+                comp = compensate_problem(cfg.method, problems["calibration"], cfg.alpha)
             plan = SublayerPlan(sub, sel.kept_units, sel.kept, comp)
             layer_plans[sub] = plan
-            record[sub] = _errors(linear.weight, {k: v[sub] for k, v in stats.items()}, sel.kept, comp)
+            record[sub] = _errors(problems, comp)
             record[sub]["kept_units"] = len(sel.kept_units)
             record[sub]["pruned_units"] = len(sel.pruned_units)
         t2 = time.perf_counter()
@@ -165,12 +167,11 @@ def prune_model(
     )
 
 
-def _errors(weight: torch.Tensor, stats: dict, kept: torch.Tensor, comp: Compensation) -> dict:
+def _errors(problems: dict[str, KeptProblem], comp: Compensation) -> dict:
     """Relative output errors, compensated and not, on each split's statistics."""
     out = {}
-    w = weight.detach().to(torch.float64)
-    for split, st in stats.items():
-        wg = w @ st.gram
-        out[f"error_{split}"] = relative_error(w, st, kept, comp.weight, comp.bias, wg)
-        out[f"error_uncompensated_{split}"] = relative_error(w, st, kept, w[:, kept], wg=wg)
+    for split, problem in problems.items():
+        for key, (weight, bias) in ((f"error_{split}", (comp.weight, comp.bias)),
+                                    (f"error_uncompensated_{split}", (problem.w_kept, None))):
+            out[key] = problem.relative_error(weight, bias)
     return out

@@ -94,6 +94,9 @@ def test_analysis_memo_computes_each_method_once_and_matches_a_direct_analysis(m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(appstate, "analyze_sublayer", counting)
+    bases = []
+    real_prepare = appstate.prepare_sublayer
+    monkeypatch.setattr(appstate, "prepare_sublayer", lambda *a: bases.append(a) or real_prepare(*a))
     memo = AnalysisMemo()
     first = memo.get(lm, data, stats, cfg, ["none", "rotation"])
     second = memo.get(lm, data, stats, cfg, ["ls", "rotation"])
@@ -112,6 +115,7 @@ def test_analysis_memo_computes_each_method_once_and_matches_a_direct_analysis(m
 
     memo.get(lm, data, stats, LayerConfig(layer=0, sublayer="o_proj", ratio=0.5, score="rcpu"), ["ls"])
     assert calls[-1] == ["ls"] and len(calls) == 3  # another ratio is another entry
+    assert len(bases) == 1  # ... on the same selection-independent basis
     with pytest.raises(RcpuError):
         memo.get(lm, data, stats, LayerConfig(layer=0, sublayer="q_proj"), ["ls"])
     with pytest.raises(RcpuError):

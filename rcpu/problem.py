@@ -1,0 +1,124 @@
+"""One compensation problem: a sublayer's weight, one token set's statistics, a kept set.
+
+Compensation (method page, section 3) and the error and covariance of the
+compensated outputs (section 5) are all built from the same few products of
+``W`` and ``G``: ``W G``, its kept columns ``W G[:, K]`` and ``G[K, K]``. A
+``KeptProblem`` computes each on first use and keeps it, so comparing several
+methods on one selection computes them once.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from .stats import LayerStats
+
+
+class KeptProblem:
+    """``W`` (d_out, d_in), statistics ``G, s, n`` of one token set, kept columns ``K``.
+
+    ``wg = W G`` may be passed in when it is shared with other kept sets on the
+    same statistics (it does not depend on ``K``).
+    """
+
+    def __init__(self, weight: Tensor, stats: LayerStats, kept: Tensor, wg: Tensor | None = None):
+        self.w = weight.detach().to(torch.float64)
+        self.stats = stats
+        self.kept = kept
+        self._wg = wg
+
+    @property
+    def count(self) -> int:
+        return self.stats.count
+
+    @cached_property
+    def inputs_finite(self) -> bool:
+        """Whether ``W``, ``G`` and ``s`` hold no inf/NaN."""
+        return all(bool(torch.isfinite(t).all()) for t in (self.w, self.stats.gram, self.stats.total))
+
+    @cached_property
+    def wg(self) -> Tensor:
+        """``W G`` (d_out, d_in)."""
+        return self.w @ self.stats.gram if self._wg is None else self._wg
+
+    @cached_property
+    def w_kept(self) -> Tensor:
+        """``W_K`` (d_out, k)."""
+        return self.w[:, self.kept]
+
+    @cached_property
+    def gram_kk(self) -> Tensor:
+        """``G[K, K]`` (k, k)."""
+        return self.stats.gram[self.kept][:, self.kept]
+
+    @cached_property
+    def target(self) -> Tensor:
+        """``W G[:, K]`` (d_out, k): the cross term of every fit of ``Y`` from ``X_K``."""
+        return self.wg[:, self.kept]
+
+    @cached_property
+    def mean_kept(self) -> Tensor:
+        """``mu_K`` (k,)."""
+        return self.stats.mean[self.kept]
+
+    @cached_property
+    def output_mean(self) -> Tensor:
+        """``W mu`` (d_out,): the mean of ``Y``."""
+        return self.w @ self.stats.mean
+
+    @cached_property
+    def centred_target(self) -> Tensor:
+        """``W C[:, K] = W G[:, K] - n (W mu) mu_K^T`` (d_out, k), ``C`` the centred Gram."""
+        return self.target - self.count * torch.outer(self.output_mean, self.mean_kept)
+
+    @cached_property
+    def reference(self) -> float:
+        """``||Y||_F^2 = tr(W G W^T)``."""
+        return float(torch.sum(self.wg * self.w))
+
+    def weight_gram(self, new_weight: Tensor) -> Tensor:
+        """``W' G[K, K]`` (d_out, k): shared by the error and the covariance of ``W' X_K``."""
+        return new_weight @ self.gram_kk
+
+    def error(
+        self, new_weight: Tensor, bias: Tensor | None = None, weight_gram: Tensor | None = None
+    ) -> tuple[float, float]:
+        """(``||Y - Yhat||_F^2``, ``||Y||_F^2``) for ``Yhat = W' X_K + b``, from G, s and n alone.
+
+        ``||Y - Yhat||^2 = tr(W G W^T) - 2 tr(W' G[K,:] W^T) + tr(W' G[K,K] W'^T)
+        - 2 b^T (W s - W' s_K) + n ||b||^2``.
+        """
+        wg_kk = self.weight_gram(new_weight) if weight_gram is None else weight_gram
+        cross = torch.sum(self.target * new_weight)
+        own = torch.sum(wg_kk * new_weight)
+        err = self.reference - 2 * float(cross) + float(own)
+        if bias is not None:
+            residual_total = self.count * (self.output_mean - new_weight @ self.mean_kept)  # W s - W' s_K
+            err += float(-2 * torch.dot(bias, residual_total) + self.count * torch.dot(bias, bias))
+        return max(err, 0.0), self.reference
+
+    def relative_error(
+        self, new_weight: Tensor, bias: Tensor | None = None, weight_gram: Tensor | None = None
+    ) -> float:
+        """``||Y - Yhat||_F / ||Y||_F`` (0 when ``Y`` is 0)."""
+        err, ref = self.error(new_weight, bias, weight_gram)
+        return math.sqrt(err / ref) if ref > 0 else 0.0
+
+    def covariance(self, new_weight: Tensor, weight_gram: Tensor | None = None) -> Tensor:
+        """Centred covariance of ``W' x_K`` (d_out, d_out): ``W' G[K,K] W'^T / n - (W' mu_K)(W' mu_K)^T``.
+
+        A bias does not change it.
+        """
+        wg_kk = self.weight_gram(new_weight) if weight_gram is None else weight_gram
+        return covariance_from_gram(new_weight, wg_kk, self.mean_kept, self.count)
+
+
+def covariance_from_gram(new_weight: Tensor, weight_gram: Tensor, mean_kept: Tensor, count: int) -> Tensor:
+    """``W' G[K,K] W'^T / n - (W' mu_K)(W' mu_K)^T``, symmetrised, from ``weight_gram = W' G[K,K]``."""
+    mean = new_weight @ mean_kept
+    cov = weight_gram @ new_weight.T / max(count, 1) - torch.outer(mean, mean)
+    return (cov + cov.T) / 2

@@ -1,0 +1,194 @@
+"""``analyze_sublayer``'s pictures against explicit computations, and how it saves work.
+
+The analysis computes covariances from the Gram matrix, reuses a selection-independent
+``SublayerBasis`` and computes its diagnostics on first use. These tests recompute
+every picture's data from an explicit input matrix ``X`` with numpy, check that reusing
+a basis changes nothing, and that a view pays only for what it shows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rcpu import layer
+from rcpu.compensate import METHODS
+from rcpu.diagnostics import principal_directions
+from rcpu.layer import TOP_DIRECTIONS, analyze_sublayer, prepare_sublayer
+from rcpu.problem import KeptProblem
+from rcpu.stats import LayerStats
+
+D_OUT, D_IN, N = 10, 24, 300
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_case(seed: int = 0):
+    """W, calibration X (every token also in the sample), held-out X, as float64."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64)
+    scales = torch.rand(D_IN, 1, generator=g, dtype=torch.float64) * 2 + 0.1
+    offsets = torch.randn(D_IN, 1, generator=g, dtype=torch.float64)
+    mix = torch.eye(D_IN, dtype=torch.float64) + 0.4 * torch.randn(D_IN, D_IN, generator=g, dtype=torch.float64)
+    x = mix @ (torch.randn(D_IN, N, generator=g, dtype=torch.float64) * scales) + offsets
+    x_held = mix @ (torch.randn(D_IN, N // 2, generator=g, dtype=torch.float64) * scales) + offsets
+    return w, x, x_held
+
+
+def stats_of(x: torch.Tensor) -> LayerStats:
+    return LayerStats.from_inputs(x, sample_size=x.shape[1])
+
+
+def top_eigen(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    evals, evecs = np.linalg.eigh(cov)
+    return evals[::-1].clip(min=0), evecs[:, ::-1]
+
+
+def angles_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.degrees(np.arccos(np.clip(np.linalg.svd(a.T @ b, compute_uv=False), -1, 1)))
+
+
+def test_covariance_from_gram_is_the_sample_covariance():
+    w, x, _ = make_case(1)
+    kept = torch.tensor([0, 2, 3, 7, 8, 11, 15, 19, 23])
+    new = torch.randn(D_OUT, len(kept), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    problem = KeptProblem(w, stats_of(x), kept)
+    explicit = np.cov((new @ x[kept]).numpy(), bias=True)
+    np.testing.assert_allclose(problem.covariance(new).numpy(), explicit, rtol=1e-9, atol=1e-9)
+    everything = torch.arange(D_IN)
+    np.testing.assert_allclose(KeptProblem(w, stats_of(x), everything).covariance(w).numpy(),
+                               np.cov((w @ x).numpy(), bias=True), rtol=1e-9, atol=1e-9)
+
+
+def test_centred_target_is_w_times_centred_gram_columns():
+    w, x, _ = make_case(3)
+    kept = torch.tensor([1, 4, 5, 9, 20])
+    centred = x - x.mean(dim=1, keepdim=True)
+    explicit = w @ (centred @ centred.T)[:, kept]
+    torch.testing.assert_close(KeptProblem(w, stats_of(x), kept).centred_target, explicit)
+
+
+def test_principal_directions_are_eigenpairs_with_a_fixed_sign():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(7, 30, generator=g, dtype=torch.float64)
+    cov = a @ a.T / 30
+    evals, evecs = principal_directions(cov)
+    assert torch.all(evals[:-1] >= evals[1:])
+    torch.testing.assert_close(cov @ evecs, evecs * evals)
+    peaks = evecs.gather(0, evecs.abs().argmax(dim=0, keepdim=True))
+    assert torch.all(peaks > 0)
+    _, again = principal_directions(cov.clone() * (1 + 1e-15))  # rounding-level change: same signs
+    torch.testing.assert_close(again, evecs)
+
+
+@pytest.mark.parametrize("score,ratio", [("rcpu", 0.25), ("wanda_sp", 0.5)])
+def test_every_picture_equals_its_explicit_computation(score, ratio):
+    w, x, x_held = make_case(5)
+    analysis = analyze_sublayer(w, stats_of(x), stats_of(x_held), score=score, ratio=ratio,
+                                methods=list(METHODS))
+    kept = analysis.selection.kept
+    y = (w @ x).numpy()
+    x_sample = x_held.to(torch.float32).to(torch.float64)  # the held-out tokens, stored in float32, are the sample
+    sample_y = (w @ x_sample).numpy()
+    evals_y, evecs_y = top_eigen(np.cov(y, bias=True))
+    top = evecs_y[:, :TOP_DIRECTIONS]
+    np.testing.assert_allclose(analysis.explained_variance_y.numpy(), evals_y / evals_y.sum(), atol=1e-12)
+    np.testing.assert_allclose(np.abs(analysis.projection_y.numpy()),
+                               np.abs(top[:, :2].T @ (sample_y - sample_y.mean(axis=1, keepdims=True))),
+                               rtol=1e-8, atol=1e-8)
+    first, second = analysis.basis.pairs
+    np.testing.assert_allclose(analysis.inner_products_y.numpy(),
+                               np.sum(sample_y[:, first] * sample_y[:, second], axis=0), rtol=1e-10)
+    results = {"uncompensated": analysis.uncompensated, **analysis.methods}
+    for name, res in results.items():
+        comp = res.compensation
+        bias = np.zeros((D_OUT, 1)) if comp.bias is None else comp.bias.numpy()[:, None]
+        yhat = comp.weight.numpy() @ x[kept].numpy() + bias
+        evals, evecs = top_eigen(np.cov(yhat, bias=True))
+        np.testing.assert_allclose(res.explained_variance.numpy(), evals / evals.sum(), atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(res.principal_angles_deg.numpy(), angles_deg(top, evecs[:, :TOP_DIRECTIONS]),
+                                   atol=1e-5, err_msg=name)
+        sample_yhat = comp.weight.numpy() @ x_sample[kept].numpy() + bias
+        np.testing.assert_allclose(res.outputs.numpy(), sample_yhat, rtol=1e-10, atol=1e-10, err_msg=name)
+        np.testing.assert_allclose(np.abs(res.projection.numpy()),
+                                   np.abs(top[:, :2].T @ (sample_yhat - sample_y.mean(axis=1, keepdims=True))),
+                                   rtol=1e-8, atol=1e-8, err_msg=name)
+        np.testing.assert_allclose(res.inner_products.numpy(),
+                                   np.sum(sample_yhat[:, first] * sample_yhat[:, second], axis=0), rtol=1e-10)
+        gram = sample_y.T @ sample_y
+        distortion = np.linalg.norm(sample_yhat.T @ sample_yhat - gram) / np.linalg.norm(gram)
+        assert res.geometry["gram_distortion"] == pytest.approx(distortion, rel=1e-9), name
+        for split, xs in (("calibration", x), ("heldout", x_held)):
+            full = (w @ xs).numpy()
+            fit = comp.weight.numpy() @ xs[kept].numpy() + bias
+            explicit = np.linalg.norm(full - fit) / np.linalg.norm(full)
+            assert getattr(res, f"error_{split}") == pytest.approx(explicit, rel=1e-8), (name, split)
+
+
+def _fields(analysis) -> dict:
+    analysis.complete()
+    out = {"kept": analysis.selection.kept, "ev_y": analysis.explained_variance_y,
+           "proj_y": analysis.projection_y, "ev_z": analysis.explained_variance_z,
+           "angles_z": analysis.principal_angles_z_deg, "proj_z": analysis.projection_z}
+    for name, res in analysis.methods.items():
+        out.update({f"{name}.weight": res.compensation.weight, f"{name}.ev": res.explained_variance,
+                    f"{name}.angles": res.principal_angles_deg, f"{name}.proj": res.projection,
+                    f"{name}.inner": res.inner_products, f"{name}.cos": res.geometry["cosine_values"],
+                    f"{name}.err": torch.tensor([res.error_calibration, res.error_heldout])})
+    return out
+
+
+def test_a_reused_basis_gives_the_same_analysis():
+    w, x, x_held = make_case(6)
+    calib, held = stats_of(x), stats_of(x_held)
+    basis = prepare_sublayer(w, calib, held)
+    analyze_sublayer(w, calib, held, score="wanda_sp", ratio=0.5, methods=["ls"], basis=basis)  # used before
+    for score, ratio in (("rcpu", 0.2), ("fluctuation", 0.4)):
+        kw = dict(score=score, ratio=ratio, methods=["none", "bias", "ls", "rotation_bias"])
+        reused = _fields(analyze_sublayer(w, calib, held, basis=basis, **kw))
+        fresh = _fields(analyze_sublayer(w, calib, held, **kw))
+        assert reused.keys() == fresh.keys()
+        for key in fresh:
+            torch.testing.assert_close(reused[key], fresh[key], msg=key)
+
+
+def test_diagnostics_are_computed_on_first_use_and_shared_where_identical(monkeypatch):
+    w, x, x_held = make_case(7)
+    calls = {"eigen": 0, "outputs": 0}
+    real_eigen, real_outputs = layer.principal_directions, layer.compensated_outputs
+
+    def eigen(cov):
+        calls["eigen"] += 1
+        return real_eigen(cov)
+
+    def outputs(comp, inputs):
+        calls["outputs"] += 1
+        return real_outputs(comp, inputs)
+
+    monkeypatch.setattr(layer, "principal_directions", eigen)
+    monkeypatch.setattr(layer, "compensated_outputs", outputs)
+    calib, held = stats_of(x), stats_of(x_held)
+    basis = prepare_sublayer(w, calib, held)
+    calls.update(eigen=0, outputs=0)
+    analysis = analyze_sublayer(w, calib, held, score="rcpu", ratio=0.3, methods=["none", "bias", "ls", "rotation"],
+                                basis=basis)
+    assert all(np.isfinite(r.error_heldout) for r in analysis.methods.values())
+    assert calls == {"eigen": 0, "outputs": 0}  # errors alone: no spectrum, no sample outputs
+    for res in analysis.methods.values():
+        res.explained_variance
+    assert calls["eigen"] == 3  # Z (shared by none and bias), ls, rotation
+    for res in analysis.methods.values():
+        res.geometry
+    assert calls["outputs"] == 4  # Z (shared by none), Z again under bias's added bias, ls, rotation
+    analysis.projection_z
+    analysis.complete()
+    assert calls == {"eigen": 3, "outputs": 4}
+    bias = analysis.methods["bias"]
+    torch.testing.assert_close(bias.outputs, analysis.uncompensated.outputs + bias.compensation.bias[:, None])
