@@ -30,6 +30,7 @@ class Compensation:
     bias: Tensor | None = None  # (d_out,) float64, added to the sublayer's output
     rotation: Tensor | None = None  # (d_out, d_out) Q
     singular_values: Tensor | None = None  # (d_out,) of M, descending
+    kept_scale: float | None = None  # set when weight == kept_scale * Q @ W_K (a rotated, scaled Z)
 
 
 def procrustes(cross: Tensor, proper: bool = False) -> tuple[Tensor, Tensor]:
@@ -99,7 +100,7 @@ def _rotation_parts(p: KeptProblem, centred: bool = False, proper: bool = False)
 
 def _rotation(p: KeptProblem, alpha: float) -> Compensation:
     q, s = _rotation_parts(p)
-    return Compensation(weight=q @ p.w_kept, rotation=q, singular_values=s)
+    return Compensation(weight=q @ p.w_kept, rotation=q, singular_values=s, kept_scale=1.0)
 
 
 def rotation_scale_factor(singular_values: Tensor, w_kept: Tensor, gram_kk: Tensor) -> float:
@@ -111,18 +112,18 @@ def rotation_scale_factor(singular_values: Tensor, w_kept: Tensor, gram_kk: Tens
 def _rotation_scale(p: KeptProblem, alpha: float) -> Compensation:
     q, s = _rotation_parts(p)
     scale = rotation_scale_factor(s, p.w_kept, p.gram_kk)
-    return Compensation(weight=scale * (q @ p.w_kept), rotation=q, singular_values=s)
+    return Compensation(weight=scale * (q @ p.w_kept), rotation=q, singular_values=s, kept_scale=scale)
 
 
 def _rotation_so(p: KeptProblem, alpha: float) -> Compensation:
     q, s = _rotation_parts(p, proper=True)
-    return Compensation(weight=q @ p.w_kept, rotation=q, singular_values=s)
+    return Compensation(weight=q @ p.w_kept, rotation=q, singular_values=s, kept_scale=1.0)
 
 
 def _rotation_bias(p: KeptProblem, alpha: float) -> Compensation:
     q, s = _rotation_parts(p, centred=True)
     bias = p.output_mean - q @ (p.w_kept @ p.mean_kept)  # b = W mu - Q W_K mu_K
-    return Compensation(weight=q @ p.w_kept, bias=bias, rotation=q, singular_values=s)
+    return Compensation(weight=q @ p.w_kept, bias=bias, rotation=q, singular_values=s, kept_scale=1.0)
 
 
 def _rotation_diag(p: KeptProblem, alpha: float) -> Compensation:

@@ -7,6 +7,7 @@ token-level geometry come from the small token sample. ``Yhat = W'_K X_K + b``.
 from __future__ import annotations
 
 
+import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -83,20 +84,28 @@ def gram_distortion(y: Tensor, yhat: Tensor, token_gram: Tensor | None = None) -
     return float(torch.linalg.matrix_norm(yhat.T @ yhat - token_gram) / denom)
 
 
-def principal_directions(cov: Tensor) -> tuple[Tensor, Tensor]:
+def principal_directions(cov: Tensor, count: int | None = None) -> tuple[Tensor, Tensor]:
     """(eigenvalues descending, eigenvectors as columns) of a symmetric covariance.
 
-    Each eigenvector's sign is fixed so that its largest-magnitude entry is positive,
-    so that projections on it do not flip between runs or equivalent inputs.
+    With ``count``, only the ``count`` largest pairs (a subset eigensolver, cheaper than
+    the full one). Each eigenvector's sign is fixed so that its largest-magnitude entry is
+    positive, so that projections on it do not flip between runs or equivalent inputs.
     """
-    evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
-    evals, evecs = evals.flip(0), evecs.flip(1)  # eigh sorts ascending
+    sym = (cov + cov.T) / 2
+    n = sym.shape[0]
+    if count is None or count >= n:
+        evals, evecs = torch.linalg.eigh(sym)
+    else:
+        values, vectors = scipy.linalg.eigh(sym.numpy(), subset_by_index=[n - count, n - 1], driver="evr")
+        evals, evecs = torch.from_numpy(values).to(sym.dtype), torch.from_numpy(vectors).to(sym.dtype)
+    evals, evecs = evals.flip(0), evecs.flip(1)  # ascending from the solvers
     peak = evecs.gather(0, evecs.abs().argmax(dim=0, keepdim=True))
     return evals.clamp_min(0.0), evecs * torch.where(peak < 0, -1.0, 1.0).to(evecs.dtype)
 
 
-def explained_variance(evals: Tensor) -> Tensor:
-    total = evals.sum()
+def explained_variance(evals: Tensor, total: float | None = None) -> Tensor:
+    """``evals / total``; ``total`` (the covariance's trace) defaults to the sum of ``evals``."""
+    total = float(evals.sum()) if total is None else total
     return evals / total if total > 0 else torch.zeros_like(evals)
 
 

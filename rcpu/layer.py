@@ -2,6 +2,9 @@
 
 ``analyze_sublayer`` is what ``rcpu layer``, the app's layer explorer and the
 benchmarks call; it takes the weight and statistics and returns plain results.
+What does not depend on the selection (``prepare_sublayer``) can be kept and
+passed back in, and each method's diagnostics beyond its errors are computed on
+first use, so that the explorer redraws a view in well under a second.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .scores import check_score, score_columns, select_units, unit_scores, units
 from .stats import LayerStats
 
 TOP_DIRECTIONS = 8  # r: principal angles between top-r output subspaces
+SPECTRUM_COMPONENTS = 64  # explained-variance spectra keep the largest this many components
 
 
 @dataclass
@@ -85,7 +89,8 @@ class SublayerBasis:
 
     weight: Tensor  # W, float64
     wg: dict[str, Tensor]  # split -> W G
-    evals_y: Tensor  # eigenvalues of Y's covariance, descending
+    evals_y: Tensor  # largest eigenvalues of Y's covariance, descending
+    variance_y: float  # trace of Y's covariance: the total the spectrum is a share of
     top: Tensor  # (d_out, r) Y's top-r principal directions
     sample: Tensor  # (d_in, m) float64 tokens for the pictures
     y: Tensor  # (d_out, m) W x on the sample
@@ -109,13 +114,36 @@ def prepare_sublayer(weight: Tensor, calibration: LayerStats, heldout: LayerStat
     wg = {"calibration": w @ calibration.gram, "heldout": w @ heldout.gram}
     everything = torch.arange(w.shape[1])
     cov_y = KeptProblem(w, calibration, everything, wg["calibration"]).covariance(w, wg["calibration"])
-    evals_y, evecs_y = principal_directions(cov_y)
+    evals_y, evecs_y = principal_directions(cov_y, SPECTRUM_COMPONENTS)
     sample = (heldout.sample if heldout.sample.shape[1] > 1 else calibration.sample).to(torch.float64)
     y = w @ sample
     return SublayerBasis(
-        weight=w, wg=wg, evals_y=evals_y, top=evecs_y[:, :TOP_DIRECTIONS], sample=sample, y=y,
+        weight=w, wg=wg, evals_y=evals_y, variance_y=float(torch.trace(cov_y)), top=evecs_y[:, :TOP_DIRECTIONS], sample=sample, y=y,
         token_gram_y=y.T @ y, centre=y.mean(dim=1, keepdim=True), pairs=_pairs(sample.shape[1], seed=seed),
     )
+
+
+@dataclass(frozen=True)
+class FromKept:
+    """``W'_K = scale * R * W_K``: a compensation that rotates and scales the pruned outputs ``Z``.
+
+    ``rotation`` ``R`` is ``Q`` (the rotation methods), or ``None`` for the identity (``none``,
+    ``bias``). Then ``cov(Yhat) = scale^2 R cov(Z) R^T`` and ``W'_K G[K,K] = scale R (W_K G[K,K])``:
+    the spectrum, principal directions and products follow from ``Z``'s without new ones.
+    """
+
+    base: "MethodResult"  # the uncompensated result, Z = W_K X_K
+    rotation: Tensor | None
+    scale: float
+
+    def rotate(self, matrix: Tensor) -> Tensor:
+        """``R @ matrix``."""
+        return matrix if self.rotation is None else self.rotation @ matrix
+
+    def apply(self, matrix: Tensor) -> Tensor:
+        """``scale * R @ matrix`` for a (d_out, n) matrix of ``Z``'s."""
+        rotated = self.rotate(matrix)
+        return rotated if self.scale == 1.0 else self.scale * rotated
 
 
 class MethodResult:
@@ -123,23 +151,23 @@ class MethodResult:
 
     The errors are computed at once (from the Gram matrices); the spectrum, principal
     angles, token-level geometry and rotation diagnostics on first use, so a page that
-    shows one view pays only for that view. ``like``: a result with the same ``W'_K``
-    (the uncompensated one, for ``none`` and ``bias``), whose spectrum this one shares.
-    ``weight_grams``: ``W'_K G[K,K]`` per split, which the errors and the covariance share.
+    shows one view pays only for that view. ``weight_grams``: ``W'_K G[K,K]`` per split,
+    shared by the errors and the covariance. ``from_kept``: how ``W'_K`` follows from
+    ``W_K``, when it does, so that the spectrum follows from ``Z``'s.
     """
 
     def __init__(
         self, method: str, compensation: Compensation, basis: SublayerBasis, problems: dict[str, KeptProblem],
-        weight_grams: dict[str, Tensor], like: "MethodResult | None" = None, seconds: dict | None = None,
+        weight_grams: dict[str, Tensor], from_kept: FromKept | None = None, seconds: dict | None = None,
     ):
         start = time.perf_counter()
         self.method = method
         self.compensation = compensation
         self._basis = basis
-        self._like = like
+        self._from_kept = from_kept
         calib = problems["calibration"]
         self._kept, self._mean_kept, self._count = calib.kept, calib.mean_kept, calib.count
-        self._weight_gram = None if like is not None else weight_grams["calibration"]  # until the spectrum
+        self._weight_gram = None if from_kept is not None else weight_grams["calibration"]  # until the spectrum
         errors = {
             split: p.relative_error(compensation.weight, compensation.bias, weight_grams[split])
             for split, p in problems.items()
@@ -149,55 +177,67 @@ class MethodResult:
         self.seconds = {**(seconds or {}), "errors": time.perf_counter() - start}
 
     @cached_property
-    def _spectrum(self) -> tuple[Tensor, Tensor]:
-        if self._like is not None:
-            return self._like._spectrum
+    def _eigen(self) -> tuple[Tensor, Tensor, float]:
+        """Largest eigenvalues (descending), top-r eigenvectors and trace of ``Yhat``'s covariance."""
+        if self._from_kept is not None:
+            evals, top, total = self._from_kept.base._eigen
+            square = self._from_kept.scale**2
+            return square * evals, self._from_kept.rotate(top), square * total
         cov = covariance_from_gram(self.compensation.weight, self._weight_gram, self._mean_kept, self._count)
         self._weight_gram = None
-        evals, evecs = principal_directions(cov)
-        return explained_variance(evals), principal_angles(self._basis.top, evecs[:, :TOP_DIRECTIONS])
+        evals, evecs = principal_directions(cov, SPECTRUM_COMPONENTS)
+        return evals, evecs[:, :TOP_DIRECTIONS], float(torch.trace(cov))
 
     @property
     def explained_variance(self) -> Tensor:
-        """Explained-variance ratios of ``Yhat``'s covariance, descending."""
-        return self._spectrum[0]
+        """Explained-variance ratios of ``Yhat``'s largest components, descending."""
+        evals, _, total = self._eigen
+        return explained_variance(evals, total)
 
-    @property
+    @cached_property
     def principal_angles_deg(self) -> Tensor:
         """Principal angles between the top-r output subspaces of ``Y`` and ``Yhat``."""
-        return self._spectrum[1]
+        return principal_angles(self._basis.top, self._eigen[1])
 
     @property
     def outputs(self) -> Tensor:
         """``Yhat`` (d_out, m) on the sample tokens (computed on each use, not kept)."""
         bias = self.compensation.bias
-        if self._like is not None:
-            base = self._like.outputs
-            return base if bias is None else base + bias[:, None]
-        return compensated_outputs(self.compensation, self._basis.sample[self._kept])
+        if self._from_kept is not None:
+            outputs = self._from_kept.apply(self._from_kept.base.outputs)
+        else:
+            outputs = compensated_outputs(Compensation(weight=self.compensation.weight), self._basis.sample[self._kept])
+        return outputs if bias is None else outputs + bias[:, None]
+
+    def _shares_outputs(self) -> bool:
+        """Whether ``Yhat`` is ``Z`` itself (``none``)."""
+        f = self._from_kept
+        return f is not None and f.rotation is None and f.scale == 1.0 and self.compensation.bias is None
 
     @cached_property
-    def _sample_diagnostics(self) -> tuple[Tensor, Tensor, dict]:
-        if self._like is not None and self.compensation.bias is None:
-            return self._like._sample_diagnostics
-        outputs = self.outputs
-        return (self._basis.project(outputs), self._basis.inner_products(outputs),
-                token_geometry(self._basis.y, outputs, self._basis.token_gram_y))
-
-    @property
     def projection(self) -> Tensor:
         """(2, m) sample tokens of ``Yhat`` on ``Y``'s top two principal components."""
-        return self._sample_diagnostics[0]
+        if self._shares_outputs():
+            return self._from_kept.base.projection
+        return self._basis.project(self.outputs)
+
+    @cached_property
+    def _token_diagnostics(self) -> tuple[Tensor, dict]:
+        if self._shares_outputs():
+            return self._from_kept.base._token_diagnostics
+        outputs = self.outputs
+        return (self._basis.inner_products(outputs),
+                token_geometry(self._basis.y, outputs, self._basis.token_gram_y))
 
     @property
     def inner_products(self) -> Tensor:
         """(pairs,) ``<yhat_t, yhat_u>`` for the basis's token pairs."""
-        return self._sample_diagnostics[1]
+        return self._token_diagnostics[0]
 
     @property
     def geometry(self) -> dict:
         """Norm ratio and cosine per sample token (values and summaries), Gram distortion."""
-        return self._sample_diagnostics[2]
+        return self._token_diagnostics[1]
 
     @cached_property
     def rotation(self) -> dict:
@@ -207,7 +247,7 @@ class MethodResult:
     def complete(self) -> "MethodResult":
         """Compute every diagnostic now; ``seconds["diagnostics"]`` says how long that took."""
         start = time.perf_counter()
-        for name in ("_spectrum", "_sample_diagnostics", "rotation"):
+        for name in ("principal_angles_deg", "projection", "_token_diagnostics", "rotation"):
             getattr(self, name)
         self.seconds.setdefault("diagnostics", time.perf_counter() - start)
         return self
@@ -226,7 +266,7 @@ class SublayerAnalysis:
 
     @property
     def explained_variance_y(self) -> Tensor:
-        return explained_variance(self.basis.evals_y)
+        return explained_variance(self.basis.evals_y, self.basis.variance_y)
 
     @property
     def projection_y(self) -> Tensor:  # (2, m)
@@ -259,6 +299,15 @@ class SublayerAnalysis:
         return self
 
 
+def _from_kept(comp: Compensation, w_kept: Tensor, uncompensated: MethodResult) -> FromKept | None:
+    """``comp``'s weight as ``scale * R * W_K``: the same ``W_K``, or a method that says it rotates it."""
+    if comp.rotation is None and torch.equal(comp.weight, w_kept):  # none, bias
+        return FromKept(uncompensated, None, 1.0)
+    if comp.rotation is not None and comp.kept_scale is not None:
+        return FromKept(uncompensated, comp.rotation, comp.kept_scale)
+    return None
+
+
 def analyze_sublayer(
     weight: Tensor,
     calibration: LayerStats,
@@ -283,6 +332,8 @@ def analyze_sublayer(
     check_alpha(alpha)
     if basis is None:
         basis = prepare_sublayer(weight, calibration, heldout, seed)
+    elif basis.weight.shape != weight.shape or basis.sample.shape[0] != calibration.d_in:
+        raise ValueError("the basis was prepared for another sublayer")
     sel = select(basis.weight, calibration, score, ratio, unit_size, seed, what)
     problems = {
         split: KeptProblem(basis.weight, stats, sel.kept, basis.wg[split])
@@ -296,12 +347,12 @@ def analyze_sublayer(
         start = time.perf_counter()
         comp = compensate_problem(name, problems["calibration"], alpha)
         seconds = {"compensate": time.perf_counter() - start}
-        if torch.equal(comp.weight, w_kept):  # none, bias: Z's covariance and products
-            results[name] = MethodResult(name, comp, basis, problems, grams_kept, like=uncompensated,
-                                         seconds=seconds)
+        from_kept = _from_kept(comp, w_kept, uncompensated)
+        if from_kept is not None:
+            grams = {split: from_kept.apply(gram) for split, gram in grams_kept.items()}
         else:
             grams = {split: p.weight_gram(comp.weight) for split, p in problems.items()}
-            results[name] = MethodResult(name, comp, basis, problems, grams, seconds=seconds)
+        results[name] = MethodResult(name, comp, basis, problems, grams, from_kept, seconds)
     return SublayerAnalysis(
         d_in=basis.weight.shape[1],
         d_out=basis.weight.shape[0],

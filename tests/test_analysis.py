@@ -86,6 +86,9 @@ def test_principal_directions_are_eigenpairs_with_a_fixed_sign():
     assert torch.all(peaks > 0)
     _, again = principal_directions(cov.clone() * (1 + 1e-15))  # rounding-level change: same signs
     torch.testing.assert_close(again, evecs)
+    top_values, top_vectors = principal_directions(cov, 3)  # the subset solver: the same top pairs
+    torch.testing.assert_close(top_values, evals[:3])
+    torch.testing.assert_close(top_vectors, evecs[:, :3])
 
 
 @pytest.mark.parametrize("score,ratio", [("rcpu", 0.25), ("wanda_sp", 0.5)])
@@ -159,14 +162,24 @@ def test_a_reused_basis_gives_the_same_analysis():
             torch.testing.assert_close(reused[key], fresh[key], msg=key)
 
 
+def test_rotation_keeps_the_spectrum_of_the_pruned_outputs():
+    w, x, x_held = make_case(8)
+    analysis = analyze_sublayer(w, stats_of(x), stats_of(x_held), score="rcpu", ratio=0.3,
+                                methods=["rotation", "rotation_scale", "rotation_bias", "rotation_diag"])
+    z = analysis.explained_variance_z
+    for name in ("rotation", "rotation_scale", "rotation_bias"):  # Yhat = s Q Z (+ b): the same spectrum
+        torch.testing.assert_close(analysis.methods[name].explained_variance, z)
+    assert not torch.allclose(analysis.methods["rotation_diag"].explained_variance, z)  # a per-row scale changes it
+
+
 def test_diagnostics_are_computed_on_first_use_and_shared_where_identical(monkeypatch):
     w, x, x_held = make_case(7)
     calls = {"eigen": 0, "outputs": 0}
     real_eigen, real_outputs = layer.principal_directions, layer.compensated_outputs
 
-    def eigen(cov):
+    def eigen(*args):
         calls["eigen"] += 1
-        return real_eigen(cov)
+        return real_eigen(*args)
 
     def outputs(comp, inputs):
         calls["outputs"] += 1
@@ -183,12 +196,18 @@ def test_diagnostics_are_computed_on_first_use_and_shared_where_identical(monkey
     assert calls == {"eigen": 0, "outputs": 0}  # errors alone: no spectrum, no sample outputs
     for res in analysis.methods.values():
         res.explained_variance
-    assert calls["eigen"] == 3  # Z (shared by none and bias), ls, rotation
+    assert calls["eigen"] == 2  # Z (none, bias; rotation's is Q times Z's), ls
     for res in analysis.methods.values():
         res.geometry
-    assert calls["outputs"] == 4  # Z (shared by none), Z again under bias's added bias, ls, rotation
+    assert calls["outputs"] == 4  # Z (none), Z + bias, ls, Q Z (rotation)
+    for res in analysis.methods.values():
+        res.inner_products
+    assert calls["outputs"] == 4  # computed with the geometry
+    for res in analysis.methods.values():
+        res.projection
+    assert calls["outputs"] == 8  # the projection view computes the outputs once more, not kept
     analysis.projection_z
     analysis.complete()
-    assert calls == {"eigen": 3, "outputs": 4}
+    assert calls == {"eigen": 2, "outputs": 8}
     bias = analysis.methods["bias"]
     torch.testing.assert_close(bias.outputs, analysis.uncompensated.outputs + bias.compensation.bias[:, None])
