@@ -103,12 +103,33 @@ def _explorer(r: dict) -> list[str]:
         "Q W_K 2 d_out^2 k; the library computes them in float64, so the goal compares with the float64 rate."),
         "",
     ]
+    page = r.get("page_update")
+    if page:
+        lines += _page_lines(page)
     sv = r.get("svd_threads")
     if sv:
         counts = [k for k in sv if k.startswith("threads_")]
         lines += [f"SVD of a {sv['n']} x {sv['n']} float64 matrix: "
                   + ", ".join(f"{sv[k]:.3f} s with {k.split('_')[1]} thread(s)" for k in counts) + ".", ""]
     return lines + _goal_rows(r["goals"]) + [""]
+
+
+def _page_lines(page: dict) -> list[str]:
+    lines = [
+        (f"**Layer explorer page** (layer {page['layer']}, methods {', '.join(page['methods'])}): the page's "
+         "whole script rerun under Streamlit's `AppTest` after one widget change to settings not seen before "
+         "(statistics in memory; the browser's drawing of the charts is not included). Seconds per rerun:"),
+        "",
+        "| sublayer | view | view switch | changes (ratio, ratio, score per pass) | median |",
+        "|---|---|---|---|---|",
+    ]
+    for sub, s in page["sublayers"].items():
+        for view, v in s["views"].items():
+            switches = ", ".join(f"{x:.2f}" for x in v["view_switch_s"])
+            cells = ", ".join(f"{c['s']:.2f}" for c in v["changes"])
+            lines.append(f"| {sub} | {view} | {switches} | {cells} | {v['median_s']:.2f} |")
+    lines += ["", f"Over every change: median {page['median_s']:.2f} s, slowest {page['max_s']:.2f} s.", ""]
+    return lines
 
 
 def _memory(r: dict) -> list[str]:

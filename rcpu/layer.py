@@ -199,14 +199,19 @@ class MethodResult:
         """Principal angles between the top-r output subspaces of ``Y`` and ``Yhat``."""
         return principal_angles(self._basis.top, self._eigen[1])
 
+    @cached_property
+    def _weight_outputs(self) -> Tensor:
+        """``W'_K X_K`` on the sample (d_out, m), kept for the results that have their own ``W'_K``."""
+        return compensated_outputs(Compensation(weight=self.compensation.weight), self._basis.sample[self._kept])
+
     @property
     def outputs(self) -> Tensor:
-        """``Yhat`` (d_out, m) on the sample tokens (computed on each use, not kept)."""
-        bias = self.compensation.bias
-        if self._from_kept is not None:
-            outputs = self._from_kept.apply(self._from_kept.base.outputs)
+        """``Yhat = W'_K X_K + b`` (d_out, m) on the sample tokens."""
+        if self._from_kept is not None:  # s R Z: not kept, Z's outputs are
+            outputs = self._from_kept.apply(self._from_kept.base._weight_outputs)
         else:
-            outputs = compensated_outputs(Compensation(weight=self.compensation.weight), self._basis.sample[self._kept])
+            outputs = self._weight_outputs
+        bias = self.compensation.bias
         return outputs if bias is None else outputs + bias[:, None]
 
     def _shares_outputs(self) -> bool:

@@ -33,11 +33,16 @@ def test_all_tiny_writes_results_and_docs(tmp_cache, tmp_path, capsys):
     assert memory["runs"]["2"]["maxrss"] > 0 and memory["runs"]["4"]["samples"] == 4
     evaluation = json.loads((results / "eval.json").read_text())
     assert evaluation["ppl_relative_difference"] < 1e-3  # both loops compute the same perplexity
+    page = json.loads((results / "explorer.json").read_text())["page_update"]
+    assert set(page["sublayers"]) == {"down_proj", "o_proj"}
+    for sub in page["sublayers"].values():  # the real page reran after every change, without an error
+        assert len(sub["views"]) == 4 and all(len(v["changes"]) == 6 for v in sub["views"].values())
     quality = json.loads((results / "quality.json").read_text())
     assert {r["config"] for r in quality["curve"]["rows"]} == {"rcpu:rotation", "rcpu:ls"}
 
     text = docs.read_text()
-    for heading in ("Pruning cost", "Explorer latency", "Peak memory", "Evaluation throughput", "Quality"):
+    for heading in ("Pruning cost", "Explorer latency", "Layer explorer page", "Peak memory", "Evaluation throughput",
+                    "Quality"):
         assert heading in text
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert images and all((docs.parent / image).is_file() for image in images)
