@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .common import Profiler, Settings, format_goal, goal, median, say, write_result
-from .page import GOAL_PAGE_S, VIEWS, page_update
+from .page import GOAL_PAGE_S, VIEWS, browser_update, page_update
 
 GOAL_SMALL_S = 0.3
 GOAL_LARGE_S = 20.0
@@ -164,6 +164,11 @@ def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = F
     say(f"  page update after one widget change: median {page['median_s']:.3f} s, slowest "
         f"{page['max_s']:.3f} s over {len(page['sublayers'])} sublayers x {len(VIEWS)} views")
     say("  " + format_goal(g))
+    if lm.name == "embedded":
+        page["browser"] = browser_update(settings.calib_samples, settings.seq_len, layer)
+        b = page["browser"]
+        say("  in headless Chromium: " + (f"skipped ({b['skipped']})" if "skipped" in b else
+            f"key press to idle page median {b['median_s']:.2f} s, browser busy {b['median_browser_busy_s']:.2f} s"))
     svd_check = svd_threads(lm.adapter.hidden_size)
     say(f"  SVD {svd_check['n']}x{svd_check['n']} float64: {svd_check[f'threads_{threads}_s']:.3f} s with "
         f"{threads} threads, {svd_check['threads_1_s']:.3f} s with 1")

@@ -103,3 +103,88 @@ def page_update(lm, calib_samples: int, seq_len: int, layer: int) -> dict:
     out["max_s"] = max(every)
     out["worst_view_median_s"] = max(v["median_s"] for s in out["sublayers"].values() for v in s["views"].values())
     return out
+
+
+# In a real browser ---------------------------------------------------------------------
+
+SCRIPT_STATE = "document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state')"
+LONG_TASKS = """() => { window.__rcpuLongTasks = [];
+  new PerformanceObserver(list => { for (const e of list.getEntries()) window.__rcpuLongTasks.push(e.duration); })
+    .observe({type: 'longtask'}); }"""
+SUBLAYER_LABELS = {"down_proj": "down_proj (channels)", "o_proj": "o_proj (heads)"}
+
+
+def _wait_run(page, timeout_ms: int) -> None:
+    """Wait until a script run has started and finished, then for two drawn frames."""
+    page.wait_for_function(f"() => {SCRIPT_STATE} === 'running'", polling=5, timeout=10_000)
+    page.wait_for_function(f"() => {SCRIPT_STATE} !== 'running'", polling=5, timeout=timeout_ms)
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
+def _settle(page, timeout_ms: int) -> None:
+    """After a click that may or may not rerun the script: wait until no run is going on."""
+    page.wait_for_timeout(300)
+    page.wait_for_function(f"() => {SCRIPT_STATE} !== 'running'", polling=20, timeout=timeout_ms)
+
+
+def _timed_key(page, key: str) -> dict:
+    page.evaluate("() => { window.__rcpuLongTasks = []; }")
+    start = time.perf_counter()
+    page.keyboard.press(key)
+    _wait_run(page, 120_000)
+    seconds = time.perf_counter() - start
+    page.wait_for_timeout(300)  # late long tasks of the same update (WebGL draws)
+    busy = page.evaluate("() => window.__rcpuLongTasks.reduce((a, b) => a + b, 0)") / 1000
+    if page.locator('[data-testid="stException"]').count():
+        raise RuntimeError("the layer explorer showed an exception in the browser")
+    return {"s": seconds, "browser_busy_s": busy}
+
+
+def browser_update(calib_samples: int, seq_len: int, layer: int) -> dict:
+    """Key press on the ratio slider until the page is idle again, in headless Chromium.
+
+    The server and the browser share the machine's cores, as they do when the app runs
+    on the user's own computer. ``browser_busy_s`` is the browser's main-thread time in
+    tasks over 50 ms (Plotly drawing, React) during the update.
+    """
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from apphelp import CHROMIUM, launch_browser, live_server
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        return {"skipped": f"playwright is missing ({exc})"}
+    if not CHROMIUM.exists():
+        return {"skipped": f"{CHROMIUM} is missing"}
+    env = {"RCPU_APP_CALIB_SAMPLES": str(calib_samples), "RCPU_APP_SEQ_LEN": str(seq_len),
+           "RCPU_APP_HELDOUT_SAMPLES": "8", "RCPU_APP_LAYER": str(layer)}
+    out: dict = {"sublayers": {}}
+    with live_server(env, timeout=300) as url, sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{url}/layer_explorer")
+        page.wait_for_function(f"() => {SCRIPT_STATE} === 'notRunning' && "
+                               "document.querySelectorAll('[data-testid=stPlotlyChart]').length >= 3",
+                               polling=100, timeout=900_000)
+        page.evaluate(LONG_TASKS)
+        slider = page.locator('[data-testid="stSlider"] input[type="range"]').first
+        for sub, key in (("down_proj", "ArrowRight"), ("o_proj", "ArrowLeft")):  # new ratios for each
+            page.get_by_text(SUBLAYER_LABELS[sub]).click()
+            _settle(page, 900_000)
+            views = {}
+            for view in VIEWS:
+                page.get_by_text(view).click()
+                _settle(page, 120_000)
+                changes = []
+                for _ in range(2):
+                    slider.focus()
+                    changes.append(_timed_key(page, key))
+                views[view] = {"changes": changes, "median_s": median([c["s"] for c in changes]),
+                               "median_browser_busy_s": median([c["browser_busy_s"] for c in changes])}
+            out["sublayers"][sub] = {"views": views}
+        browser.close()
+    every = [c for s in out["sublayers"].values() for v in s["views"].values() for c in v["changes"]]
+    out["median_s"] = median([c["s"] for c in every])
+    out["median_browser_busy_s"] = median([c["browser_busy_s"] for c in every])
+    return out

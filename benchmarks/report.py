@@ -129,6 +129,25 @@ def _page_lines(page: dict) -> list[str]:
             cells = ", ".join(f"{c['s']:.2f}" for c in v["changes"])
             lines.append(f"| {sub} | {view} | {switches} | {cells} | {v['median_s']:.2f} |")
     lines += ["", f"Over every change: median {page['median_s']:.2f} s, slowest {page['max_s']:.2f} s.", ""]
+    browser = page.get("browser")
+    if browser and "skipped" in browser:
+        lines += [f"In a real browser: skipped ({browser['skipped']}).", ""]
+    elif browser:
+        lines += [
+            ("**In a real browser**: the same page served by `streamlit run` and driven by headless Chromium "
+             "(software rendering) on the same machine, so the server and the browser share its cores. Seconds "
+             "from an arrow key on the ratio slider until the run has finished and two frames are drawn; "
+             "\"browser busy\" is the browser's main-thread time in tasks over 50 ms (drawing, layout) meanwhile. "
+             "Medians of two new ratios per view:"),
+            "",
+            "| sublayer | view | key press to idle page | browser busy |",
+            "|---|---|---|---|",
+        ]
+        for sub, s in browser["sublayers"].items():
+            for view, v in s["views"].items():
+                lines.append(f"| {sub} | {view} | {v['median_s']:.2f} | {v['median_browser_busy_s']:.2f} |")
+        lines += ["", (f"Over every change: median {browser['median_s']:.2f} s, of which the browser was busy "
+                       f"{browser['median_browser_busy_s']:.2f} s."), ""]
     return lines
 
 

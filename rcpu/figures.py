@@ -226,8 +226,8 @@ def overlap_figure(first: Selection, second: Selection) -> go.Figure:
         idx = np.nonzero(mask)[0]
         fig.add_trace(go.Scatter(
             x=_positive(x[idx]), y=_positive(y[idx]), mode="markers", name=f"{name} ({len(idx)})",
-            marker={"color": col, "size": 5 if x.size > 100 else 9}, text=[f"unit {i}" for i in idx],
-            hovertemplate="%{text}<extra></extra>",
+            marker={"color": col, "size": 5 if x.size > 100 else 9}, customdata=idx,
+            hovertemplate="unit %{customdata}<extra></extra>",
         ))
     fig.update_xaxes(type="log", title_text=f"{first.score} score")
     fig.update_yaxes(type="log", title_text=f"{second.score} score")
@@ -245,7 +245,7 @@ def mean_variance_figure(analysis: SublayerAnalysis) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=_positive(mean[idx]), y=_positive(var[idx]), mode="markers", name=f"{what} ({len(idx)})",
             marker={"color": col, "size": 4 if analysis.d_in > 300 else 7, "opacity": 0.7},
-            text=[f"column {j}" for j in idx], hovertemplate="%{text}<br>|mean| %{x:.3g}, var %{y:.3g}<extra></extra>",
+            customdata=idx, hovertemplate="column %{customdata}<br>|mean| %{x:.3g}, var %{y:.3g}<extra></extra>",
         ))
     fig.update_xaxes(type="log", dtick=1, exponentformat="power", title_text="|mean| of the input dimension")
     fig.update_yaxes(type="log", dtick=1, exponentformat="power", title_text="variance of the input dimension")
@@ -287,14 +287,16 @@ def projection_figure(analysis: SublayerAnalysis, methods: Sequence[str], column
                         horizontal_spacing=0.06, vertical_spacing=0.16 if rows > 1 else 0.1)
     y = _np(analysis.projection_y)
     keep = _thin(y.shape[1])
+    # WebGL markers: a dozen panels of up to MAX_POINTS tokens each draw several times faster than SVG
+    # (the browser part of `python -m benchmarks explorer`); figures with fewer markers stay SVG.
     for i, (name, proj, col) in enumerate(panels):
         r, c = i // cols + 1, i % cols + 1
         p = _np(proj)
-        fig.add_trace(go.Scatter(x=y[0, keep], y=y[1, keep], mode="markers", name="original Y",
-                                 legendgroup="y", showlegend=i == 0,
-                                 marker={"color": ORIGINAL, "size": 3, "opacity": 0.35}), row=r, col=c)
-        fig.add_trace(go.Scatter(x=p[0, keep], y=p[1, keep], mode="markers", name=name, showlegend=False,
-                                 marker={"color": col, "size": 3, "opacity": 0.6}), row=r, col=c)
+        fig.add_trace(go.Scattergl(x=y[0, keep], y=y[1, keep], mode="markers", name="original Y",
+                                   legendgroup="y", showlegend=i == 0,
+                                   marker={"color": ORIGINAL, "size": 3, "opacity": 0.35}), row=r, col=c)
+        fig.add_trace(go.Scattergl(x=p[0, keep], y=p[1, keep], mode="markers", name=name, showlegend=False,
+                                   marker={"color": col, "size": 3, "opacity": 0.6}), row=r, col=c)
         fig.update_xaxes(title_text="PC1 of Y", row=r, col=c)
         fig.update_yaxes(title_text="PC2 of Y" if c == 1 else None, row=r, col=c)
     return _layout(fig, "Tokens on the top two principal components of Y", height=330 * rows + 40,

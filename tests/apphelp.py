@@ -108,11 +108,15 @@ def launch_browser(playwright):
 
 
 def wait_idle(page, timeout_ms: int = 120_000) -> None:
-    """Wait until the script run has finished (no running indicator) and no spinner is left."""
+    """Wait until the script run has finished and no spinner is left.
+
+    The app root says whether a script run is going on (``data-test-script-state``);
+    this Streamlit has no status-widget element to wait for.
+    """
     page.wait_for_timeout(300)
     page.wait_for_function(
-        """() => !document.querySelector('[data-testid="stStatusWidget"]')
-                 && !document.querySelector('[data-testid="stSpinner"]')""",
+        """() => document.querySelector('[data-testid="stApp"]')?.getAttribute('data-test-script-state')
+                 !== 'running' && !document.querySelector('[data-testid="stSpinner"]')""",
         timeout=timeout_ms,
     )
 
