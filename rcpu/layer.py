@@ -167,7 +167,9 @@ class MethodResult:
         self._from_kept = from_kept
         calib = problems["calibration"]
         self._kept, self._mean_kept, self._count = calib.kept, calib.mean_kept, calib.count
-        self._weight_gram = None if from_kept is not None else weight_grams["calibration"]  # until the spectrum
+        # Kept for the spectrum (not dropped after it: results are shared between app sessions'
+        # threads, and one must not see it gone while another computes the spectrum).
+        self._weight_gram = None if from_kept is not None else weight_grams["calibration"]
         errors = {
             split: p.relative_error(compensation.weight, compensation.bias, weight_grams[split])
             for split, p in problems.items()
@@ -184,7 +186,6 @@ class MethodResult:
             square = self._from_kept.scale**2
             return square * evals, self._from_kept.rotate(top), square * total
         cov = covariance_from_gram(self.compensation.weight, self._weight_gram, self._mean_kept, self._count)
-        self._weight_gram = None
         evals, evecs = principal_directions(cov, SPECTRUM_COMPONENTS)
         return evals, evecs[:, :TOP_DIRECTIONS], float(torch.trace(cov))
 

@@ -207,3 +207,19 @@ def test_diagnostics_are_computed_on_first_use_and_shared_where_identical(monkey
     assert calls == {"eigen": 2, "outputs": 2}
     bias = analysis.methods["bias"]
     torch.testing.assert_close(bias.outputs, analysis.uncompensated.outputs + bias.compensation.bias[:, None])
+
+
+def test_lazy_diagnostics_are_safe_from_several_threads():
+    """The app shares analyses between sessions, whose scripts run in their own threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    w, x, x_held = make_case(9)
+    calib, held = stats_of(x), stats_of(x_held)
+    kw = dict(score="rcpu", ratio=0.3, methods=["none", "bias", "ls", "rotation"])
+    shared = analyze_sublayer(w, calib, held, **kw)
+    expected = _fields(analyze_sublayer(w, calib, held, **kw))
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: _fields(shared), range(16)))
+    for got in results:
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], msg=key)
