@@ -121,12 +121,6 @@ def _wait_run(page, timeout_ms: int) -> None:
     page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
 
-def _settle(page, timeout_ms: int) -> None:
-    """After a click that may or may not rerun the script: wait until no run is going on."""
-    page.wait_for_timeout(300)
-    page.wait_for_function(f"() => {SCRIPT_STATE} !== 'running'", polling=20, timeout=timeout_ms)
-
-
 def _timed_key(page, key: str) -> dict:
     page.evaluate("() => { window.__rcpuLongTasks = []; }")
     start = time.perf_counter()
@@ -151,7 +145,7 @@ def browser_update(calib_samples: int, seq_len: int, layer: int) -> dict:
 
     sys.path.insert(0, str(REPO / "tests"))
     try:
-        from apphelp import CHROMIUM, launch_browser, live_server
+        from apphelp import CHROMIUM, launch_browser, live_server, wait_idle
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
         return {"skipped": f"playwright is missing ({exc})"}
@@ -171,11 +165,11 @@ def browser_update(calib_samples: int, seq_len: int, layer: int) -> dict:
         slider = page.locator('[data-testid="stSlider"] input[type="range"]').first
         for sub, key in (("down_proj", "ArrowRight"), ("o_proj", "ArrowLeft")):  # new ratios for each
             page.get_by_text(SUBLAYER_LABELS[sub]).click()
-            _settle(page, 900_000)
+            wait_idle(page, 900_000)
             views = {}
             for view in VIEWS:
                 page.get_by_text(view).click()
-                _settle(page, 120_000)
+                wait_idle(page)
                 changes = []
                 for _ in range(2):
                     slider.focus()

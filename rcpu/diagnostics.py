@@ -6,7 +6,6 @@ token-level geometry come from the small token sample. ``Yhat = W'_K X_K + b``.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

@@ -112,14 +112,14 @@ def prepare_sublayer(weight: Tensor, calibration: LayerStats, heldout: LayerStat
     check_has_tokens(calibration)
     w = weight.detach().to(torch.float64)
     wg = {"calibration": w @ calibration.gram, "heldout": w @ heldout.gram}
-    everything = torch.arange(w.shape[1])
-    cov_y = KeptProblem(w, calibration, everything, wg["calibration"]).covariance(w, wg["calibration"])
+    cov_y = covariance_from_gram(w, wg["calibration"], calibration.mean, calibration.count)  # W G W^T / n - ...
     evals_y, evecs_y = principal_directions(cov_y, SPECTRUM_COMPONENTS)
     sample = (heldout.sample if heldout.sample.shape[1] > 1 else calibration.sample).to(torch.float64)
     y = w @ sample
     return SublayerBasis(
-        weight=w, wg=wg, evals_y=evals_y, variance_y=float(torch.trace(cov_y)), top=evecs_y[:, :TOP_DIRECTIONS], sample=sample, y=y,
-        token_gram_y=y.T @ y, centre=y.mean(dim=1, keepdim=True), pairs=_pairs(sample.shape[1], seed=seed),
+        weight=w, wg=wg, evals_y=evals_y, variance_y=float(torch.trace(cov_y)), top=evecs_y[:, :TOP_DIRECTIONS],
+        sample=sample, y=y, token_gram_y=y.T @ y, centre=y.mean(dim=1, keepdim=True),
+        pairs=_pairs(sample.shape[1], seed=seed),
     )
 
 
