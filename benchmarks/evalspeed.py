@@ -34,10 +34,11 @@ def plain_loop(model, windows: torch.Tensor) -> dict:
 
 
 def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = False) -> dict:
+    from rcpu.config import EvalConfig
     from rcpu.evaluate import evaluation_windows, perplexity
 
     data = data_config(settings)
-    windows = evaluation_windows(lm, data, None, settings.eval_windows)
+    windows = evaluation_windows(lm, data, EvalConfig(None, settings.eval_windows))
     profiler = Profiler(profile)
     perplexity(lm.model, windows[:1])  # warm-up
     plain_loop(lm.model, windows[:1])

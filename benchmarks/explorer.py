@@ -107,7 +107,7 @@ def synthetic_stats(d_in: int, tokens: int, rank: int, sample: int, seed: int):
 def _time_analysis(weight, calibration, heldout, unit_size: int, repeats: int, what: str):
     import time
 
-    from rcpu.layer import analyze_sublayer
+    from rcpu.analysis import analyze_sublayer
 
     runs = []
     analysis = None

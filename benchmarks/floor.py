@@ -66,7 +66,8 @@ def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = F
     import torch
 
     from rcpu.calibration import prepare_tokens
-    from rcpu.prune import PruneConfig, prune_model
+    from rcpu.config import PruneConfig
+    from rcpu.prune import prune_model
 
     data = data_config(settings, calib_samples=settings.floor_samples, heldout_samples=0)
     tokens = prepare_tokens(lm, data.data, data.sampling)

@@ -51,7 +51,8 @@ def _rss_bytes() -> int:
 def worker(mode: str, samples: int) -> dict:
     """Runs in the subprocess: load, prepare tokens, prune; peak RSS at each step."""
     from rcpu.calibration import prepare_tokens
-    from rcpu.prune import PruneConfig, prune_model
+    from rcpu.config import PruneConfig
+    from rcpu.prune import prune_model
 
     from .common import load_lm, settings_for
 

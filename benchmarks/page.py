@@ -62,7 +62,7 @@ def page_update(lm, calib_samples: int, seq_len: int, layer: int) -> dict:
     """Rerun times of the layer explorer after single widget changes, per sublayer and view."""
     from streamlit.testing.v1 import AppTest
 
-    from rcpu.appstate import EXPLORER_METHODS
+    from rcpu.explorer import DEFAULT_METHODS as EXPLORER_METHODS
 
     env = {"RCPU_APP_CALIB_SAMPLES": str(calib_samples), "RCPU_APP_SEQ_LEN": str(seq_len),
            "RCPU_APP_HELDOUT_SAMPLES": "8", "RCPU_APP_LAYER": str(layer)}

@@ -19,9 +19,9 @@ ORDER = ("rcpu:rotation", "fluctuation:bias", "wanda_sp:none")
 
 
 def _pairs(configs) -> tuple[tuple[str, str], ...]:
-    from rcpu.sweep import parse_configs
+    from rcpu.config import parse_configs
 
-    return tuple(parse_configs(",".join(configs)))
+    return parse_configs(",".join(configs))
 
 
 def _sweep(lm, data, spec, evaluation, label: str) -> dict:
@@ -55,19 +55,19 @@ def _ordering_goals(rows: list[dict], label: str) -> list[dict]:
 
 def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = False,
         eval_data: list[str] | None = None) -> dict:
-    from rcpu.sweep import EvalSpec, SweepSpec
+    from rcpu.config import EvalConfig, SweepConfig
 
     data = data_config(settings, heldout_samples=0)
     configs = _pairs(settings.configs)
-    evaluation = EvalSpec(None, settings.quality_eval_windows)
+    evaluation = EvalConfig(None, settings.quality_eval_windows)
     say(f"quality: {len(configs)} configs x ratios {list(settings.ratios)}, calibration {data.calib_samples} x "
         f"{data.seq_len}, eval windows {settings.quality_eval_windows or 'all'} (cached points are reused)")
     tables = {}
-    table_spec = SweepSpec(ratios=tuple(settings.ratios), configs=configs)
+    table_spec = SweepConfig(ratios=tuple(settings.ratios), configs=configs)
     tables["held-out part of the calibration text"] = _sweep(lm, data, table_spec, evaluation, "table")
     for path in eval_data or []:
-        tables[path] = _sweep(lm, data, table_spec, EvalSpec(path, settings.quality_eval_windows), path)
-    curve_spec = SweepSpec(ratios=(settings.curve_ratio,), configs=_pairs(settings.curve_configs),
+        tables[path] = _sweep(lm, data, table_spec, EvalConfig(path, settings.quality_eval_windows), path)
+    curve_spec = SweepConfig(ratios=(settings.curve_ratio,), configs=_pairs(settings.curve_configs),
                            calib_samples=tuple(settings.curve_samples))
     curve = _sweep(lm, data, curve_spec, evaluation, "curve")
     goals = []

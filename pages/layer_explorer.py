@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import streamlit as st
 
 from rcpu import figures
-from rcpu.appstate import EXPLORER_METHODS
-from rcpu.compensate import DEFAULT_ALPHA, METHODS
+from rcpu.compensate import METHODS
 from rcpu.config import LayerConfig
-from rcpu.layer import select
+from rcpu.explorer import DEFAULT_METHODS
 from rcpu.scores import SCORES
 from ui import common
 
@@ -26,9 +23,10 @@ data = common.sidebar()
 lm = common.model()
 n_layers = lm.adapter.num_layers
 
-for key, value in (("le_layer", min(common.defaults().layer, n_layers - 1)), ("le_sublayer", "o_proj"),
-                   ("le_ratio", 0.2), ("le_score", "rcpu"), ("le_methods", list(EXPLORER_METHODS)),
-                   ("le_compare", "wanda_sp"), ("le_alpha", DEFAULT_ALPHA), ("le_order", "index")):
+start = LayerConfig(layer=common.defaults().layer, sublayer="o_proj").for_model(lm)
+for key, value in (("le_layer", start.layer), ("le_sublayer", start.sublayer),
+                   ("le_ratio", start.ratio), ("le_score", start.score), ("le_methods", list(DEFAULT_METHODS)),
+                   ("le_compare", "wanda_sp"), ("le_alpha", start.alpha), ("le_order", "index")):
     common.init(key, value)
 if st.session_state["le_layer"] >= n_layers:  # a smaller model than before
     st.session_state["le_layer"] = n_layers - 1
@@ -54,17 +52,13 @@ with st.expander("More settings"):
 cfg = LayerConfig(layer=int(layer), sublayer=sublayer, ratio=float(ratio), score=score,
                   method=methods[0] if methods else "none", alpha=float(alpha))
 with common.guarded():
-    stats = common.layer_data(lm, data, cfg.layer)
-    start = time.perf_counter()
-    analysis = common.analyses().get(lm, data, stats, cfg, methods or ["none"])
-    weight = lm.adapter.sublayer(cfg.layer, cfg.sublayer).weight
-    second = select(weight.detach(), stats.calibration[cfg.sublayer], compare, cfg.ratio,
-                    lm.adapter.unit_size(cfg.sublayer), data.seed)
-    elapsed = time.perf_counter() - start
+    report = common.explore(lm, data, cfg, methods or ["none"])
+    second = report.kept_set(compare)
+analysis = report.analysis
 shown = methods  # figures show only what the user picked
 
 sel = analysis.selection
-what = "heads" if sublayer == "o_proj" else "channels"
+what = lm.adapter.unit_name(sublayer)
 m = st.columns(4)
 m[0].metric(f"Kept {what}", f"{len(sel.kept_units)} / {sel.unit_scores.numel()}")
 m[1].metric("Input dimensions kept", f"{len(sel.kept)} / {analysis.d_in}")
@@ -74,11 +68,11 @@ if shown:
     best = min(shown, key=lambda name: analysis.methods[name].error_heldout)
     m[3].metric("Best held-out error", f"{analysis.methods[best].error_heldout:.3f}", delta=figures.label(best),
                 delta_color="off", delta_arrow="off")
-calib_tokens = stats.calibration[sublayer].count
+calib_tokens = report.calibration_tokens
 st.caption(
     f"Layer {cfg.layer} `{sublayer}`: W is {analysis.d_out} × {analysis.d_in}; "
     f"{calib_tokens} calibration tokens ({calib_tokens / analysis.d_in:.1f} per input dimension), "
-    f"{stats.heldout[sublayer].count} held-out tokens. Analysis {elapsed:.2f} s."
+    f"{report.heldout_tokens} held-out tokens. Analysis {report.seconds:.2f} s."
 )
 if not shown:
     st.info("Choose at least one compensation method to compare.")

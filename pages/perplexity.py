@@ -6,13 +6,13 @@ import streamlit as st
 
 from rcpu import figures
 from rcpu.compensate import METHODS
+from rcpu.config import EvalConfig, PruneConfig, SweepConfig, parse_configs
 from rcpu.scores import SCORES
-from rcpu.sweep import EvalSpec, SweepSpec, parse_configs, run_sweep, to_csv
+from rcpu.sweep import run_sweep, to_csv
 from ui import common
 
 RATIOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6]
 CONFIGS = [f"{s}:{m}" for s in SCORES for m in METHODS]
-DEFAULT_CONFIGS = ["rcpu:rotation", "wanda_sp:none", "fluctuation:bias"]
 TARGET_LABELS = {"both": "both", "attn": "o_proj only", "mlp": "down_proj only"}
 VIEWS = ["📈 Perplexity vs ratio", "🧪 Calibration size"]
 
@@ -26,8 +26,10 @@ lm = common.model()
 
 d = common.defaults()
 sizes = sorted({max(1, d.calib_samples // 4), max(1, d.calib_samples // 2), d.calib_samples})
-for key, value in (("pv_ratios", [0.1, 0.2, 0.3]), ("pv_configs", DEFAULT_CONFIGS), ("pv_targets", "both"),
-                   ("pv_view", VIEWS[0]), ("pv_sizes", sizes), ("pv_size_ratio", 0.2)):
+start = SweepConfig()
+for key, value in (("pv_ratios", list(start.ratios)), ("pv_configs", start.configs_text.split(",")),
+                   ("pv_targets", start.targets), ("pv_view", VIEWS[0]), ("pv_sizes", sizes),
+                   ("pv_size_ratio", PruneConfig.ratio)):
     common.init(key, value)
 
 c = st.columns([2, 3, 1.2])
@@ -45,13 +47,13 @@ with c[0]:
 eval_data, eval_windows = common.evaluation_settings("pv", data)
 
 with common.guarded():
-    pairs = tuple(parse_configs(",".join(configs))) if configs else ()
+    pairs = parse_configs(",".join(configs)) if configs else ()
     if view == VIEWS[0]:
-        spec = SweepSpec(ratios=tuple(sorted(ratios)), configs=pairs, targets=targets)
+        spec = SweepConfig(ratios=tuple(sorted(ratios)), configs=pairs, targets=targets)
     else:
-        spec = SweepSpec(ratios=(float(size_ratio),), configs=pairs, calib_samples=tuple(sorted(calib_sizes)),
-                         targets=targets)
-    evaluation = EvalSpec(eval_data, eval_windows)
+        spec = SweepConfig(ratios=(float(size_ratio),), configs=pairs, calib_samples=tuple(sorted(calib_sizes)),
+                           targets=targets)
+    evaluation = EvalConfig(eval_data, eval_windows)
     cached = run_sweep(lm, data, spec, evaluation, compute=False)
 
 

@@ -8,13 +8,11 @@ from pathlib import Path
 import streamlit as st
 
 from rcpu import figures
-from rcpu.appstate import whole_model_report, zip_pruned
 from rcpu.compensate import METHODS
-from rcpu.evaluate import evaluation_windows, perplexity
-from rcpu.export import save_pruned
-from rcpu.prune import TARGETS, PruneConfig, prune_model
+from rcpu.config import TARGETS, EvalConfig, PruneConfig
+from rcpu.export import save_pruned, zip_pruned
+from rcpu.pipeline import prune_and_evaluate
 from rcpu.scores import SCORES
-from rcpu.sweep import EvalSpec, dense_result
 from ui import common
 
 RESULT = "whole_model_run"  # session-state key of the last run (kept across reruns, e.g. downloads)
@@ -31,7 +29,9 @@ st.caption(
 lm = common.model()
 n_layers = lm.adapter.num_layers
 
-for key, value in (("wm_ratio", 0.2), ("wm_targets", "both"), ("wm_score", "rcpu"), ("wm_method", "rotation")):
+start = PruneConfig()
+for key, value in (("wm_ratio", start.ratio), ("wm_targets", start.targets), ("wm_score", start.score),
+                   ("wm_method", start.method)):
     common.init(key, value)
 c = st.columns([1.3, 1.6, 1, 1.3])
 ratio = c[0].slider("Pruning ratio", 0.0, 0.8, step=0.05, key="wm_ratio")
@@ -40,6 +40,7 @@ score = c[2].selectbox("Score", list(SCORES), key="wm_score")
 method = c[3].selectbox("Compensation", list(METHODS), format_func=figures.label, key="wm_method")
 eval_data, eval_windows = common.evaluation_settings("wm", data)
 cfg = PruneConfig(ratio=float(ratio), targets=targets, score=score, method=method)
+evaluation = EvalConfig(eval_data, eval_windows)
 
 b1, b2 = st.columns([1.6, 4])
 run = b1.button("✂️ Prune the model", type="primary", key="run_prune")
@@ -54,27 +55,18 @@ if run:
         records.append(record)
         live.plotly_chart(figures.layer_errors_figure(records, n_layers, TARGETS[targets]))
 
-    def on_progress(done: int, total: int, what: str) -> None:
-        bar.progress(min(done / max(total, 1), 1.0), text=f"Pruning: {what} of {total} layers")
-
-    def on_eval(stage: str):
-        def report(done: int, total: int, what: str) -> None:
-            bar.progress(min(done / max(total, 1), 1.0), text=f"Perplexity of the {stage} model: {done}/{total}")
-        return report
+    def on_progress(stage: str, done: int, total: int, what: str) -> None:
+        if stage == "prune":
+            text = f"Pruning: {what} of {total} layers"
+        else:
+            text = f"Perplexity of the {'dense' if stage == 'dense' else 'pruned'} model: {done}/{total}"
+        bar.progress(min(done / max(total, 1), 1.0), text=text)
 
     with common.guarded(), common.model_in_use("this prune"):
-        spec = EvalSpec(eval_data, eval_windows)
-        dense = dense_result(lm, data, spec, progress=on_eval("dense"))  # cached on disk
-        result = prune_model(lm, data, cfg, progress=on_progress, on_layer=on_layer)
-        windows = evaluation_windows(lm, data, eval_data, eval_windows)
-        pruned = perplexity(result.model, windows, progress=on_eval("pruned"))
+        report = prune_and_evaluate(lm, data, cfg, evaluation, progress=on_progress, on_layer=on_layer)
     bar.empty()
     live.empty()
-    st.session_state[RESULT] = {
-        "result": result, "dense": dense, "pruned": pruned, "config": cfg, "data": data,
-        "eval": (eval_data, eval_windows),
-        "report": whole_model_report(result, dense, pruned, eval_data),
-    }
+    st.session_state[RESULT] = {"report": report, "config": cfg, "data": data, "eval": evaluation}
 
 last = st.session_state.get(RESULT)
 if last is None:
@@ -83,33 +75,34 @@ if last is None:
             "settings this takes a few minutes on a CPU.")
     st.stop()
 
-if (last["config"], last["data"], last["eval"]) != (cfg, data, (eval_data, eval_windows)):
+if (last["config"], last["data"], last["eval"]) != (cfg, data, evaluation):
     old = last["config"]
     st.warning(f"The results below are for an earlier run (ratio {old.ratio:.0%}, {old.targets}, "
                f"{old.score} + {figures.label(old.method)}). Press **Prune the model** to update them.")
 
-result, report = last["result"], last["report"]
+report = last["report"]
+result, summary = report.result, report.to_json()
 m = st.columns(4)
-removed = report["params_removed_fraction"]
-m[0].metric("Parameters", f"{report['params_after'] / 1e6:.1f} M", delta=f"-{removed:.1%}", delta_color="off")
-m[1].metric("Perplexity before", f"{report['perplexity_before']:.2f}")
-after, before = report["perplexity_after"], report["perplexity_before"]
+removed = summary["params_removed_fraction"]
+m[0].metric("Parameters", f"{summary['params_after'] / 1e6:.1f} M", delta=f"-{removed:.1%}", delta_color="off")
+m[1].metric("Perplexity before", f"{summary['ppl_dense']:.2f}")
+after, before = summary["ppl"], summary["ppl_dense"]
 m[2].metric("Perplexity after", f"{after:.2f}", delta=f"{after - before:+.2f}", delta_color="inverse")
-m[3].metric("Pruning time", f"{result.timing_s['total']:.0f} s")
-st.caption(f"Perplexity on {report['eval_tokens']} tokens of {report['eval_data']}.")
-st.plotly_chart(figures.layer_errors_figure(result.layers, n_layers, TARGETS[result.config.targets]),
+m[3].metric("Pruning time", f"{summary['timing_s']['prune']:.0f} s")
+st.caption(f"Perplexity on {summary['eval_tokens']} tokens of {summary['eval_data']}.")
+st.plotly_chart(figures.layer_errors_figure(result.layers, n_layers, result.config.sublayers),
                 key="fig_layers")
 with st.expander("Per-layer table"):
     rows = [{"layer": r["layer"], "sublayer": sub, **{k: v for k, v in r[sub].items()}}
-            for r in result.layers for sub in TARGETS[result.config.targets]]
+            for r in result.layers for sub in result.config.sublayers]
     st.dataframe(rows, hide_index=True)
 
 st.subheader("Downloads")
 d1, d2 = st.columns(2)
 name = f"rcpu-{result.config.score}-{result.config.method}-{round(result.config.ratio * 100)}pct"
-d1.download_button("⬇️ Results (JSON)", json.dumps(report, indent=2), file_name=f"{name}.json",
+d1.download_button("⬇️ Results (JSON)", json.dumps(summary, indent=2), file_name=f"{name}.json",
                    mime="application/json", on_click="ignore", key="download_json")
-d2.download_button("⬇️ Pruned model (zip)", lambda: zip_pruned(result, lm.tokenizer, report),
+d2.download_button("⬇️ Pruned model (zip)", lambda: zip_pruned(result.model, lm.tokenizer, report.settings(), summary),
                    file_name=f"{name}.zip", mime="application/zip", on_click="ignore", key="download_zip",
                    help="A folder that stock transformers loads (AutoModelForCausalLM.from_pretrained). "
                         "Built when you click; large.")
@@ -117,6 +110,7 @@ with st.expander("Save the pruned model to a folder on this machine"):
     folder = st.text_input("Folder (must not exist yet)", key="save_folder")
     if st.button("Save", key="save_pruned", disabled=not folder.strip()):
         with common.guarded(stop=False):
-            out = save_pruned(result.model, lm.tokenizer, Path(folder.strip()).expanduser(), record=result.record())
+            out = save_pruned(result.model, lm.tokenizer, Path(folder.strip()).expanduser(),
+                              record=report.settings())
             st.success(f"Saved to {out}")
 common.model_status()

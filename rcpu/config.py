@@ -1,34 +1,173 @@
-"""What a run is, as data: the CLI parses into these, the app builds them from widgets,
-and cache keys are made from them."""
+"""What a run is, as data: the one source of defaults and checks.
+
+The CLI's argparse defaults and the app's widget defaults are read from these
+classes; cache keys are made from them. Each ``check`` raises ``RcpuError``
+with one readable line, and runs before any work: without a model it checks
+the values alone; with the loaded model (``check(lm)``) it also checks them
+against the model's shapes.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from .compensate import DEFAULT_ALPHA
-from .text import Sampling
+from .adapters import SUBLAYERS
+from .compensate import DEFAULT_ALPHA, check_alpha, check_method
+from .errors import RcpuError
+from .scores import check_keeps_some, check_ratio, check_score
+from .text import Sampling, load_text
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
+TARGETS = {"attn": ("o_proj",), "mlp": ("down_proj",), "both": SUBLAYERS}
 
 
 @dataclass(frozen=True)
 class DataConfig:
+    """The model, the calibration text and how calibration windows are drawn from it."""
+
     model: str = "embedded"
     data: str = "embedded"
-    calib_samples: int = 32
-    seq_len: int = 512
-    seed: int = 0
-    heldout_samples: int = 8
+    calib_samples: int = Sampling.calib_samples
+    seq_len: int = Sampling.seq_len
+    seed: int = Sampling.seed
+    heldout_samples: int = Sampling.heldout_samples
     trust_remote_code: bool = False
 
     @property
     def sampling(self) -> Sampling:
         return Sampling(self.calib_samples, self.seq_len, self.seed, self.heldout_samples)
 
+    def check(self) -> None:
+        """Sampling sizes in range and the text readable (before the model loads)."""
+        self.sampling.check()
+        load_text(self.data)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Where perplexity is measured: ``eval_data`` from its start, or the held-out part of the
+    calibration text (``None``); at most ``eval_windows`` windows (``None``: all)."""
+
+    eval_data: str | None = None
+    eval_windows: int | None = None
+
+    def check(self) -> None:
+        if self.eval_windows is not None and self.eval_windows < 1:
+            raise RcpuError(f"--eval-windows must be at least 1, got {self.eval_windows}")
+        if self.eval_data:
+            load_text(self.eval_data, split="test")
+
+    def describe(self, data: DataConfig) -> str:
+        return self.eval_data or f"{data.data} (held-out part)"
+
+
+def _check_choices(ratio: float, score: str, method: str, alpha: float) -> None:
+    check_ratio(ratio)
+    check_score(score)
+    check_method(method)
+    check_alpha(alpha)
+
 
 @dataclass(frozen=True)
 class LayerConfig:
+    """One sublayer of one layer, pruned at ``ratio`` by ``score`` and compensated by ``method``."""
+
     layer: int = 15
     sublayer: str = "down_proj"
     ratio: float = 0.2
     score: str = "rcpu"
     method: str = "rotation"
     alpha: float = DEFAULT_ALPHA
+
+    def check(self, lm: LoadedModel | None = None) -> None:
+        if self.sublayer not in SUBLAYERS:
+            raise RcpuError(f"unknown sublayer {self.sublayer!r}; choose one of: {', '.join(SUBLAYERS)}")
+        _check_choices(self.ratio, self.score, self.method, self.alpha)
+        if lm is not None:
+            adapter = lm.adapter
+            adapter.check_layer(self.layer)
+            check_keeps_some(adapter.num_units(self.layer, self.sublayer), self.ratio,
+                             adapter.unit_name(self.sublayer))
+
+    def for_model(self, lm: LoadedModel) -> LayerConfig:
+        """This config with its layer moved into the model's range (a model with fewer layers)."""
+        return replace(self, layer=min(self.layer, lm.adapter.num_layers - 1))
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Every layer pruned at ``ratio`` in the ``targets`` sublayers, by ``score`` and ``method``."""
+
+    ratio: float = 0.2
+    targets: str = "both"
+    score: str = "rcpu"
+    method: str = "rotation"
+    alpha: float = DEFAULT_ALPHA
+
+    @property
+    def sublayers(self) -> tuple[str, ...]:
+        return TARGETS[self.targets]
+
+    @property
+    def label(self) -> str:
+        return f"{self.score}:{self.method}"
+
+    def check(self, lm: LoadedModel | None = None) -> None:
+        """With ``lm``: also refuse a ratio that would leave some layer nothing, before any work."""
+        if self.targets not in TARGETS:
+            raise RcpuError(f"unknown targets {self.targets!r}; choose one of: {', '.join(TARGETS)}")
+        _check_choices(self.ratio, self.score, self.method, self.alpha)
+        if lm is not None:
+            adapter = lm.adapter
+            for sub in self.sublayers:
+                for index in range(adapter.num_layers):
+                    check_keeps_some(adapter.num_units(index, sub), self.ratio, adapter.unit_name(sub))
+
+
+def parse_configs(text: str) -> tuple[tuple[str, str], ...]:
+    """``"rcpu:rotation,wanda_sp:none"`` -> (("rcpu", "rotation"), ("wanda_sp", "none")), checked."""
+    pairs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        score, sep, method = item.partition(":")
+        if not sep:
+            raise RcpuError(f"config {item!r} must be SCORE:METHOD, e.g. rcpu:rotation")
+        check_score(score)
+        check_method(method)
+        pairs.append((score, method))
+    if not pairs:
+        raise RcpuError("no configs given")
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Every (calibration size, ratio, score:method) point of a perplexity sweep."""
+
+    ratios: tuple[float, ...] = (0.1, 0.2, 0.3)
+    configs: tuple[tuple[str, str], ...] = (("rcpu", "rotation"), ("wanda_sp", "none"), ("fluctuation", "bias"))
+    calib_samples: tuple[int, ...] | None = None  # None: the DataConfig's
+    targets: str = PruneConfig.targets
+    alpha: float = DEFAULT_ALPHA
+
+    @property
+    def configs_text(self) -> str:
+        return ",".join(f"{s}:{m}" for s, m in self.configs)
+
+    def points(self, data: DataConfig) -> list[tuple[DataConfig, PruneConfig]]:
+        sizes = self.calib_samples or (data.calib_samples,)
+        return [
+            (replace(data, calib_samples=n), PruneConfig(r, self.targets, s, m, self.alpha))
+            for n in sizes
+            for r in self.ratios
+            for s, m in self.configs
+        ]
+
+    def check(self, data: DataConfig | None = None) -> None:
+        if not self.ratios:
+            raise RcpuError("no ratios given; e.g. --ratios 0.1,0.2")
+        for data_point, cfg in self.points(data or DataConfig()):
+            cfg.check()
+            data_point.sampling.check()

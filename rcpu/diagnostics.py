@@ -14,22 +14,11 @@ from .problem import KeptProblem
 from .stats import LayerStats
 
 
-def output_error(
-    weight: Tensor, stats: LayerStats, kept: Tensor, new_weight: Tensor, bias: Tensor | None = None,
-    wg: Tensor | None = None,
-) -> tuple[float, float]:
-    """(``||Y - Yhat||_F^2``, ``||Y||_F^2``) from G, s and n alone (``KeptProblem.error``).
-
-    ``wg = W G`` may be passed in when several candidates are compared on the same statistics.
-    """
-    return KeptProblem(weight, stats, kept, wg).error(new_weight.to(torch.float64), bias)
-
-
 def relative_error(
     weight: Tensor, stats: LayerStats, kept: Tensor, new_weight: Tensor, bias: Tensor | None = None,
     wg: Tensor | None = None,
 ) -> float:
-    """``||Y - Yhat||_F / ||Y||_F`` (``KeptProblem.relative_error``)."""
+    """``||Y - Yhat||_F / ||Y||_F`` from G, s and n alone (``KeptProblem.relative_error``)."""
     return KeptProblem(weight, stats, kept, wg).relative_error(new_weight.to(torch.float64), bias)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .calibration import prepare_tokens
-from .config import DataConfig
+from .config import DataConfig, EvalConfig
 from .errors import RcpuError
 from .flow import Progress
 from .models import LoadedModel
@@ -55,22 +55,21 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
     }
 
 
-def evaluation_windows(
-    lm: LoadedModel, data: DataConfig, eval_data: str | None = None, limit: int | None = None
-) -> Tensor:
+def evaluation_windows(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig = EvalConfig()) -> Tensor:
     """Windows of ``data.seq_len`` tokens to evaluate on.
 
-    With ``eval_data``, its text from the start (WikiText-2 protocol: the test split
-    for hub datasets); without, the held-out part of the calibration text.
+    With ``evaluation.eval_data``, its text from the start (WikiText-2 protocol: the test
+    split for hub datasets); without, the held-out part of the calibration text.
     """
-    if limit is not None and limit < 1:
-        raise RcpuError(f"--eval-windows must be at least 1, got {limit}")
-    if eval_data:
-        ids = tokenize(lm.tokenizer, load_text(eval_data, split="test"))
+    evaluation.check()
+    limit = evaluation.eval_windows
+    if evaluation.eval_data:
+        ids = tokenize(lm.tokenizer, load_text(evaluation.eval_data, split="test"))
         windows = consecutive_windows(ids, data.seq_len, limit)
         if len(windows) == 0:
             raise RcpuError(
-                f"evaluation text {eval_data!r} has {len(ids)} tokens, fewer than one {data.seq_len}-token window"
+                f"evaluation text {evaluation.eval_data!r} has {len(ids)} tokens, fewer than one "
+                f"{data.seq_len}-token window"
             )
         return windows
     return consecutive_windows(prepare_tokens(lm, data.data, data.sampling).heldout_ids, data.seq_len, limit)

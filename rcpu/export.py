@@ -3,18 +3,21 @@
 Every layer of a uniformly pruned model has the same number of query heads and
 MLP channels. KV heads are regrouped to one group size across layers (the gcd of
 the per-layer group sizes, repeating KV heads where groups were uneven), and
-added biases are expressed with ``attention_bias`` / ``mlp_bias`` (zeros where a
-projection had none). The folder is written to a temporary sibling and renamed,
-so an interrupted save leaves nothing half-written.
+added biases are given to every projection of their kind (zeros where a
+projection had none), as the stock configs describe them. The folder is written
+to a temporary sibling and renamed, so an interrupted save leaves nothing
+half-written.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 from torch import nn
@@ -66,22 +69,17 @@ def stock_layout(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     adapter = adapter_for(model)
     layers = range(adapter.num_layers)
-    channels = {adapter.mlp(i).down_proj.in_features for i in layers}
+    channels = {adapter.num_channels(i) for i in layers}
     if len(channels) != 1:
         raise RcpuError("layers have different numbers of MLP channels; stock transformers cannot load that")
-    group, n_kv = stock_head_layout(adapter.hidden_size, [kv_groups(adapter.attention(i)) for i in layers])
+    group, n_kv = stock_head_layout(adapter.hidden_size, [kv_groups(adapter, i) for i in layers])
     for i in layers:
         relayout_attention(adapter, i, group, n_kv)
-    attn_bias = any(adapter.attention(i).o_proj.bias is not None for i in layers)
-    mlp_bias = any(adapter.mlp(i).down_proj.bias is not None for i in layers)
+    attn_bias = any(adapter.attention_output(i).bias is not None for i in layers)
+    mlp_bias = any(adapter.mlp_output(i).bias is not None for i in layers)
     add_zero_biases(adapter, attention=attn_bias, mlp=mlp_bias)
-    cfg = model.config
-    cfg.num_key_value_heads = n_kv
-    cfg.num_attention_heads = group * n_kv
-    cfg.head_dim = adapter.head_dim
-    cfg.intermediate_size = channels.pop()
-    cfg.attention_bias = bool(cfg.attention_bias or attn_bias)
-    cfg.mlp_bias = bool(getattr(cfg, "mlp_bias", False) or mlp_bias)
+    adapter.write_config(heads=group * n_kv, kv_heads=n_kv, channels=channels.pop(),
+                         attention_bias=attn_bias, mlp_bias=mlp_bias)
     return model
 
 
@@ -112,6 +110,23 @@ def save_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def zip_pruned(model: nn.Module, tokenizer, record: dict | None = None, report: dict | None = None) -> bytes:
+    """The pruned model as a zip of its stock-loadable folder (safetensors, config, tokenizer),
+    with ``report`` as ``rcpu_results.json`` beside it."""
+    with tempfile.TemporaryDirectory(prefix="rcpu-zip-") as tmp:
+        folder = save_pruned(model, tokenizer, Path(tmp) / "pruned", record=record)
+        if report is not None:
+            (folder / "rcpu_results.json").write_text(json.dumps(report, indent=2))
+        buffer = io.BytesIO()
+        # Weights barely compress: store them, deflate the small text files.
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    kind = zipfile.ZIP_STORED if path.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
+                    archive.write(path, f"pruned-model/{path.relative_to(folder)}", compress_type=kind)
+        return buffer.getvalue()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -18,7 +18,8 @@ import torch
 from plotly.subplots import make_subplots
 
 from .compensate import METHODS
-from .layer import Selection, SublayerAnalysis
+from .analysis import SublayerAnalysis
+from .scores import Selection
 
 KEPT = "#2563eb"
 PRUNED = "#dc2626"

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .adapters import LlamaLayoutAdapter
+from .adapters import SUBLAYERS, DecoderAdapter
 from .stats import StatsAccumulator
 
 log = logging.getLogger("rcpu")
@@ -31,7 +31,7 @@ class _Stop(Exception):
 class LayerFlow:
     """Per-batch hidden states at the input of the next layer to run."""
 
-    def __init__(self, adapter: LlamaLayoutAdapter, windows: Tensor, batch_size: int = 8):
+    def __init__(self, adapter: DecoderAdapter, windows: Tensor, batch_size: int = 8):
         self.adapter = adapter
         self.next_layer = 0
         self.batches: list[tuple[Tensor, dict]] = []
@@ -61,10 +61,6 @@ class LayerFlow:
         for key in ("cache", "past_key_values", "past_key_value"):
             kwargs.pop(key, None)
         return captured["hidden"].detach(), kwargs
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h, _ in self.batches)
 
     def run_layer(self, index: int, update: bool = True) -> None:
         """Run layer ``index`` on every batch; with ``update`` its outputs become the states."""
@@ -128,7 +124,7 @@ def record_inputs(
 def layer_input_stats(flow: LayerFlow, index: int, sample_size: int, seed: int, update: bool = False):
     """Statistics of the ``o_proj`` and ``down_proj`` inputs of layer ``index`` on a flow."""
     adapter = flow.adapter
-    modules = {name: adapter.sublayer(index, name) for name in ("o_proj", "down_proj")}
+    modules = {name: adapter.sublayer(index, name) for name in SUBLAYERS}
     stop_after = None if update else "down_proj"  # the layer's last matmul; its output is unused
     with record_inputs(modules, sample_size, seed, stop_after) as accumulators:
         flow.run_layer(index, update=update)

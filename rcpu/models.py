@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .adapters import SUPPORTED_TYPES, LlamaLayoutAdapter, adapter_for, unsupported_message
+from .adapters import SUPPORTED_TYPES, DecoderAdapter, adapter_for, unsupported_message
 from .cache import cache_root
 from .errors import RcpuError
 
@@ -37,7 +37,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class LoadedModel:
     model: nn.Module
     tokenizer: object
-    adapter: LlamaLayoutAdapter
+    adapter: DecoderAdapter
     name: str  # what the user asked for
     fingerprint: str  # identity for cache keys
 
@@ -52,7 +52,7 @@ class LoadedModel:
             "model_type": cfg.model_type,
             "layers": a.num_layers,
             "hidden_size": a.hidden_size,
-            "intermediate_size": a.mlp(0).down_proj.in_features,
+            "intermediate_size": a.num_channels(0),
             "heads": a.num_heads(0),
             "kv_heads": a.num_kv_heads(0),
             "head_dim": a.head_dim,

@@ -108,14 +108,6 @@ class KeptProblem:
         err, ref = self.error(new_weight, bias, weight_gram)
         return math.sqrt(err / ref) if ref > 0 else 0.0
 
-    def covariance(self, new_weight: Tensor, weight_gram: Tensor | None = None) -> Tensor:
-        """Centred covariance of ``W' x_K`` (d_out, d_out): ``W' G[K,K] W'^T / n - (W' mu_K)(W' mu_K)^T``.
-
-        A bias does not change it.
-        """
-        wg_kk = self.weight_gram(new_weight) if weight_gram is None else weight_gram
-        return covariance_from_gram(new_weight, wg_kk, self.mean_kept, self.count)
-
 
 def covariance_from_gram(new_weight: Tensor, weight_gram: Tensor, mean_kept: Tensor, count: int) -> Tensor:
     """``W' G[K,K] W'^T / n - (W' mu_K)(W' mu_K)^T``, symmetrised, from ``weight_gram = W' G[K,K]``."""

@@ -10,46 +10,21 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .adapters import adapter_for
 from .calibration import TokenSet, prepare_tokens
-from .compensate import DEFAULT_ALPHA, Compensation, check_method, compensate_problem
-from .config import DataConfig
-from .errors import RcpuError
+from .compensate import Compensation, compensate_problem
+from .config import DataConfig, PruneConfig
 from .export import stock_layout
 from .flow import LayerFlow, Progress, layer_input_stats
-from .layer import select
 from .models import LoadedModel, count_parameters
 from .problem import KeptProblem
-from .scores import check_keeps_some, check_ratio, check_score
+from .scores import select
 from .surgery import SublayerPlan, apply_plan
-
-TARGETS = {"attn": ("o_proj",), "mlp": ("down_proj",), "both": ("o_proj", "down_proj")}
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    ratio: float = 0.2
-    targets: str = "both"
-    score: str = "rcpu"
-    method: str = "rotation"
-    alpha: float = DEFAULT_ALPHA
-
-    def check(self) -> None:
-        check_ratio(self.ratio)
-        check_score(self.score)
-        check_method(self.method)
-        if self.targets not in TARGETS:
-            raise RcpuError(f"unknown targets {self.targets!r}; choose one of: {', '.join(TARGETS)}")
-
-    @property
-    def label(self) -> str:
-        return f"{self.score}:{self.method}"
-
 
 @dataclass
 class PruneResult:
@@ -61,17 +36,6 @@ class PruneResult:
     params_before: int
     params_after: int
     timing_s: dict = field(default_factory=dict)
-
-    def record(self) -> dict:
-        """What was done, for JSON and the saved config."""
-        return {
-            **asdict(self.config),
-            "model": self.data.model,
-            "data": self.data.data,
-            "calib_samples": self.data.calib_samples,
-            "seq_len": self.data.seq_len,
-            "seed": self.data.seed,
-        }
 
 
 LayerCallback = Callable[[dict], None]
@@ -96,14 +60,12 @@ def prune_model(
     ``progress(done, total, what)`` is called per layer; ``on_layer(record)`` gets each
     layer's errors as soon as it is pruned (the app draws them as the run goes).
     """
-    cfg.check()
+    cfg.check(lm)  # before any work: a ratio that leaves some layer nothing fails here
     start = time.perf_counter()
     tokens = tokens or prepare_tokens(lm, data.data, data.sampling)
     model = copy.deepcopy(lm.model)
     adapter = adapter_for(model)
-    sublayers = TARGETS[cfg.targets]
-    for sub in sublayers:  # fail before any work if a layer would lose everything
-        check_keeps_some(adapter.num_units(0, sub), cfg.ratio, adapter.unit_name(sub))
+    sublayers = cfg.sublayers
 
     flows = {"calibration": LayerFlow(adapter, tokens.calibration, batch_size)}
     if len(tokens.heldout):

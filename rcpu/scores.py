@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from decimal import ROUND_HALF_UP, Decimal
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -118,7 +119,38 @@ def units_to_columns(units: Tensor, unit_size: int) -> Tensor:
     return (units[:, None] * unit_size + offsets[None, :]).reshape(-1)
 
 
-def kv_heads_kept(kept_heads: Tensor, n_heads: int, n_kv_heads: int) -> Tensor:
-    """KV heads that still serve at least one kept query head (GQA groups are contiguous)."""
-    group = n_heads // n_kv_heads
-    return torch.unique(kept_heads // group)
+@dataclass
+class Selection:
+    score: str
+    ratio: float
+    unit_size: int
+    column_scores: Tensor  # (d_in,)
+    unit_scores: Tensor  # (n_units,)
+    kept_units: Tensor
+    pruned_units: Tensor
+    kept: Tensor  # kept columns K, sorted
+    pruned: Tensor  # pruned columns P, sorted
+
+
+def check_has_tokens(stats: LayerStats) -> None:
+    if stats.count == 0:  # e.g. every token was left out of the statistics for inf/NaN inputs
+        raise RcpuError(
+            "no calibration tokens with finite inputs reach this sublayer (activations overflow to "
+            "inf/NaN earlier in the model); load the model in float32 or check its weights"
+        )
+
+
+def select(
+    weight: Tensor, stats: LayerStats, score: str, ratio: float, unit_size: int = 1, seed: int = 0,
+    what: str = "units",
+) -> Selection:
+    """Score columns, sum them per unit, prune the lowest ``ratio`` of units."""
+    check_score(score)
+    check_has_tokens(stats)
+    columns = score_columns(score, weight, stats, seed)
+    units = unit_scores(columns, unit_size)
+    kept_units, pruned_units = select_units(units, ratio, what)
+    return Selection(
+        score, ratio, unit_size, columns, units, kept_units, pruned_units,
+        units_to_columns(kept_units, unit_size), units_to_columns(pruned_units, unit_size),
+    )

@@ -42,12 +42,6 @@ class LayerStats:
         noise = 16 * math.sqrt(n) * torch.finfo(torch.float64).eps * second
         return torch.where(var > noise, var, torch.zeros_like(var))
 
-    @property
-    def centred_gram(self) -> Tensor:
-        """``C = G - n mu mu^T``."""
-        mu = self.mean
-        return self.gram - self.count * torch.outer(mu, mu)
-
     def to_arrays(self) -> dict:
         return {
             "gram": self.gram.numpy(),

@@ -1,10 +1,13 @@
 """Physical removal of heads and channels, and the masked equivalent.
 
+Everything here asks the adapter for a layer's linears and reshapes them in
+place (a pruned model is always a copy: the source model is never modified).
+
 A layer's attention keeps its query heads in original order, so the kept heads of
 one KV group stay contiguous. When KV groups keep different numbers of query
 heads (GQA, e.g. 9 query heads in 3 groups), each KV head is repeated so that
 every group has the same size ``g`` (the gcd of the kept group sizes): the
-result runs in stock transformers' attention with ``num_key_value_groups = g``
+result runs in stock transformers' attention with ``g`` query heads per KV head
 and computes exactly what the unevenly grouped heads would.
 """
 
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .adapters import LlamaLayoutAdapter
+from .adapters import DecoderAdapter
 from .compensate import Compensation
 
 
@@ -30,92 +33,91 @@ class SublayerPlan:
     compensation: Compensation
 
 
-def _linear(weight: Tensor, bias: Tensor | None, like: nn.Linear) -> nn.Linear:
-    out_f, in_f = weight.shape
-    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=like.weight.device, dtype=like.weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    layer.requires_grad_(False)
-    return layer
+def _reshape(linear: nn.Linear, weight: Tensor, bias: Tensor | None) -> None:
+    """Give ``linear`` new weights and bias (or none), in its own dtype and device, in place."""
+    like = linear.weight
+    linear.weight = nn.Parameter(weight.detach().to(like.device, like.dtype).clone(), requires_grad=False)
+    linear.bias = None if bias is None else nn.Parameter(
+        bias.detach().to(like.device, like.dtype).clone(), requires_grad=False
+    )
+    linear.out_features, linear.in_features = weight.shape
 
 
-def _rows(linear: nn.Linear, rows: Tensor) -> nn.Linear:
-    bias = linear.bias[rows] if linear.bias is not None else None
-    return _linear(linear.weight[rows], bias, linear)
+def _keep_rows(linear: nn.Linear, rows: Tensor) -> None:
+    _reshape(linear, linear.weight[rows], None if linear.bias is None else linear.bias[rows])
 
 
-def _compensated(linear: nn.Linear, comp: Compensation) -> nn.Linear:
-    dtype = linear.weight.dtype
+def _compensate(linear: nn.Linear, comp: Compensation) -> None:
+    """Replace ``linear``'s weight by ``W'_K`` and add the compensation's bias to its own."""
     bias = linear.bias.detach().to(torch.float64) if linear.bias is not None else None
     if comp.bias is not None:
         bias = comp.bias if bias is None else bias + comp.bias
-    return _linear(comp.weight.to(dtype), None if bias is None else bias.to(dtype), linear)
+    _reshape(linear, comp.weight, bias)
 
 
 def head_rows(heads: Tensor, head_dim: int) -> Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
-def kv_layout(kept_heads: Tensor, n_rep: int) -> tuple[Tensor, int]:
+def kv_head_of(query_heads: Tensor, queries_per_kv: int) -> Tensor:
+    """The KV head that each query head reads (GQA groups are contiguous)."""
+    return query_heads // queries_per_kv
+
+
+def kv_layout(kept_heads: Tensor, queries_per_kv: int) -> tuple[Tensor, int]:
     """(KV head for each new KV slot, new group size g) for kept query heads (sorted).
 
-    Original query head ``h`` uses KV head ``h // n_rep``; each KV head with ``c`` kept
-    query heads gets ``c / g`` slots, ``g`` the gcd of the counts.
+    Each KV head with ``c`` kept query heads gets ``c / g`` slots, ``g`` the gcd of the counts.
     """
-    groups, counts = torch.unique(kept_heads // n_rep, return_counts=True)
+    groups, counts = torch.unique(kv_head_of(kept_heads, queries_per_kv), return_counts=True)
     g = math.gcd(*counts.tolist())
     slots = torch.repeat_interleave(groups, counts // g)
     return slots, g
 
 
-def prune_attention(adapter: LlamaLayoutAdapter, index: int, plan: SublayerPlan) -> None:
+def prune_attention(adapter: DecoderAdapter, index: int, plan: SublayerPlan) -> None:
     """Remove query heads (and KV heads left without query heads) of layer ``index``."""
-    attn = adapter.attention(index)
     hd = adapter.head_dim
-    n_rep = attn.num_key_value_groups
+    per_kv = adapter.queries_per_kv(index)
     kept_heads = plan.kept_units
-    slots, group = kv_layout(kept_heads, n_rep)
-    attn.q_proj = _rows(attn.q_proj, head_rows(kept_heads, hd))
-    attn.k_proj = _rows(attn.k_proj, head_rows(slots, hd))
-    attn.v_proj = _rows(attn.v_proj, head_rows(slots, hd))
-    attn.o_proj = _compensated(attn.o_proj, plan.compensation)
-    attn.num_key_value_groups = group
-    attn.rcpu_groups = torch.unique(kept_heads // n_rep, return_counts=True)[1].tolist()
+    slots, group = kv_layout(kept_heads, per_kv)
+    q, k, v = adapter.attention_inputs(index)
+    _keep_rows(q, head_rows(kept_heads, hd))
+    _keep_rows(k, head_rows(slots, hd))
+    _keep_rows(v, head_rows(slots, hd))
+    _compensate(adapter.attention_output(index), plan.compensation)
+    adapter.set_query_groups(index, group)
+    _set_kv_groups(adapter, index, torch.unique(kv_head_of(kept_heads, per_kv), return_counts=True)[1].tolist())
 
 
-def prune_mlp(adapter: LlamaLayoutAdapter, index: int, plan: SublayerPlan) -> None:
-    """Remove intermediate channels of layer ``index`` (gate/up rows, down columns)."""
-    mlp = adapter.mlp(index)
-    mlp.gate_proj = _rows(mlp.gate_proj, plan.kept)
-    mlp.up_proj = _rows(mlp.up_proj, plan.kept)
-    mlp.down_proj = _compensated(mlp.down_proj, plan.compensation)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = len(plan.kept)
+def prune_mlp(adapter: DecoderAdapter, index: int, plan: SublayerPlan) -> None:
+    """Remove intermediate channels of layer ``index`` (input rows, output columns)."""
+    for linear in adapter.mlp_inputs(index):
+        _keep_rows(linear, plan.kept)
+    _compensate(adapter.mlp_output(index), plan.compensation)
 
 
-def apply_plan(adapter: LlamaLayoutAdapter, index: int, plan: SublayerPlan) -> None:
+def apply_plan(adapter: DecoderAdapter, index: int, plan: SublayerPlan) -> None:
     (prune_attention if plan.sublayer == "o_proj" else prune_mlp)(adapter, index, plan)
 
 
-def mask_plan(adapter: LlamaLayoutAdapter, index: int, plan: SublayerPlan) -> None:
+def mask_plan(adapter: DecoderAdapter, index: int, plan: SublayerPlan) -> None:
     """The masked equivalent: full shapes, pruned columns zeroed, kept columns compensated."""
     linear = adapter.sublayer(index, plan.sublayer)
     full = torch.zeros(linear.weight.shape, dtype=torch.float64)
     full[:, plan.kept] = plan.compensation.weight
-    masked = Compensation(weight=full, bias=plan.compensation.bias)
-    new = _compensated(linear, masked)
-    owner = adapter.attention(index) if plan.sublayer == "o_proj" else adapter.mlp(index)
-    setattr(owner, plan.sublayer, new)
+    _compensate(linear, Compensation(weight=full, bias=plan.compensation.bias))
 
 
-def kv_groups(attn: nn.Module) -> list[int]:
-    """Kept query heads per distinct KV head, in order (uniform for an unpruned layer)."""
-    groups = getattr(attn, "rcpu_groups", None)
+def _set_kv_groups(adapter: DecoderAdapter, index: int, groups: list[int]) -> None:
+    adapter.layers[index].rcpu_kv_groups = list(groups)
+
+
+def kv_groups(adapter: DecoderAdapter, index: int) -> list[int]:
+    """Kept query heads per distinct KV head of layer ``index``, in order (uniform if unpruned)."""
+    groups = getattr(adapter.layers[index], "rcpu_kv_groups", None)
     if groups is None:
-        n_kv = attn.k_proj.out_features // (attn.q_proj.out_features // attn.num_key_value_groups)
-        groups = [attn.num_key_value_groups] * n_kv
+        groups = [adapter.queries_per_kv(index)] * adapter.num_kv_heads(index)
     return list(groups)
 
 
@@ -123,17 +125,16 @@ def slots_needed(groups: list[int], group_size: int) -> int:
     return sum(-(-c // group_size) for c in groups)
 
 
-def relayout_attention(adapter: LlamaLayoutAdapter, index: int, group_size: int, n_slots: int) -> None:
+def relayout_attention(adapter: DecoderAdapter, index: int, group_size: int, n_slots: int) -> None:
     """Re-lay a layer's heads as ``n_slots`` KV heads serving ``group_size`` query heads each.
 
     Each distinct KV head gets ``ceil(c / group_size)`` slots for its ``c`` query heads;
     unfilled query positions and unused slots are zero heads (zero ``q``/``k``/``v``
     rows and zero ``o_proj`` columns), which add exactly nothing to the output.
     """
-    attn = adapter.attention(index)
     hd = adapter.head_dim
-    groups = kv_groups(attn)
-    current = attn.num_key_value_groups
+    groups = kv_groups(adapter, index)
+    current = adapter.queries_per_kv(index)
     queries: list[int | None] = []  # current query head for each new position (None: zero head)
     sources: list[int | None] = []  # current KV slot for each new slot (None: zero slot)
     q_offset, slot_offset = 0, 0
@@ -148,15 +149,16 @@ def relayout_attention(adapter: LlamaLayoutAdapter, index: int, group_size: int,
         raise ValueError(f"layer {index} needs {len(sources)} KV slots, only {n_slots} allowed")
     queries += [None] * (group_size * (n_slots - len(sources)))
     sources += [None] * (n_slots - len(sources))
-    attn.q_proj = _gather_rows(attn.q_proj, queries, hd)
-    attn.k_proj = _gather_rows(attn.k_proj, sources, hd)
-    attn.v_proj = _gather_rows(attn.v_proj, sources, hd)
-    attn.o_proj = _gather_columns(attn.o_proj, queries, hd)
-    attn.num_key_value_groups = group_size
-    attn.rcpu_groups = [group_size] * n_slots
+    q, k, v = adapter.attention_inputs(index)
+    _gather_rows(q, queries, hd)
+    _gather_rows(k, sources, hd)
+    _gather_rows(v, sources, hd)
+    _gather_columns(adapter.attention_output(index), queries, hd)
+    adapter.set_query_groups(index, group_size)
+    _set_kv_groups(adapter, index, [group_size] * n_slots)
 
 
-def _gather_rows(linear: nn.Linear, heads: list[int | None], hd: int) -> nn.Linear:
+def _gather_rows(linear: nn.Linear, heads: list[int | None], hd: int) -> None:
     weight = torch.zeros(len(heads) * hd, linear.in_features, dtype=linear.weight.dtype)
     bias = None if linear.bias is None else torch.zeros(len(heads) * hd, dtype=linear.weight.dtype)
     for new, old in enumerate(heads):
@@ -164,27 +166,23 @@ def _gather_rows(linear: nn.Linear, heads: list[int | None], hd: int) -> nn.Line
             weight[new * hd : (new + 1) * hd] = linear.weight[old * hd : (old + 1) * hd]
             if bias is not None:
                 bias[new * hd : (new + 1) * hd] = linear.bias[old * hd : (old + 1) * hd]
-    return _linear(weight, bias, linear)
+    _reshape(linear, weight, bias)
 
 
-def _gather_columns(linear: nn.Linear, heads: list[int | None], hd: int) -> nn.Linear:
+def _gather_columns(linear: nn.Linear, heads: list[int | None], hd: int) -> None:
     weight = torch.zeros(linear.out_features, len(heads) * hd, dtype=linear.weight.dtype)
     for new, old in enumerate(heads):
         if old is not None:
             weight[:, new * hd : (new + 1) * hd] = linear.weight[:, old * hd : (old + 1) * hd]
-    return _linear(weight, None if linear.bias is None else linear.bias.detach(), linear)
+    _reshape(linear, weight, linear.bias)
 
 
-def add_zero_biases(adapter: LlamaLayoutAdapter, attention: bool, mlp: bool) -> None:
-    """Give every projection of the kind a bias (zeros where there was none)."""
-    names = (["self_attn." + n for n in ("q_proj", "k_proj", "v_proj", "o_proj")] if attention else []) + (
-        ["mlp." + n for n in ("gate_proj", "up_proj", "down_proj")] if mlp else []
-    )
-    for layer in adapter.layers:
-        for dotted in names:
-            owner_name, attr = dotted.split(".")
-            owner = getattr(layer, owner_name)
-            linear = getattr(owner, attr)
+def add_zero_biases(adapter: DecoderAdapter, attention: bool, mlp: bool) -> None:
+    """Give every attention and/or MLP projection a bias (zeros where there was none)."""
+    for index in range(adapter.num_layers):
+        linears = ([*adapter.attention_inputs(index), adapter.attention_output(index)] if attention else []) + (
+            [*adapter.mlp_inputs(index), adapter.mlp_output(index)] if mlp else []
+        )
+        for linear in linears:
             if linear.bias is None:
-                zeros = torch.zeros(linear.out_features, dtype=linear.weight.dtype)
-                setattr(owner, attr, _linear(linear.weight.detach(), zeros, linear))
+                _reshape(linear, linear.weight, torch.zeros(linear.out_features))

@@ -21,6 +21,7 @@ from .errors import RcpuError
 
 HELDOUT_FRACTION = 0.2
 MAX_TEXT_BYTES = 200_000_000
+MAX_UPLOAD_BYTES = 20_000_000
 
 
 def _embedded_text() -> str:
@@ -100,6 +101,31 @@ def _load_text(source: str, split: str, stamp: tuple) -> str:
     if not text.strip():
         raise RcpuError(f"text source {source!r} is empty")
     return text
+
+
+def save_upload(data: bytes, root: Path | None = None, limit: int = MAX_UPLOAD_BYTES) -> Path:
+    """Check an uploaded text and store it as ``<root>/uploads/<sha256>.txt`` (a text source).
+
+    Only UTF-8 text is accepted; nothing uploaded is executed or unpickled, and
+    the uploaded file's own name is never used in a path.
+    """
+    from .cache import atomic_write_bytes, cache_root
+
+    if len(data) > limit:
+        raise RcpuError(f"uploaded file is {len(data) / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB")
+    if not data.strip():
+        raise RcpuError("uploaded file is empty")
+    if b"\x00" in data[:65536]:
+        raise RcpuError("uploaded file looks binary, not text")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RcpuError(f"uploaded file is not UTF-8 text (byte {exc.start})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    path = (root or cache_root()) / "uploads" / f"{digest}.txt"
+    if not path.exists():
+        atomic_write_bytes(path, data)
+    return path
 
 
 def text_fingerprint(source: str) -> str:

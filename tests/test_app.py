@@ -250,6 +250,21 @@ def test_whole_model_run_updates_chart_metrics_and_downloads(tiny_model, tmp_cac
     metrics = {m.label: m.value for m in at.metric}
     assert {"Parameters", "Perplexity before", "Perplexity after"} <= set(metrics)
     assert len(at.get("download_button")) == 2
+
+    # The JSON download and ``rcpu prune --json`` on the same settings: same keys, same values.
+    from rcpu.cli import main
+
+    downloaded = at.session_state["whole_model_run"]["report"].to_json()
+    out = tmp_cache / "prune.json"
+    assert main(["prune", "--model", tiny_model, "--calib-samples", "4", "--seq-len", "128",
+                 "--heldout-samples", "2", "--eval-windows", "2", "--json", str(out)]) == 0
+    from_cli = json.loads(out.read_text())
+    assert set(from_cli) == set(downloaded)
+    timings = ("timing_s", "eval_tokens_per_s")
+    # the same code on the same thread count: bit-for-bit equal
+    assert {k: v for k, v in from_cli.items() if k not in timings} == {
+        k: v for k, v in downloaded.items() if k not in timings}
+    assert set(from_cli["timing_s"]) == set(downloaded["timing_s"])
     at.slider(key="wm_ratio").set_value(0.5).run()
     assert any("earlier run" in w.value for w in at.warning)
     at.button(key="run_prune").click().run()

@@ -43,7 +43,7 @@ def strict_json(text: str) -> dict:
 @pytest.fixture
 def use_embedded(embedded, monkeypatch):
     """In-process runs reuse the session's loaded model instead of loading it per call."""
-    monkeypatch.setattr(cli, "_load", lambda data: embedded)
+    monkeypatch.setattr(cli.args, "load", lambda data: embedded)
     return embedded
 
 
@@ -259,7 +259,7 @@ def test_user_errors_before_model_load(tmp_cache, capsys, monkeypatch, extra, wo
         raise AssertionError("the model must not be loaded for an invalid argument")
 
     if "--model" not in extra:
-        monkeypatch.setattr(cli, "_load", no_load)
+        monkeypatch.setattr(cli.args, "load", no_load)
     expect_error(capsys, ["layer", *SMALL, *extra], *words)
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rcpu import sweep as sweep_module
+from rcpu import pipeline as pipeline_module
 from rcpu.cli import main
 
 FAST = ["--calib-samples", "2", "--seq-len", "64", "--heldout-samples", "1", "--eval-windows", "2"]
@@ -54,8 +54,8 @@ def test_sweep_twice_computes_nothing_the_second_time(tiny_model_dir, tmp_cache,
     def refuse(*a, **k):
         raise AssertionError("a cached sweep point was recomputed")
 
-    monkeypatch.setattr(sweep_module, "prune_model", refuse)
-    monkeypatch.setattr(sweep_module, "perplexity", refuse)
+    monkeypatch.setattr(pipeline_module, "prune_model", refuse)
+    monkeypatch.setattr(pipeline_module, "perplexity", refuse)
     args[-3] = str(tmp_path / "b.json")
     assert main(args) == 0
     second = json.loads((tmp_path / "b.json").read_text())
@@ -67,7 +67,7 @@ def test_sweep_twice_computes_nothing_the_second_time(tiny_model_dir, tmp_cache,
 
 def test_interrupted_sweep_resumes(tiny_model_dir, tmp_cache, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = sweep_module.prune_model
+    real = pipeline_module.prune_model
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -75,11 +75,11 @@ def test_interrupted_sweep_resumes(tiny_model_dir, tmp_cache, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(sweep_module, "prune_model", flaky)
+    monkeypatch.setattr(pipeline_module, "prune_model", flaky)
     args = ["sweep", "--model", str(tiny_model_dir), "--ratios", "0.34,0.5", "--configs", "rcpu:rotation", *FAST,
             "--json", str(tmp_path / "s.json")]
     assert main(args) == 130  # interrupted during the second point
-    monkeypatch.setattr(sweep_module, "prune_model", real)
+    monkeypatch.setattr(pipeline_module, "prune_model", real)
     assert main(args) == 0
     result = json.loads((tmp_path / "s.json").read_text())
     assert [p["cached"] for p in result["points"]] == [True, False]

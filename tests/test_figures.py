@@ -9,7 +9,8 @@ import torch
 
 from rcpu import figures
 from rcpu.compensate import METHODS
-from rcpu.layer import analyze_sublayer, select
+from rcpu.analysis import analyze_sublayer
+from rcpu.scores import select
 from rcpu.learn import ToyConfig, build_example
 from rcpu.stats import LayerStats
 

@@ -16,9 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rcpu.compensate import METHODS, compensate
-from rcpu.diagnostics import output_error, relative_error
+from rcpu.diagnostics import relative_error
 from rcpu.errors import RcpuError
-from rcpu.layer import analyze_sublayer, select, summary
+from rcpu.problem import KeptProblem
+from rcpu.analysis import analyze_sublayer
+from rcpu.reports import method_summary as summary
+from rcpu.scores import select
 from rcpu.scores import SCORES, score_columns, select_units
 from rcpu.stats import LayerStats
 
@@ -150,7 +153,7 @@ def test_every_method_finite_orthogonal_and_consistent(case, score):
             assert float(torch.linalg.matrix_norm(q.T @ q - eye)) < 1e-10
             if method == "rotation_so":
                 assert float(torch.linalg.det(q)) > 0
-        err, reference = output_error(w, stats, kept, comp.weight, comp.bias)
+        err, reference = KeptProblem(w, stats, kept).error(comp.weight, comp.bias)
         explicit = explicit_error(w, x, kept, comp)
         assert reference == pytest.approx(ref, rel=1e-10, abs=1e-300)
         assert abs(err - explicit) <= 1e-7 * (ref + explicit) + 1e-12, (method, err, explicit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from rcpu.errors import RcpuError
 from rcpu.evaluate import perplexity
 from rcpu.export import save_pruned
 from rcpu.flow import LayerFlow, layer_input_stats
-from rcpu.layer import select
-from rcpu.prune import PruneConfig, prune_model
+from rcpu.config import PruneConfig
+from rcpu.prune import prune_model
+from rcpu.scores import select
 from rcpu.surgery import mask_plan
 
 VOCAB = 128
@@ -125,7 +127,7 @@ def test_save_reloads_in_fresh_process_with_stock_transformers(tmp_path):
         _lm(model), DataConfig(seq_len=32, calib_samples=8), PruneConfig(0.3, "both", "rcpu", "rotation_bias"),
         tokens=_tokens(),
     )
-    out = save_pruned(result.model, None, tmp_path / "pruned", record=result.record())
+    out = save_pruned(result.model, None, tmp_path / "pruned", record=dataclasses.asdict(result.config))
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
     expected = result.model(ids).logits
     script = textwrap.dedent(

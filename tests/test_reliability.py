@@ -32,7 +32,7 @@ import torch
 from conftest import make_tiny_llama, random_tokens as _tokens, tiny_lm as _lm
 
 from rcpu import cache, cli
-from rcpu import sweep as sweep_module
+from rcpu import pipeline as pipeline_module
 from rcpu.adapters import SUPPORTED_TYPES, adapter_for
 from rcpu.calibration import layer_stats, stats_path
 from rcpu.compensate import METHODS
@@ -41,9 +41,10 @@ from rcpu.errors import RcpuError
 from rcpu.evaluate import perplexity
 from rcpu.export import save_pruned
 from rcpu.flow import LayerFlow, layer_input_stats
-from rcpu.layer import analyze_sublayer
+from rcpu.analysis import analyze_sublayer
 from rcpu.models import embedded_gguf, load_model
-from rcpu.prune import PruneConfig, prune_model
+from rcpu.config import PruneConfig
+from rcpu.prune import prune_model
 from rcpu.scores import SCORES
 from rcpu.text import Sampling
 
@@ -181,7 +182,7 @@ def test_hub_id_while_offline_says_how_to_pass_a_local_path(capsys, tmp_path, pl
     ],
 )
 def test_bad_ratios_and_alpha_before_model_load(capsys, tmp_path, plain_cache, monkeypatch, argv, words):
-    monkeypatch.setattr(cli, "_load", lambda data: pytest.fail("the model must not load for a bad argument"))
+    monkeypatch.setattr(cli.args, "load", lambda data: pytest.fail("the model must not load for a bad argument"))
     refuse(capsys, tmp_path, plain_cache, [*argv, *FAST], *words)
 
 
@@ -651,15 +652,15 @@ def test_save_failing_midway_leaves_the_output_absent_or_untouched(tmp_path, tin
 SLOW_SWEEP = textwrap.dedent(
     """
     import sys, time
-    from rcpu import cli, sweep
-    real = sweep.prune_model
+    from rcpu import cli, pipeline
+    real = pipeline.prune_model
     calls = []
     def slow(*args, **kwargs):
         calls.append(1)
         if len(calls) > 1:
             time.sleep(300)  # the second point never finishes: it is in flight when the kill comes
         return real(*args, **kwargs)
-    sweep.prune_model = slow
+    pipeline.prune_model = slow
     sys.exit(cli.main(sys.argv[1:]))
     """
 )
@@ -683,8 +684,8 @@ def test_sweep_killed_midway_resumes_and_computes_only_the_missing_points(tmp_pa
     assert all(cache.load_json(p) is not None for p in (root / "results").glob("*.json"))  # whole entries only
 
     computed = []
-    real = sweep_module.prune_model
-    monkeypatch.setattr(sweep_module, "prune_model", lambda *a, **k: computed.append(1) or real(*a, **k))
+    real = pipeline_module.prune_model
+    monkeypatch.setattr(pipeline_module, "prune_model", lambda *a, **k: computed.append(1) or real(*a, **k))
     out = tmp_path / "s.json"
     assert cli.main([*argv, "--json", str(out)]) == 0
     capsys.readouterr()
@@ -726,9 +727,9 @@ def test_trust_remote_code_is_off_unless_the_flag_is_given(tiny_model_dir, loade
         for flag, expected in (([], False), (["--trust-remote-code"], True)):
             loader_calls.clear()
             args = cli.build_parser().parse_args([command, "--model", str(tiny_model_dir), *flag])
-            data = cli._data_config(args) if command != "eval" else DataConfig(
+            data = cli.data_config(args) if command != "eval" else DataConfig(
                 model=args.model, trust_remote_code=args.trust_remote_code)
-            cli._load(data)
+            cli.load(data)
             direct = [kwargs for _, kwargs, caller in loader_calls if caller == "rcpu.models"]
             assert len(direct) == 3 and all(kwargs["trust_remote_code"] is expected for kwargs in direct), (
                 command, flag, loader_calls)

@@ -30,7 +30,7 @@ import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
-from rcpu.appstate import MAX_UPLOAD_BYTES
+from rcpu.text import MAX_UPLOAD_BYTES
 from rcpu.models import embedded_gguf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -273,16 +273,13 @@ def _expected(embedded, layer: int) -> dict:
     """What the explorer shows for a layer on the app's small defaults (o_proj, ratio 0.2, rcpu)."""
     from rcpu import figures
     from rcpu.config import DataConfig, LayerConfig
-    from rcpu.explore import explore_layer
-    from rcpu.layer import select
+    from rcpu.explorer import LayerExplorer
 
     data = DataConfig(calib_samples=4, seq_len=128, heldout_samples=2)
-    stats, analysis = explore_layer(embedded, data, LayerConfig(layer, "o_proj", 0.2, "rcpu", "none"), ["none"])
-    weight = embedded.adapter.sublayer(layer, "o_proj").weight.detach()
-    second = select(weight, stats.calibration["o_proj"], "wanda_sp", 0.2, embedded.adapter.unit_size("o_proj"))
+    report = LayerExplorer().explore(embedded, data, LayerConfig(layer, "o_proj", 0.2, "rcpu", "none"))
     return {
-        "heldout": analysis.error_uncompensated["heldout"],
-        "overlap_title": figures.overlap_figure(analysis.selection, second).layout.title.text,
+        "heldout": report.analysis.error_uncompensated["heldout"],
+        "overlap_title": figures.overlap_figure(report.analysis.selection, report.kept_set("wanda_sp")).layout.title.text,
     }
 
 

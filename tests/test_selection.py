@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from rcpu.errors import RcpuError
-from rcpu.layer import select
+from rcpu.scores import select
+from rcpu.surgery import kv_head_of
 from rcpu.scores import (
     check_ratio,
-    kv_heads_kept,
     num_pruned,
     score_columns,
     select_units,
@@ -171,6 +171,11 @@ def test_select_unknown_score_raises():
 
 
 # GQA ------------------------------------------------------------------------------------
+
+
+def kv_heads_kept(kept_heads, heads: int, kv_heads: int) -> torch.Tensor:
+    """KV heads that still serve at least one kept query head, by the surgery's own rule."""
+    return torch.unique(kv_head_of(kept_heads, heads // kv_heads))
 
 
 def test_kv_heads_kept_gqa():

@@ -2,8 +2,8 @@
 
 Every page calls ``sidebar()`` first (so a page run on its own, as AppTest
 does, has the same sidebar); the widgets' values live in ``st.session_state``
-and carry over between pages. Pages then call ``model()``, ``layer_data()`` and
-``analyses()``; errors the user can fix (``RcpuError``) become ``st.error``
+and carry over between pages. Pages then call ``model()`` and ``explore()``
+(one sublayer) or the library's workflows; errors the user can fix (``RcpuError``) become ``st.error``
 messages, never tracebacks.
 """
 
@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
 
-from rcpu.appstate import AnalysisMemo, AppDefaults, Memo, app_defaults, save_upload, stats_key
-from rcpu.calibration import LayerData, layer_stats, stats_path
-from rcpu.config import DataConfig
+from rcpu.config import DataConfig, LayerConfig
 from rcpu.errors import RcpuError
+from rcpu.explorer import LayerExplorer
 from rcpu.models import LoadedModel, load_model
-from rcpu.text import load_text
+from rcpu.reports import LayerReport
+from rcpu.text import load_text, save_upload
+from ui.defaults import AppDefaults, app_defaults
 
 log = logging.getLogger("rcpu.app")
 
@@ -170,17 +170,9 @@ def model_status() -> None:
 
 
 @st.cache_resource
-def _stats_memo() -> Memo:
-    return Memo(max_entries=6)
-
-
-@st.cache_resource
-def analyses() -> AnalysisMemo:
-    return AnalysisMemo(max_entries=48)
-
-
-def stats_cached(lm: LoadedModel, data: DataConfig, layer: int) -> bool:
-    return stats_key(lm, data, layer) in _stats_memo()
+def explorer() -> LayerExplorer:
+    """Statistics and analyses shared by every session (the model is shared too)."""
+    return LayerExplorer(max_stats=6, max_analyses=48)
 
 
 @st.cache_resource
@@ -210,28 +202,20 @@ def model_in_use(what: str) -> Iterator[None]:
         lock.release()
 
 
-def layer_data(lm: LoadedModel, data: DataConfig, layer: int) -> LayerData:
-    """A layer's statistics: from memory, from ``cache/``, or computed with a progress bar."""
-    memo = _stats_memo()
-    key = stats_key(lm, data, layer)
-    hit = memo.get(key)
-    if hit is not None:
-        return hit
-    start = time.perf_counter()
-    if stats_path(lm, data.data, data.sampling, layer).exists():  # on disk: no forward pass
-        result = layer_stats(lm, data.data, data.sampling, layer)
-    else:
-        with model_in_use(f"the statistics of layer {layer}"):
-            bar = st.progress(0.0, text=f"Statistics of layer {layer}…")
+def explore(lm: LoadedModel, data: DataConfig, cfg: LayerConfig, methods: list[str]) -> LayerReport:
+    """``LayerExplorer.explore`` with a progress bar while statistics are computed (one session
+    at a time on the shared model) and a note once they are cached."""
+    bar = None
 
-            def report(done: int, total: int, what: str) -> None:
-                bar.progress(min(done / max(total, 1), 1.0), text=f"Statistics of layer {layer}: {what}")
+    def report(done: int, total: int, what: str) -> None:
+        nonlocal bar
+        bar = bar or st.progress(0.0, text=f"Statistics of layer {cfg.layer}…")
+        bar.progress(min(done / max(total, 1), 1.0), text=f"Statistics of layer {cfg.layer}: {what}")
 
-            result = layer_stats(lm, data.data, data.sampling, layer, report)
-            bar.empty()
-    if not result.from_cache:
-        st.toast(f"Statistics of layer {layer} computed in {time.perf_counter() - start:.1f} s and cached")
-    memo.put(key, result)
+    result = explorer().explore(lm, data, cfg, methods, progress=report, guard=model_in_use)
+    if bar is not None:
+        bar.empty()
+        st.toast(f"Statistics of layer {cfg.layer} computed in {result.stats.seconds:.1f} s and cached")
     return result
 
 

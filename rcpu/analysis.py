@@ -25,50 +25,12 @@ from .diagnostics import (
     rotation_diagnostics,
     token_geometry,
 )
-from .errors import RcpuError
 from .problem import KeptProblem, covariance_from_gram
-from .scores import check_score, score_columns, select_units, unit_scores, units_to_columns
+from .scores import Selection, check_has_tokens, select
 from .stats import LayerStats
 
 TOP_DIRECTIONS = 8  # r: principal angles between top-r output subspaces
 SPECTRUM_COMPONENTS = 64  # explained-variance spectra keep the largest this many components
-
-
-@dataclass
-class Selection:
-    score: str
-    ratio: float
-    unit_size: int
-    column_scores: Tensor  # (d_in,)
-    unit_scores: Tensor  # (n_units,)
-    kept_units: Tensor
-    pruned_units: Tensor
-    kept: Tensor  # kept columns K, sorted
-    pruned: Tensor  # pruned columns P, sorted
-
-
-def check_has_tokens(stats: LayerStats) -> None:
-    if stats.count == 0:  # e.g. every token was left out of the statistics for inf/NaN inputs
-        raise RcpuError(
-            "no calibration tokens with finite inputs reach this sublayer (activations overflow to "
-            "inf/NaN earlier in the model); load the model in float32 or check its weights"
-        )
-
-
-def select(
-    weight: Tensor, stats: LayerStats, score: str, ratio: float, unit_size: int = 1, seed: int = 0,
-    what: str = "units",
-) -> Selection:
-    """Score columns, sum them per unit, prune the lowest ``ratio`` of units."""
-    check_score(score)
-    check_has_tokens(stats)
-    columns = score_columns(score, weight, stats, seed)
-    units = unit_scores(columns, unit_size)
-    kept_units, pruned_units = select_units(units, ratio, what)
-    return Selection(
-        score, ratio, unit_size, columns, units, kept_units, pruned_units,
-        units_to_columns(kept_units, unit_size), units_to_columns(pruned_units, unit_size),
-    )
 
 
 def _pairs(m: int, count: int = 2000, seed: int = 0) -> tuple[Tensor, Tensor]:

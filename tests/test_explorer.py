@@ -1,4 +1,4 @@
-"""The app's non-Streamlit state helpers: defaults, uploads, in-memory stores."""
+"""The layer explorer's in-memory stores, the app's defaults and uploads, the whole-model report."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rcpu import appstate
-from rcpu.appstate import AnalysisMemo, AppDefaults, Memo, app_defaults, save_upload
+from rcpu import explorer as explorer_module
+from rcpu.analysis import analyze_sublayer
 from rcpu.calibration import LayerData
 from rcpu.config import DataConfig, LayerConfig
 from rcpu.errors import RcpuError
-from rcpu.layer import analyze_sublayer
+from rcpu.explorer import LayerExplorer
+from rcpu.memo import Memo
 from rcpu.stats import LayerStats
+from rcpu.text import save_upload
+from ui.defaults import AppDefaults, app_defaults
 
 
 def test_defaults_are_the_data_config_defaults_unless_overridden():
@@ -71,12 +74,19 @@ class _Adapter:
     def unit_size(self, name):
         return 4 if name == "o_proj" else 1
 
+    def num_units(self, index, name):
+        return self.weight.shape[1] // self.unit_size(name)
+
+    @staticmethod
+    def unit_name(name):
+        return "heads" if name == "o_proj" else "channels"
+
     def check_layer(self, index):
         if not 0 <= index < self.num_layers:
             raise RcpuError("bad layer")
 
 
-def test_analysis_memo_computes_each_method_once_and_matches_a_direct_analysis(monkeypatch):
+def test_explorer_computes_each_method_once_and_matches_a_direct_analysis(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(6, 16, generator=gen, dtype=torch.float64)
     calib = LayerStats.from_inputs(torch.randn(16, 200, generator=gen, dtype=torch.float64), sample_size=50)
@@ -87,20 +97,20 @@ def test_analysis_memo_computes_each_method_once_and_matches_a_direct_analysis(m
     cfg = LayerConfig(layer=0, sublayer="o_proj", ratio=0.25, score="rcpu")
 
     calls = []
-    real = appstate.analyze_sublayer
+    real = explorer_module.analyze_sublayer
 
     def counting(*args, **kwargs):
         calls.append(list(kwargs["methods"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(appstate, "analyze_sublayer", counting)
+    monkeypatch.setattr(explorer_module, "analyze_sublayer", counting)
     bases = []
-    real_prepare = appstate.prepare_sublayer
-    monkeypatch.setattr(appstate, "prepare_sublayer", lambda *a: bases.append(a) or real_prepare(*a))
-    memo = AnalysisMemo()
-    first = memo.get(lm, data, stats, cfg, ["none", "rotation"])
-    second = memo.get(lm, data, stats, cfg, ["ls", "rotation"])
-    third = memo.get(lm, data, stats, cfg, ["rotation", "none", "ls"])
+    real_prepare = explorer_module.prepare_sublayer
+    monkeypatch.setattr(explorer_module, "prepare_sublayer", lambda *a: bases.append(a) or real_prepare(*a))
+    memo = LayerExplorer()
+    first = memo.analysis(lm, data, stats, cfg, ["none", "rotation"])
+    second = memo.analysis(lm, data, stats, cfg, ["ls", "rotation"])
+    third = memo.analysis(lm, data, stats, cfg, ["rotation", "none", "ls"])
     assert calls == [["none", "rotation"], ["ls"]]
     assert list(first.methods) == ["none", "rotation"]
     assert list(second.methods) == ["ls", "rotation"]
@@ -113,17 +123,21 @@ def test_analysis_memo_computes_each_method_once_and_matches_a_direct_analysis(m
         torch.testing.assert_close(third.methods[name].compensation.weight, direct.methods[name].compensation.weight)
     assert third.selection.kept.tolist() == direct.selection.kept.tolist()
 
-    memo.get(lm, data, stats, LayerConfig(layer=0, sublayer="o_proj", ratio=0.5, score="rcpu"), ["ls"])
+    memo.analysis(lm, data, stats, LayerConfig(layer=0, sublayer="o_proj", ratio=0.5, score="rcpu"), ["ls"])
     assert calls[-1] == ["ls"] and len(calls) == 3  # another ratio is another entry
     assert len(bases) == 1  # ... on the same selection-independent basis
-    with pytest.raises(RcpuError):
-        memo.get(lm, data, stats, LayerConfig(layer=0, sublayer="q_proj"), ["ls"])
-    with pytest.raises(RcpuError):
-        memo.get(lm, data, stats, LayerConfig(layer=5, sublayer="o_proj"), ["ls"])
+    # explore checks every setting before any work (no statistics are asked for here)
+    for bad, words in ((LayerConfig(layer=0, sublayer="q_proj"), "unknown sublayer"),
+                       (LayerConfig(layer=5, sublayer="o_proj"), "bad layer"),
+                       (LayerConfig(layer=0, sublayer="o_proj", ratio=0.9), "would remove all")):
+        with pytest.raises(RcpuError, match=words):
+            memo.explore(lm, data, bad, ["ls"])
+    with pytest.raises(RcpuError, match="unknown method"):
+        memo.explore(lm, data, cfg, ["ls", "bogus"])
 
 
 @pytest.mark.slow  # reads the embedded model's tokenizer
-def test_whole_model_report_and_zip_load_with_stock_transformers(tmp_path):
+def test_prune_report_and_zip_load_with_stock_transformers(tmp_path, tmp_cache):
     import io
     import json
     import zipfile
@@ -132,22 +146,25 @@ def test_whole_model_report_and_zip_load_with_stock_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rcpu.adapters import adapter_for
-    from rcpu.appstate import whole_model_report, zip_pruned
+    from rcpu.config import EvalConfig, PruneConfig
+    from rcpu.export import zip_pruned
     from rcpu.models import LoadedModel, count_parameters
-    from rcpu.prune import PruneConfig, prune_model
+    from rcpu.pipeline import prune_and_evaluate
 
     folder = tiny_model_dir(tmp_path / "tiny")
     model = AutoModelForCausalLM.from_pretrained(folder).eval().requires_grad_(False)
     lm = LoadedModel(model, AutoTokenizer.from_pretrained(folder), adapter_for(model), str(folder), "tiny")
     data = DataConfig(model=str(folder), calib_samples=2, seq_len=64, heldout_samples=1)
-    result = prune_model(lm, data, PruneConfig(ratio=0.5, method="rotation_bias"))
-    report = whole_model_report(result, {"ppl": 10.0}, {"ppl": 12.0, "eval_tokens": 63})
-    assert report["perplexity_before"] == 10.0 and report["perplexity_after"] == 12.0
+    run = prune_and_evaluate(lm, data, PruneConfig(ratio=0.5, method="rotation_bias"), EvalConfig(None, 2))
+    result, report = run.result, run.to_json()
+    assert report["ppl"] == run.pruned["ppl"] and report["ppl_dense"] == run.dense["ppl"]
+    assert report["eval_tokens"] == 2 * 63 and report["eval_windows"] == 2
     assert report["params_after"] < report["params_before"]
-    assert len(report["layers"]) == 2 and report["settings"]["method"] == "rotation_bias"
+    assert len(report["layers"]) == 2 and report["method"] == "rotation_bias"
+    assert report["timing_s"]["total"] >= report["timing_s"]["prune"] + report["timing_s"]["eval"]
     json.dumps(report)  # JSON-ready
 
-    blob = zip_pruned(result, lm.tokenizer, report)
+    blob = zip_pruned(result.model, lm.tokenizer, run.settings(), report)
     with zipfile.ZipFile(io.BytesIO(blob)) as archive:
         names = archive.namelist()
         assert "pruned-model/config.json" in names and "pruned-model/rcpu_results.json" in names

@@ -1,0 +1,139 @@
+"""What every command shares: options whose defaults come from the config classes, configs
+built from parsed options, output paths checked before any work, JSON output, progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..compensate import METHODS
+from ..config import TARGETS, DataConfig, EvalConfig, PruneConfig
+from ..errors import RcpuError
+from ..models import LoadedModel
+from ..scores import SCORES
+
+
+def add_data_options(p: argparse.ArgumentParser, calib_samples: bool = True) -> None:
+    d = DataConfig
+    p.add_argument("--model", default=d.model, help="'embedded', a local model directory, a .gguf file or a hub id")
+    p.add_argument("--data", default=d.data, help="'embedded', a .txt file or folder, 'wikitext2', 'hf:NAME[:CONFIG]'")
+    if calib_samples:
+        p.add_argument("--calib-samples", type=int, default=d.calib_samples)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--heldout-samples", type=int, default=d.heldout_samples,
+                   help="held-out windows for held-out statistics")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
+
+
+def add_method_options(p: argparse.ArgumentParser, defaults, ratio: bool = True) -> None:
+    """--ratio, --score, --method and --alpha with the defaults of ``defaults`` (a config class)."""
+    if ratio:
+        p.add_argument("--ratio", type=float, default=defaults.ratio)
+    p.add_argument("--score", default=defaults.score, help=f"one of {', '.join(SCORES)}")
+    p.add_argument("--method", default=defaults.method, help=f"one of {', '.join(METHODS)}")
+    add_alpha_option(p, defaults.alpha)
+
+
+def add_alpha_option(p: argparse.ArgumentParser, default: float) -> None:
+    p.add_argument("--alpha", type=float, default=default, help="ridge strength")
+
+
+def add_targets_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--targets", choices=list(TARGETS), default=PruneConfig.targets)
+
+
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-data", default=EvalConfig.eval_data,
+                   help="evaluate on this text from its start (default: held-out part of --data)")
+    p.add_argument("--eval-windows", type=int, default=EvalConfig.eval_windows,
+                   help="evaluate at most this many windows (default: all)")
+
+
+def data_config(args: argparse.Namespace, **overrides) -> DataConfig:
+    fields = dict(
+        model=args.model,
+        data=args.data,
+        calib_samples=getattr(args, "calib_samples", DataConfig.calib_samples),
+        seq_len=args.seq_len,
+        seed=args.seed,
+        heldout_samples=args.heldout_samples,
+        trust_remote_code=args.trust_remote_code,
+    )
+    return DataConfig(**{**fields, **overrides})
+
+
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(args.eval_data, args.eval_windows)
+
+
+def check_output(path: str | None, option: str = "--json") -> Path | None:
+    """A JSON/CSV output path, checked before any work (its folder must exist)."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.exists() and out.is_dir():
+        raise RcpuError(f"{option} {out} is a directory")
+    if not out.parent.exists():
+        raise RcpuError(f"folder {out.parent} does not exist")
+    return out
+
+
+def write_text(path: Path | None, text: str) -> None:
+    if path is None:
+        return
+    from ..cache import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
+    print(f"wrote {path}")
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def progress_bar(desc: str):
+    """A tqdm-backed progress callback (done, total, what); ``.close()`` ends the bar."""
+    from tqdm import tqdm
+
+    bar = {"bar": None}
+
+    def update(done: int, total: int, what: str) -> None:
+        if bar["bar"] is None or bar["bar"].total != total:
+            if bar["bar"] is not None:
+                bar["bar"].close()
+            bar["bar"] = tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr)
+        bar["bar"].n = done
+        bar["bar"].set_postfix_str(what, refresh=True)
+
+    update.close = lambda: bar["bar"] and bar["bar"].close()  # type: ignore[attr-defined]
+    return update
+
+
+class StageBars:
+    """One progress bar per stage of a workflow (``StageProgress``); a new stage closes the last."""
+
+    LABELS = {"dense": "dense perplexity", "prune": "pruning layers", "eval": "perplexity"}
+
+    def __init__(self):
+        self._stage: str | None = None
+        self._bar = None
+
+    def __call__(self, stage: str, done: int, total: int, what: str) -> None:
+        if stage != self._stage:
+            self.close()
+            self._stage, self._bar = stage, progress_bar(self.LABELS.get(stage, stage))
+        self._bar(done, total, what)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._stage, self._bar = None, None
+
+
+def load(data: DataConfig) -> LoadedModel:
+    from ..models import load_model
+
+    return load_model(data.model, trust_remote_code=data.trust_remote_code)

@@ -1,0 +1,155 @@
+"""The results of the two workflows as JSON: one shape for the CLI, the app and the benchmarks.
+
+``LayerReport`` is one sublayer's analysis (``rcpu layer --json``, the layer explorer);
+``PruneReport`` is a whole-model prune with perplexities (``rcpu prune --json``, the
+whole-model page's download, every sweep point).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from .analysis import SublayerAnalysis
+from .calibration import LayerData
+from .config import DataConfig, EvalConfig, LayerConfig
+from .prune import PruneResult
+from .scores import Selection, select
+
+
+def _list(t: Tensor | None, limit: int | None = None) -> list | None:
+    if t is None:
+        return None
+    values = t.detach().cpu().to(torch.float64)
+    if limit is not None:
+        values = values[:limit]
+    return [round(float(v), 8) for v in values]
+
+
+def method_summary(analysis: SublayerAnalysis, method: str) -> dict:
+    """One method on one sublayer: selection, errors, geometry, rotation and spectra."""
+    res = analysis.methods[method].complete()
+    sel = analysis.selection
+    geo = res.geometry
+    rot = res.rotation
+    return {
+        "ratio": sel.ratio,
+        "score": sel.score,
+        "method": method,
+        "d_in": analysis.d_in,
+        "d_out": analysis.d_out,
+        "unit_size": sel.unit_size,
+        "kept": sel.kept.tolist(),
+        "pruned": sel.pruned.tolist(),
+        "kept_units": sel.kept_units.tolist(),
+        "pruned_units": sel.pruned_units.tolist(),
+        "error": {"calibration": res.error_calibration, "heldout": res.error_heldout},
+        "error_uncompensated": dict(analysis.error_uncompensated),
+        "orthogonality_error": rot["orthogonality_error"],
+        "distance_from_identity": rot["distance_from_identity"],
+        "condition_number_M": rot["condition_number_M"],
+        "singular_values_M": _list(rot["singular_values_M"]),
+        "rotation_angles_deg": _list(rot["rotation_angles_deg"]),
+        "norm_ratio": geo["norm_ratio"],
+        "cosine": geo["cosine"],
+        "gram_distortion": geo["gram_distortion"],
+        "principal_angles_deg": _list(res.principal_angles_deg),
+        "principal_angles_uncompensated_deg": _list(analysis.principal_angles_z_deg),
+        "explained_variance": {
+            "original": _list(analysis.explained_variance_y, 32),
+            "pruned": _list(analysis.explained_variance_z, 32),
+            "compensated": _list(res.explained_variance, 32),
+        },
+        "timing_s": dict(res.seconds),
+    }
+
+
+@dataclass
+class LayerReport:
+    """One sublayer of a loaded model: its statistics and the analysis of the requested methods."""
+
+    data: DataConfig
+    config: LayerConfig
+    stats: LayerData
+    analysis: SublayerAnalysis
+    seconds: float  # statistics and analysis, from the call's start
+
+    @property
+    def calibration_tokens(self) -> int:
+        return self.stats.calibration[self.config.sublayer].count
+
+    @property
+    def heldout_tokens(self) -> int:
+        return self.stats.heldout[self.config.sublayer].count
+
+    def kept_set(self, score: str) -> Selection:
+        """The selection another score makes at the same ratio (to compare kept sets)."""
+        sel = self.analysis.selection
+        return select(self.analysis.basis.weight, self.stats.calibration[self.config.sublayer], score,
+                      sel.ratio, sel.unit_size, self.data.seed)
+
+    def to_json(self, method: str | None = None) -> dict:
+        """The ``rcpu layer`` JSON of ``method`` (default: the config's), with settings and timings."""
+        cfg, data = self.config, self.data
+        report = {"layer": cfg.layer, "sublayer": cfg.sublayer, "model": data.model, "data": data.data}
+        report.update(method_summary(self.analysis, method or cfg.method))
+        report["alpha"] = cfg.alpha
+        report["settings"] = {
+            "calib_samples": data.calib_samples,
+            "seq_len": data.seq_len,
+            "seed": data.seed,
+            "heldout_samples": data.heldout_samples,
+            "calibration_tokens": self.calibration_tokens,
+            "heldout_tokens": self.heldout_tokens,
+        }
+        report["timing_s"].update(
+            {"statistics": self.stats.seconds, "statistics_from_cache": self.stats.from_cache,
+             "total": self.seconds}
+        )
+        return report
+
+
+@dataclass
+class PruneReport:
+    """A whole-model prune and the perplexity of the dense and the pruned model on the same windows."""
+
+    result: PruneResult
+    evaluation: EvalConfig
+    dense: dict  # perplexity() of the source model
+    pruned: dict  # perplexity() of the pruned model
+    seconds: float  # the whole workflow
+
+    def settings(self) -> dict:
+        """What was done and measured: the record saved in a pruned model's config."""
+        r, data = self.result, self.result.data
+        return {
+            **asdict(r.config),
+            "config": r.config.label,
+            "model": data.model,
+            "data": data.data,
+            "calib_samples": data.calib_samples,
+            "seq_len": data.seq_len,
+            "seed": data.seed,
+            "heldout_samples": data.heldout_samples,
+            "eval_data": self.evaluation.describe(data),
+            "eval_windows": self.evaluation.eval_windows,
+            "ppl": self.pruned["ppl"],
+            "ppl_dense": self.dense["ppl"],
+            "params_before": r.params_before,
+            "params_after": r.params_after,
+            "params_removed_fraction": 1 - r.params_after / r.params_before,
+            "eval_tokens": self.pruned["eval_tokens"],
+        }
+
+    def to_json(self) -> dict:
+        """Settings, perplexities, parameters, per-layer errors and timings."""
+        timing = {k: v for k, v in self.result.timing_s.items() if k != "total"}
+        return {
+            **self.settings(),
+            "eval_tokens_per_s": self.pruned["tokens_per_s"],
+            "layers": self.result.layers,
+            "timing_s": {**timing, "prune": self.result.timing_s["total"], "eval": self.pruned["seconds"],
+                         "total": self.seconds},
+        }
