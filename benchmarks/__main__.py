@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=("all", *BENCHMARKS, "report", "memory-worker"),
                    help="a benchmark, all of them, or 'report' (only rewrite the docs from the JSON files)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="reduced sizes (listed in the summary); meant to finish in minutes on 2 cores")
+    size.add_argument("--quick", action="store_true",
+                      help="reduced sizes (listed in the summary); meant to finish in minutes on 2 cores")
     size.add_argument("--tiny", action="store_true", help="a tiny random model and small shapes (tests only)")
     p.add_argument("--mode", choices=("full", "quick", "tiny"), help=argparse.SUPPRESS)
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON results go")

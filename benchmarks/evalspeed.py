@@ -52,7 +52,8 @@ def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = F
     ratio = best_ours["tokens_per_s"] / best_plain["tokens_per_s"]
     g = goal("rcpu / plain tokens per second", ratio, ">=", GOAL_RATIO)
     say(f"eval: {len(windows)} windows x {windows.shape[1]} tokens: rcpu {best_ours['tokens_per_s']:.0f} tok/s "
-        f"(ppl {best_ours['ppl']:.3f}), plain loop {best_plain['tokens_per_s']:.0f} tok/s (ppl {best_plain['ppl']:.3f})")
+        f"(ppl {best_ours['ppl']:.3f}), plain loop {best_plain['tokens_per_s']:.0f} tok/s "
+        f"(ppl {best_plain['ppl']:.3f})")
     say("  " + format_goal(g))
     return write_result(out_dir, "eval", settings, {
         "windows": len(windows),

@@ -92,7 +92,8 @@ def _explorer(r: dict) -> list[str]:
     for sub, s in r["large"].items():
         if not isinstance(s, dict):
             continue
-        lines.append(f"| {r['large'].get('label', '7B')}-shape {sub} | {s['d_out']} x {s['d_in']} | {s['k']} | {len(s['runs'])} | "
+        label = r["large"].get("label", "7B")
+        lines.append(f"| {label}-shape {sub} | {s['d_out']} x {s['d_in']} | {s['k']} | {len(s['runs'])} | "
                      f"{s['median_total_s']:.2f} | {s['median_compensate_s']:.2f} | "
                      f"{s['compensation_flop_per_s'] / 1e9:.1f} |")
     lines += [

@@ -37,7 +37,8 @@ dims = c[0].radio("Outputs", [2, 3], format_func=lambda d: f"{d}-D", horizontal=
 removed = c[1].radio("Remove input dimension", list(range(dims + 1)), format_func=lambda j: f"x{j + 1}",
                      horizontal=True, key=f"learn_removed_{dims}")
 correlation = c[2].slider("Correlation between inputs", 0.0, 0.95, step=0.05, key="learn_corr",
-                          help="The more the removed input is predictable from the kept ones, the more can be restored.")
+                          help="The more the removed input is predictable from the kept ones, "
+                               "the more can be restored.")
 points = c[3].slider("Calibration points", 3, 200, key="learn_points",
                      help="Few points: least squares fits them closely and generalises worse.")
 seed = c[4].number_input("Seed", 0, 10_000, key="learn_seed")

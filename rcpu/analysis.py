@@ -94,7 +94,7 @@ class FromKept:
     the spectrum, principal directions and products follow from ``Z``'s without new ones.
     """
 
-    base: "MethodResult"  # the uncompensated result, Z = W_K X_K
+    base: MethodResult  # the uncompensated result, Z = W_K X_K
     rotation: Tensor | None
     scale: float
 
@@ -212,7 +212,7 @@ class MethodResult:
         """Orthogonality error, distance from identity, rotation angles, spectrum of ``M``."""
         return rotation_diagnostics(self.compensation)
 
-    def complete(self) -> "MethodResult":
+    def complete(self) -> MethodResult:
         """Compute every diagnostic now; ``seconds["diagnostics"]`` says how long that took."""
         start = time.perf_counter()
         for name in ("principal_angles_deg", "projection", "_token_diagnostics", "rotation"):
@@ -260,7 +260,7 @@ class SublayerAnalysis:
     def error_uncompensated(self) -> dict:  # calibration / heldout
         return {"calibration": self.uncompensated.error_calibration, "heldout": self.uncompensated.error_heldout}
 
-    def complete(self) -> "SublayerAnalysis":
+    def complete(self) -> SublayerAnalysis:
         """Compute every diagnostic of every method now (reports and benchmarks want them all)."""
         for result in (self.uncompensated, *self.methods.values()):
             result.complete()

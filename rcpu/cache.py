@@ -84,7 +84,7 @@ def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
         header = json.loads(str(arrays.pop("__header__")))
-    except Exception as exc:  # noqa: BLE001 - any damage (zip flags, npy header, JSON): recompute
+    except Exception as exc:
         _discard(path, f"unreadable: {type(exc).__name__}")
         return None
     if header.get("format") != FORMAT_VERSION:

@@ -13,7 +13,15 @@ from .cache import cache_root, key_of, load_arrays, save_arrays
 from .flow import LayerFlow, Progress, layer_input_stats
 from .models import LoadedModel
 from .stats import LayerStats
-from .text import Sampling, calibration_windows, consecutive_windows, load_text, split_tokens, text_fingerprint, tokenize
+from .text import (
+    Sampling,
+    calibration_windows,
+    consecutive_windows,
+    load_text,
+    split_tokens,
+    text_fingerprint,
+    tokenize,
+)
 
 log = logging.getLogger("rcpu")
 

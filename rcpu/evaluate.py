@@ -55,12 +55,13 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
     }
 
 
-def evaluation_windows(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig = EvalConfig()) -> Tensor:
+def evaluation_windows(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig | None = None) -> Tensor:
     """Windows of ``data.seq_len`` tokens to evaluate on.
 
     With ``evaluation.eval_data``, its text from the start (WikiText-2 protocol: the test
     split for hub datasets); without, the held-out part of the calibration text.
     """
+    evaluation = evaluation or EvalConfig()
     evaluation.check()
     limit = evaluation.eval_windows
     if evaluation.eval_data:

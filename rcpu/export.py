@@ -75,11 +75,11 @@ def stock_layout(model: nn.Module, inplace: bool = False) -> nn.Module:
     group, n_kv = stock_head_layout(adapter.hidden_size, [kv_groups(adapter, i) for i in layers])
     for i in layers:
         relayout_attention(adapter, i, group, n_kv)
-    attn_bias = any(adapter.attention_output(i).bias is not None for i in layers)
-    mlp_bias = any(adapter.mlp_output(i).bias is not None for i in layers)
-    add_zero_biases(adapter, attention=attn_bias, mlp=mlp_bias)
+    attention_biased = any(adapter.attention_output(i).bias is not None for i in layers)
+    mlp_biased = any(adapter.mlp_output(i).bias is not None for i in layers)
+    add_zero_biases(adapter, attention=attention_biased, mlp=mlp_biased)
     adapter.write_config(heads=group * n_kv, kv_heads=n_kv, channels=channels.pop(),
-                         attention_bias=attn_bias, mlp_bias=mlp_bias)
+                         attention_biased=attention_biased, mlp_biased=mlp_biased)
     return model
 
 
@@ -98,7 +98,6 @@ def save_pruned(
         stock.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _check_config(tmp / "config.json")
         if out.exists():  # --overwrite: swap in the new folder, then drop the old one
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
             os.replace(out, old / "x")
@@ -152,9 +151,3 @@ def _remove_stale_temporaries(out: Path) -> None:
             if not (pid.isdigit() and sep) or _pid_alive(int(pid)) or (kind == "old" and not out.exists()):
                 continue
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _check_config(path: Path) -> None:
-    cfg = json.loads(path.read_text())
-    if cfg.get("num_attention_heads", 0) % cfg.get("num_key_value_heads", 1):
-        raise RuntimeError("saved config has a head count that is not a multiple of its KV heads")

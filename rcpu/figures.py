@@ -17,8 +17,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from .compensate import METHODS
 from .analysis import SublayerAnalysis
+from .compensate import METHODS
 from .scores import Selection
 
 KEPT = "#2563eb"
@@ -91,11 +91,13 @@ def _layout(fig: go.Figure, title: str, height: int = 380, subplot_titles: bool 
     rows = _legend_rows(fig)
     top = 42 + 26 * rows + (28 if subplot_titles else 6)
     fig.update_layout(
-        title={"text": title, "x": 0.0, "xanchor": "left", "xref": "container", "y": 1.0 - 8 / height, "yref": "container",
+        title={"text": title, "x": 0.0, "xanchor": "left", "xref": "container", "y": 1.0 - 8 / height,
+               "yref": "container",
                    "yanchor": "top", "pad": {"l": 8}, "font": {"size": 15}},
         height=height + top - 60,
         margin={"l": 60, "r": 20, "t": top, "b": 50},
-        legend={"orientation": "h", "x": 0.0, "xanchor": "left", "y": 1.0 - 40 / (height + top - 60), "yref": "container",
+        legend={"orientation": "h", "x": 0.0, "xanchor": "left", "y": 1.0 - 40 / (height + top - 60),
+                "yref": "container",
                     "yanchor": "top"},
     )
     return fig
@@ -167,8 +169,9 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
         shapes = [{"type": "rect", "xref": "x", "yref": "paper", "x0": u * unit - 0.5, "x1": (u + 1) * unit - 0.5,
                        "y0": 0, "y1": 1, "fillcolor": "#e5e7eb", "opacity": 0.5, "line_width": 0, "layer": "below"}
                   for u in range(0, n_units, 2)]
-        notes = [{"x": (u + 0.5) * unit, "y": 1.0, "xref": "x", "yref": "paper", "yanchor": "bottom", "text": f"head {u}" if n_units <= 12 else f"h{u}",
-                      "showarrow": False, "font": {"size": 10}} for u in range(n_units)]
+        notes = [{"x": (u + 0.5) * unit, "y": 1.0, "xref": "x", "yref": "paper", "yanchor": "bottom",
+                  "text": f"head {u}" if n_units <= 12 else f"h{u}", "showarrow": False, "font": {"size": 10}}
+                 for u in range(n_units)]
         fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + notes)
     xtitle = "input dimension" if order == "index" else "rank (highest score first" + (
         ", heads kept together)" if unit > 1 else ")")
@@ -401,7 +404,8 @@ def singular_values_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -
         rot = analysis.methods[m].rotation
         s = _np(rot["singular_values_M"])
         fig.add_trace(go.Scatter(
-            x=np.arange(1, s.size + 1), y=_positive(s), mode="lines", line={"color": color(m), "dash": ("solid", "dash", "dot")[i % 3]},
+            x=np.arange(1, s.size + 1), y=_positive(s), mode="lines",
+            line={"color": color(m), "dash": ("solid", "dash", "dot")[i % 3]},
             name=f"{label(m)}: cond {rot['condition_number_M']:.3g}, ‖Q − I‖ {rot['distance_from_identity']:.3g}",
         ))
     fig.update_xaxes(title_text="index")

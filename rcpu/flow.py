@@ -10,8 +10,8 @@ head), and a sequential prune costs about one pass over the calibration tokens.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn

@@ -193,8 +193,8 @@ def _check_hub_available(name: str) -> None:
     try:
         AutoConfig.from_pretrained(name, local_files_only=True)
         return  # in the local hub cache
-    except Exception:
-        pass
+    except Exception as exc:  # not cached locally: the hub must be reachable
+        log.debug("%s is not in the local hub cache: %s", name, exc)
     if not _hub_reachable():
         raise RcpuError(
             f"the Hugging Face hub is unreachable, so {name!r} cannot be downloaded; download it "

@@ -9,9 +9,9 @@ returns a ``PruneReport``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from torch import Tensor
 
@@ -64,9 +64,10 @@ def eval_fields(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig) -> di
     }
 
 
-def dense_perplexity(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig = EvalConfig(),
+def dense_perplexity(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig | None = None,
                      progress=None, compute: bool = True) -> dict | None:
     """``perplexity()`` of the source model (cached); ``None`` if not cached and not ``compute``."""
+    evaluation = evaluation or EvalConfig()
     path = result_path("dense", eval_fields(lm, data, evaluation))
     cached = load_json(path)
     if cached is not None or not compute:
@@ -81,7 +82,7 @@ def prune_and_evaluate(
     lm: LoadedModel,
     data: DataConfig,
     cfg: PruneConfig,
-    evaluation: EvalConfig = EvalConfig(),
+    evaluation: EvalConfig | None = None,
     *,
     progress: StageProgress | None = None,
     on_layer: LayerCallback | None = None,
@@ -93,6 +94,7 @@ def prune_and_evaluate(
     perplexity). ``on_layer(record)`` gets each layer's errors as soon as it is pruned.
     """
     start = time.perf_counter()
+    evaluation = evaluation or EvalConfig()
     windows = check_before_work(lm, [(data, cfg)], evaluation)
     dense = dense_perplexity(lm, data, evaluation, progress=_stage(progress, "dense"))
     prune_data = data if heldout_errors else replace(data, heldout_samples=0)

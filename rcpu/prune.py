@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -25,6 +25,7 @@ from .models import LoadedModel, count_parameters
 from .problem import KeptProblem
 from .scores import select
 from .surgery import SublayerPlan, apply_plan
+
 
 @dataclass
 class PruneResult:

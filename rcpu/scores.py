@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from decimal import ROUND_HALF_UP, Decimal
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from decimal import ROUND_HALF_UP, Decimal
 
 import torch
 from torch import Tensor

@@ -51,7 +51,7 @@ class LayerStats:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: dict) -> "LayerStats":
+    def from_arrays(cls, arrays: dict) -> LayerStats:
         return cls(
             gram=torch.from_numpy(arrays["gram"]).to(torch.float64),
             total=torch.from_numpy(arrays["total"]).to(torch.float64),
@@ -60,7 +60,7 @@ class LayerStats:
         )
 
     @classmethod
-    def from_inputs(cls, inputs: Tensor, sample_size: int = 1024, seed: int = 0) -> "LayerStats":
+    def from_inputs(cls, inputs: Tensor, sample_size: int = 1024, seed: int = 0) -> LayerStats:
         """Statistics of an explicit input matrix ``X`` (d_in, N); for tests and small data."""
         acc = StatsAccumulator(inputs.shape[0], sample_size=sample_size, seed=seed)
         acc.add(inputs.T)

@@ -8,9 +8,9 @@ records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 from .cache import load_json, save_json
 from .config import DataConfig, EvalConfig, PruneConfig, SweepConfig
@@ -54,10 +54,11 @@ PointCallback = Callable[[int, int, dict], None]
 
 
 def run_sweep(
-    lm: LoadedModel, data: DataConfig, spec: SweepConfig, evaluation: EvalConfig = EvalConfig(), *,
+    lm: LoadedModel, data: DataConfig, spec: SweepConfig, evaluation: EvalConfig | None = None, *,
     compute: bool = True, progress: Progress | None = None, on_point: PointCallback | None = None,
 ) -> dict:
     """{dense, points, missing}; with ``compute=False`` only what is cached (nothing runs)."""
+    evaluation = evaluation or EvalConfig()
     dense = dense_perplexity(lm, data, evaluation, compute=compute)
     points = spec.points(data)
     rows = []

@@ -47,7 +47,7 @@ def _read_txt(path: Path) -> str:
 
 def _hub_text(name: str, config: str | None, split: str) -> str:
     try:
-        import datasets  # noqa: PLC0415
+        import datasets
     except ImportError:
         raise RcpuError("the 'datasets' package is needed for hub datasets") from None
     try:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from rcpu import analysis as layer
+from rcpu.analysis import TOP_DIRECTIONS, analyze_sublayer, prepare_sublayer
 from rcpu.compensate import METHODS
 from rcpu.diagnostics import principal_directions
-from rcpu.analysis import TOP_DIRECTIONS, analyze_sublayer, prepare_sublayer
 from rcpu.problem import KeptProblem, covariance_from_gram
 from rcpu.stats import LayerStats
 
@@ -63,7 +63,6 @@ def test_covariance_from_gram_is_the_sample_covariance():
     explicit = np.cov((new @ x[kept]).numpy(), bias=True)
     covariance = covariance_from_gram(new, problem.weight_gram(new), problem.mean_kept, problem.count)
     np.testing.assert_allclose(covariance.numpy(), explicit, rtol=1e-9, atol=1e-9)
-    everything = torch.arange(D_IN)
     full = stats_of(x)
     np.testing.assert_allclose(covariance_from_gram(w, w @ full.gram, full.mean, full.count).numpy(),
                                np.cov((w @ x).numpy(), bias=True), rtol=1e-9, atol=1e-9)

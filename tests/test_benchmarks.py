@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-
 from benchmarks import BENCHMARKS
 from benchmarks.__main__ import main
 from benchmarks.common import DOCS_PATH, RESULTS_DIR, goal, settings_for

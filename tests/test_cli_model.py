@@ -109,7 +109,8 @@ def test_calibration_size_sweep_and_shifted_eval_text(tiny_model_dir, tmp_cache,
     ],
 )
 def test_bad_whole_model_inputs_fail_in_one_line(argv, message):
-    proc = subprocess.run([sys.executable, "-m", "rcpu", *argv], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "rcpu", *argv], capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.strip()]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from rcpu import figures
-from rcpu.compensate import METHODS
 from rcpu.analysis import analyze_sublayer
-from rcpu.scores import select
+from rcpu.compensate import METHODS
 from rcpu.learn import ToyConfig, build_example
+from rcpu.scores import select
 from rcpu.stats import LayerStats
 
 ALL = list(METHODS)

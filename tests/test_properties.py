@@ -15,14 +15,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rcpu.analysis import analyze_sublayer
 from rcpu.compensate import METHODS, compensate
 from rcpu.diagnostics import relative_error
 from rcpu.errors import RcpuError
 from rcpu.problem import KeptProblem
-from rcpu.analysis import analyze_sublayer
 from rcpu.reports import method_summary as summary
-from rcpu.scores import select
-from rcpu.scores import SCORES, score_columns, select_units
+from rcpu.scores import SCORES, score_columns, select, select_units
 from rcpu.stats import LayerStats
 
 PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,16 +11,17 @@ import textwrap
 
 import pytest
 import torch
+from conftest import make_tiny_llama
+from conftest import random_tokens as _tokens
+from conftest import tiny_lm as _lm
 
-from conftest import make_tiny_llama, random_tokens as _tokens, tiny_lm as _lm
 from rcpu.adapters import adapter_for
 from rcpu.compensate import compensate
-from rcpu.config import DataConfig
+from rcpu.config import DataConfig, PruneConfig
 from rcpu.errors import RcpuError
 from rcpu.evaluate import perplexity
 from rcpu.export import save_pruned
 from rcpu.flow import LayerFlow, layer_input_stats
-from rcpu.config import PruneConfig
 from rcpu.prune import prune_model
 from rcpu.scores import select
 from rcpu.surgery import mask_plan
@@ -64,6 +65,34 @@ def test_physical_equals_masked(shape, method):
     # the source model is never modified
     for name, value in model.state_dict().items():
         assert torch.equal(value, dense_copy[name]), name
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("targets", ["attn", "mlp"])
+def test_one_target_leaves_the_other_sublayer_exactly_as_it_was(shape, targets):
+    """Physical == masked for each target alone, and the untouched sublayer keeps every weight.
+
+    (Regression: with ``--targets mlp`` the export once counted KV heads as
+    ``k_out // (q_out // groups)``, which kept 1 KV group of an unpruned attention.)
+    """
+    model = make_tiny_llama(layers=3, intermediate=40, **SHAPES[shape])
+    result = prune_model(
+        _lm(model), DataConfig(seq_len=32, calib_samples=8), PruneConfig(0.3, targets, "rcpu", "rotation"),
+        tokens=_tokens(),
+    )
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(result.model(ids).logits, _masked(model, result.plans)(ids).logits,
+                               rtol=1e-5, atol=1e-5)
+    untouched = "self_attn" if targets == "mlp" else "mlp"
+    dense = {k: v for k, v in model.state_dict().items() if f".{untouched}." in k}
+    pruned = {k: v for k, v in result.model.state_dict().items() if f".{untouched}." in k}
+    assert dense.keys() == pruned.keys()
+    assert all(torch.equal(dense[k], pruned[k]) for k in dense)
+    adapter = adapter_for(model)
+    if targets == "mlp":  # exactly the removed channels' rows and columns go
+        removed = sum(len(plans["down_proj"].kept) for plans in result.plans)
+        per_channel = 3 * adapter.hidden_size
+        assert result.params_before - result.params_after == (3 * 40 - removed) * per_channel
 
 
 def test_uneven_gqa_groups_really_occur():
@@ -142,7 +171,7 @@ def test_save_reloads_in_fresh_process_with_stock_transformers(tmp_path):
         assert "rcpu" not in sys.modules
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     reloaded = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-5)

@@ -29,21 +29,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llama, random_tokens as _tokens, tiny_lm as _lm
+from conftest import make_tiny_llama
+from conftest import random_tokens as _tokens
+from conftest import tiny_lm as _lm
 
 from rcpu import cache, cli
 from rcpu import pipeline as pipeline_module
 from rcpu.adapters import SUPPORTED_TYPES, adapter_for
+from rcpu.analysis import analyze_sublayer
 from rcpu.calibration import layer_stats, stats_path
 from rcpu.compensate import METHODS
-from rcpu.config import DataConfig
+from rcpu.config import DataConfig, PruneConfig
 from rcpu.errors import RcpuError
 from rcpu.evaluate import perplexity
 from rcpu.export import save_pruned
 from rcpu.flow import LayerFlow, layer_input_stats
-from rcpu.analysis import analyze_sublayer
 from rcpu.models import embedded_gguf, load_model
-from rcpu.config import PruneConfig
 from rcpu.prune import prune_model
 from rcpu.scores import SCORES
 from rcpu.text import Sampling

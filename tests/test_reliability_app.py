@@ -30,8 +30,8 @@ import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
-from rcpu.text import MAX_UPLOAD_BYTES
 from rcpu.models import embedded_gguf
+from rcpu.text import MAX_UPLOAD_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
@@ -277,10 +277,8 @@ def _expected(embedded, layer: int) -> dict:
 
     data = DataConfig(calib_samples=4, seq_len=128, heldout_samples=2)
     report = LayerExplorer().explore(embedded, data, LayerConfig(layer, "o_proj", 0.2, "rcpu", "none"))
-    return {
-        "heldout": report.analysis.error_uncompensated["heldout"],
-        "overlap_title": figures.overlap_figure(report.analysis.selection, report.kept_set("wanda_sp")).layout.title.text,
-    }
+    overlap = figures.overlap_figure(report.analysis.selection, report.kept_set("wanda_sp"))
+    return {"heldout": report.analysis.error_uncompensated["heldout"], "overlap_title": overlap.layout.title.text}
 
 
 @pytest.mark.browser

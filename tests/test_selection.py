@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from rcpu.errors import RcpuError
-from rcpu.scores import select
-from rcpu.surgery import kv_head_of
 from rcpu.scores import (
     check_ratio,
     num_pruned,
     score_columns,
+    select,
     select_units,
     unit_scores,
     units_to_columns,
 )
 from rcpu.stats import LayerStats
+from rcpu.surgery import kv_head_of
 
 
 def half_up(ratio: float, n: int) -> int:

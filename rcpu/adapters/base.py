@@ -62,8 +62,8 @@ class DecoderAdapter(ABC):
         """Tell layer ``index``'s attention that each KV head now serves ``queries_per_kv`` query heads."""
 
     @abstractmethod
-    def write_config(self, *, heads: int, kv_heads: int, channels: int, attention_bias: bool,
-                     mlp_bias: bool) -> None:
+    def write_config(self, *, heads: int, kv_heads: int, channels: int, attention_biased: bool,
+                     mlp_biased: bool) -> None:
         """Make the model's config describe these shapes, so that stock transformers reloads it."""
 
     # Derived from the answers ------------------------------------------------------

@@ -40,13 +40,15 @@ class LlamaAdapter(DecoderAdapter):
     def set_query_groups(self, index: int, queries_per_kv: int) -> None:
         self.layers[index].self_attn.num_key_value_groups = queries_per_kv
 
-    def write_config(self, *, heads: int, kv_heads: int, channels: int, attention_bias: bool,
-                     mlp_bias: bool) -> None:
+    def write_config(self, *, heads: int, kv_heads: int, channels: int, attention_biased: bool,
+                     mlp_biased: bool) -> None:
+        if heads % kv_heads:
+            raise ValueError(f"{heads} query heads do not split into {kv_heads} KV heads")
         cfg = self.config
         cfg.num_key_value_heads = kv_heads
         cfg.num_attention_heads = heads
         cfg.head_dim = self.head_dim
         cfg.intermediate_size = channels
         # attention_bias and mlp_bias give every attention / MLP projection a bias.
-        cfg.attention_bias = bool(cfg.attention_bias or attention_bias)
-        cfg.mlp_bias = bool(getattr(cfg, "mlp_bias", False) or mlp_bias)
+        cfg.attention_bias = bool(cfg.attention_bias or attention_biased)
+        cfg.mlp_bias = bool(getattr(cfg, "mlp_bias", False) or mlp_biased)

@@ -25,7 +25,8 @@ def add_data_options(p: argparse.ArgumentParser, calib_samples: bool = True) -> 
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--heldout-samples", type=int, default=d.heldout_samples,
                    help="held-out windows for held-out statistics")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model's own code to run (off by default)")
 
 
 def add_method_options(p: argparse.ArgumentParser, defaults, ratio: bool = True) -> None:
@@ -53,15 +54,15 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def data_config(args: argparse.Namespace, **overrides) -> DataConfig:
-    fields = dict(
-        model=args.model,
-        data=args.data,
-        calib_samples=getattr(args, "calib_samples", DataConfig.calib_samples),
-        seq_len=args.seq_len,
-        seed=args.seed,
-        heldout_samples=args.heldout_samples,
-        trust_remote_code=args.trust_remote_code,
-    )
+    fields = {
+        "model": args.model,
+        "data": args.data,
+        "calib_samples": getattr(args, "calib_samples", DataConfig.calib_samples),
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "heldout_samples": args.heldout_samples,
+        "trust_remote_code": args.trust_remote_code,
+    }
     return DataConfig(**{**fields, **overrides})
 
 
@@ -112,10 +113,11 @@ def progress_bar(desc: str):
     return update
 
 
+STAGE_LABELS = {"dense": "dense perplexity", "prune": "pruning layers", "eval": "perplexity"}
+
+
 class StageBars:
     """One progress bar per stage of a workflow (``StageProgress``); a new stage closes the last."""
-
-    LABELS = {"dense": "dense perplexity", "prune": "pruning layers", "eval": "perplexity"}
 
     def __init__(self):
         self._stage: str | None = None
@@ -124,7 +126,7 @@ class StageBars:
     def __call__(self, stage: str, done: int, total: int, what: str) -> None:
         if stage != self._stage:
             self.close()
-            self._stage, self._bar = stage, progress_bar(self.LABELS.get(stage, stage))
+            self._stage, self._bar = stage, progress_bar(STAGE_LABELS.get(stage, stage))
         self._bar(done, total, what)
 
     def close(self) -> None:

@@ -46,11 +46,12 @@ def format_report(r: dict) -> str:
     unit = "heads" if r["sublayer"] == "o_proj" else "channels"
     n_units = len(r["kept_units"]) + len(r["pruned_units"])
     unc, err = r["error_uncompensated"], r["error"]
+    tokens = r["settings"]
     lines = [
         f"layer {r['layer']} {r['sublayer']}  ({r['d_out']} x {r['d_in']})  model={r['model']} data={r['data']}",
-        f"pruned {len(r['pruned_units'])} of {n_units} {unit} (ratio {r['ratio']}) by score '{r['score']}', "
-        f"compensated by '{r['method']}'",
-        f"  calibration tokens {r['settings']['calibration_tokens']}, held-out tokens {r['settings']['heldout_tokens']}",
+        (f"pruned {len(r['pruned_units'])} of {n_units} {unit} (ratio {r['ratio']}) by score '{r['score']}', "
+         f"compensated by '{r['method']}'"),
+        f"  calibration tokens {tokens['calibration_tokens']}, held-out tokens {tokens['heldout_tokens']}",
         "",
         f"  {'relative output error':<28}{'calibration':>12}{'held-out':>12}",
         f"  {'uncompensated':<28}{unc['calibration']:>12.4f}{unc['heldout']:>12.4f}",

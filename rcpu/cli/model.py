@@ -152,7 +152,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..pipeline import check_before_work
-    from ..sweep import run_sweep as sweep, to_csv
+    from ..sweep import run_sweep as sweep
+    from ..sweep import to_csv
 
     ratios = _numbers(args.ratios, float, "numbers")
     if not ratios:
