@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .compensate import Compensation, compensate
-from .diagnostics import relative_error, sample_outputs, token_geometry
+from .diagnostics import relative_error, rotation_angles_deg, sample_outputs, token_geometry
 from .errors import RcpuError
 from .scores import score_columns
 from .stats import LayerStats
@@ -87,11 +87,10 @@ def toy_inputs(cfg: ToyConfig, count: int, seed: int) -> Tensor:
 
 
 def _angle_of(q: Tensor) -> float:
-    if q.shape[0] == 2:
-        return math.degrees(math.atan2(float(q[1, 0]), float(q[0, 0])))
+    """How far ``Q`` turns (of its proper part, ``-Q`` for a reflection); signed in 2-D."""
     proper = q if torch.linalg.det(q) > 0 else -q
-    cos = max(-1.0, min(1.0, (float(torch.trace(proper)) - 1.0) / 2.0))
-    return math.degrees(math.acos(cos))
+    angle = float(rotation_angles_deg(proper)[0])
+    return math.copysign(angle, float(proper[1, 0])) if q.shape[0] == 2 else angle
 
 
 def build_example(cfg: ToyConfig = ToyConfig()) -> ToyExample:

@@ -21,6 +21,16 @@ def embedded():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op torch thread: small matrices avoid thread hand-off, and on a busy 2-core
+    machine two spin-waiting threads run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tmp_cache(tmp_path, monkeypatch):
     """A private RCPU_CACHE for one test; converted models are shared with the real cache."""
     root = tmp_path / "cache"

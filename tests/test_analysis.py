@@ -22,12 +22,7 @@ from rcpu.stats import LayerStats
 D_OUT, D_IN, N = 10, 24, 300
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_case(seed: int = 0):

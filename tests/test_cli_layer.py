@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from rcpu import cli
 from rcpu.compensate import METHODS
@@ -22,13 +21,7 @@ SHAPES = {"o_proj": (576, 576), "down_proj": (576, 1536)}  # (d_out, d_in) of Sm
 HEAD_DIM = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, two spin-waiting threads run ~8x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def strict_json(text: str) -> dict:

@@ -44,13 +44,7 @@ def output_error(weight, stats, kept, new_weight, bias=None):
     return KeptProblem(weight, stats, kept).error(new_weight.to(torch.float64), bias)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one intra-op thread avoids thread hand-off overhead on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_data(seed: int = 0, d_out: int = D_OUT, d_in: int = D_IN, n: int = N):

@@ -29,13 +29,7 @@ ROTATIONS = ("rotation", "rotation_scale", "rotation_so", "rotation_bias", "rota
 NO_BIAS = ("none", "ls", "ridge", "rotation", "rotation_scale", "rotation_so", "rotation_diag")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one intra-op thread avoids thread hand-off overhead on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite
