@@ -1,6 +1,6 @@
 """One sublayer: score, select, compensate and diagnose, from statistics alone.
 
-``analyze_sublayer`` is what ``rcpu layer``, the app's layer explorer and the
+``analyze_sublayer`` is what the layer explorer (``rcpu.explorer``) and the
 benchmarks call; it takes the weight and statistics and returns plain results.
 What does not depend on the selection (``prepare_sublayer``) can be kept and
 passed back in, and each method's diagnostics beyond its errors are computed on
@@ -331,50 +331,3 @@ def analyze_sublayer(
         uncompensated=uncompensated,
         methods=results,
     )
-
-
-def _list(t: Tensor | None, limit: int | None = None) -> list | None:
-    if t is None:
-        return None
-    values = t.detach().cpu().to(torch.float64)
-    if limit is not None:
-        values = values[:limit]
-    return [round(float(v), 8) for v in values]
-
-
-def summary(analysis: SublayerAnalysis, method: str) -> dict:
-    """The JSON-ready result of one method on one sublayer (``rcpu layer --json``)."""
-    res = analysis.methods[method].complete()
-    sel = analysis.selection
-    geo = res.geometry
-    rot = res.rotation
-    return {
-        "ratio": sel.ratio,
-        "score": sel.score,
-        "method": method,
-        "d_in": analysis.d_in,
-        "d_out": analysis.d_out,
-        "unit_size": sel.unit_size,
-        "kept": sel.kept.tolist(),
-        "pruned": sel.pruned.tolist(),
-        "kept_units": sel.kept_units.tolist(),
-        "pruned_units": sel.pruned_units.tolist(),
-        "error": {"calibration": res.error_calibration, "heldout": res.error_heldout},
-        "error_uncompensated": dict(analysis.error_uncompensated),
-        "orthogonality_error": rot["orthogonality_error"],
-        "distance_from_identity": rot["distance_from_identity"],
-        "condition_number_M": rot["condition_number_M"],
-        "singular_values_M": _list(rot["singular_values_M"]),
-        "rotation_angles_deg": _list(rot["rotation_angles_deg"]),
-        "norm_ratio": geo["norm_ratio"],
-        "cosine": geo["cosine"],
-        "gram_distortion": geo["gram_distortion"],
-        "principal_angles_deg": _list(res.principal_angles_deg),
-        "principal_angles_uncompensated_deg": _list(analysis.principal_angles_z_deg),
-        "explained_variance": {
-            "original": _list(analysis.explained_variance_y, 32),
-            "pruned": _list(analysis.explained_variance_z, 32),
-            "compensated": _list(res.explained_variance, 32),
-        },
-        "timing_s": dict(res.seconds),
-    }
