@@ -16,7 +16,15 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from .compensate import DEFAULT_ALPHA, Compensation, check_alpha, check_method, compensate_problem
+from .compensate import (
+    DEFAULT_ALPHA,
+    DEFAULT_LAMBDA,
+    Compensation,
+    check_alpha,
+    check_lambda,
+    check_method,
+    compensate_problem,
+)
 from .diagnostics import (
     compensated_outputs,
     explained_variance,
@@ -286,8 +294,10 @@ def analyze_sublayer(
     methods: list[str],
     unit_size: int = 1,
     alpha: float = DEFAULT_ALPHA,
+    lam: float = DEFAULT_LAMBDA,
     seed: int = 0,
     what: str = "units",
+    rounding: str = "nearest",
     basis: SublayerBasis | None = None,
 ) -> SublayerAnalysis:
     """Everything the method page's pictures need for one sublayer and several methods.
@@ -298,11 +308,12 @@ def analyze_sublayer(
     for m in methods:
         check_method(m)
     check_alpha(alpha)
+    check_lambda(lam)
     if basis is None:
         basis = prepare_sublayer(weight, calibration, heldout, seed)
     elif basis.weight.shape != weight.shape or basis.sample.shape[0] != calibration.d_in:
         raise ValueError("the basis was prepared for another sublayer")
-    sel = select(basis.weight, calibration, score, ratio, unit_size, seed, what)
+    sel = select(basis.weight, calibration, score, ratio, unit_size, seed, what, rounding)
     problems = {
         split: KeptProblem(basis.weight, stats, sel.kept, basis.wg[split])
         for split, stats in (("calibration", calibration), ("heldout", heldout))
@@ -313,7 +324,7 @@ def analyze_sublayer(
     results = {}
     for name in methods:
         start = time.perf_counter()
-        comp = compensate_problem(name, problems["calibration"], alpha)
+        comp = compensate_problem(name, problems["calibration"], alpha, lam)
         seconds = {"compensate": time.perf_counter() - start}
         from_kept = _from_kept(comp, w_kept, uncompensated)
         if from_kept is not None:

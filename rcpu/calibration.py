@@ -28,7 +28,7 @@ log = logging.getLogger("rcpu")
 SAMPLE_TOKENS = 1024  # tokens kept per sublayer for pictures
 SUBLAYERS = ("o_proj", "down_proj")
 SPLITS = ("calibration", "heldout")
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: the sum of absolute inputs (the authors' rcpu score)
 
 
 @dataclass
@@ -125,6 +125,7 @@ def _from_arrays(layer: int, arrays: dict) -> LayerData:
     splits: dict[str, dict[str, LayerStats]] = {s: {} for s in SPLITS}
     for split in SPLITS:
         for sub in SUBLAYERS:
-            fields = {f: arrays[f"{split}.{sub}.{f}"] for f in ("gram", "total", "count", "sample")}
+            fields = {f: arrays[f"{split}.{sub}.{f}"] for f in ("gram", "total", "count", "sample", "abs_total")}
+            # (every field is required: an entry without one is another version's and is recomputed)
             splits[split][sub] = LayerStats.from_arrays(fields)
     return LayerData(layer, splits["calibration"], splits["heldout"])

@@ -20,8 +20,21 @@ from .errors import RcpuError
 from .problem import KeptProblem
 from .stats import LayerStats
 
-DEFAULT_ALPHA = 0.01
+DEFAULT_ALPHA = 0.01  # ridge: lambda = alpha * trace(G[K,K]) / k
+DEFAULT_LAMBDA = 1e-4  # ls_ridge: absolute, on the summed Gram (the authors' default)
 LSTSQ_RCOND = 1e-12  # relative cut-off of the least-norm solver on singular Gram matrices
+# Singular values of M below this share of the largest are rounding noise of M's products
+# (~1e-13 at d_out = 4096), not data; and one that small moves the Procrustes objective by
+# less than 1e-9 of its value, so leaving its direction alone costs nothing measurable.
+RANK_RTOL = 1e-10
+
+
+@dataclass(frozen=True)
+class Regularisation:
+    """The strengths of the regularised fits: ``ridge`` (relative) and ``ls_ridge`` (absolute)."""
+
+    alpha: float = DEFAULT_ALPHA
+    lam: float = DEFAULT_LAMBDA
 
 
 @dataclass
@@ -31,20 +44,47 @@ class Compensation:
     rotation: Tensor | None = None  # (d_out, d_out) Q
     singular_values: Tensor | None = None  # (d_out,) of M, descending
     kept_scale: float | None = None  # set when weight == kept_scale * Q @ W_K (a rotated, scaled Z)
+    rank: int | None = None  # numerical rank of M (rotation methods)
+
+
+def numerical_rank(singular_values: Tensor) -> int:
+    """How many singular values (descending) exceed ``RANK_RTOL`` of the largest."""
+    if singular_values.numel() == 0 or not singular_values[0] > 0:
+        return 0
+    return int((singular_values > RANK_RTOL * singular_values[0]).sum())
 
 
 def procrustes(cross: Tensor, proper: bool = False) -> tuple[Tensor, Tensor]:
-    """Orthogonal ``Q`` maximising ``tr(Q^T M)`` for ``M = U S V^T``: ``Q = U V^T``.
+    """The orthogonal ``Q`` maximising ``tr(Q^T M)`` that is closest to the identity.
 
-    With ``proper`` the result is restricted to ``det Q = +1`` by flipping the
-    sign of the last (smallest) singular pair when ``det(U V^T) < 0``.
+    With ``M = U S V^T`` of numerical rank ``r``, every optimal ``Q`` is
+    ``U_r V_r^T + U_perp R V_perp^T`` with ``R`` orthogonal; the data fix only the
+    first part. The canonical choice maximises ``tr(Q)`` (minimises ``||Q - I||_F``):
+    ``R = Z P^T`` for ``V_perp^T U_perp = P Sigma Z^T`` (Procrustes once more), so that
+    directions the calibration data do not constrain are turned as little as
+    possible, and ``Q`` does not depend on how LAPACK fills the null spaces.
+
+    With ``proper`` the result has ``det Q = +1``: where ``M`` is rank-deficient a
+    reflection is moved into the free part at no cost to the objective (the
+    weakest pair of ``Sigma`` flips); at full rank the smallest singular pair of
+    ``M`` flips, as the classic constrained Procrustes does.
     Returns (Q, singular values of M).
     """
     u, s, vh = torch.linalg.svd(cross)
-    if proper and torch.linalg.det(u @ vh) < 0:
+    r = numerical_rank(s)
+    q = u[:, :r] @ vh[:r]
+    if r < s.numel():
+        u_perp, v_perp = u[:, r:], vh[r:].T  # (d, d - r) bases of the two null spaces
+        p, _, zh = torch.linalg.svd(v_perp.T @ u_perp)
+        if proper and torch.linalg.det(q + u_perp @ (zh.T @ p.T) @ v_perp.T) < 0:
+            zh = zh.clone()
+            zh[-1] = -zh[-1]  # the weakest pair: the least trace lost
+        q = q + u_perp @ (zh.T @ p.T) @ v_perp.T
+    elif proper and torch.linalg.det(q) < 0:
         u = u.clone()
         u[:, -1] = -u[:, -1]
-    return u @ vh, s
+        q = u @ vh
+    return q, s
 
 
 def _solve_psd(matrix: Tensor, rhs_t: Tensor) -> Tensor:
@@ -68,16 +108,16 @@ def _solve_psd(matrix: Tensor, rhs_t: Tensor) -> Tensor:
     return torch.linalg.lstsq(matrix, rhs_t.T, rcond=LSTSQ_RCOND, driver="gelsd").solution.T
 
 
-def _none(p: KeptProblem, alpha: float) -> Compensation:
+def _none(p: KeptProblem, reg: Regularisation) -> Compensation:
     return Compensation(weight=p.w_kept.clone())
 
 
-def _bias(p: KeptProblem, alpha: float) -> Compensation:
+def _bias(p: KeptProblem, reg: Regularisation) -> Compensation:
     pruned = _complement(p.kept, p.w.shape[1])
     return Compensation(weight=p.w_kept.clone(), bias=p.w[:, pruned] @ p.stats.mean[pruned])
 
 
-def _ls(p: KeptProblem, alpha: float) -> Compensation:
+def _ls(p: KeptProblem, reg: Regularisation) -> Compensation:
     return Compensation(weight=_solve_psd(p.gram_kk, p.target))  # W G[:, K] G[K, K]^-1
 
 
@@ -86,10 +126,16 @@ def ridge_lambda(gram_kk: Tensor, alpha: float) -> float:
     return float(alpha * torch.trace(gram_kk) / gram_kk.shape[0])
 
 
-def _ridge(p: KeptProblem, alpha: float) -> Compensation:
-    lam = ridge_lambda(p.gram_kk, alpha)
+def _ridge(p: KeptProblem, reg: Regularisation) -> Compensation:
+    lam = ridge_lambda(p.gram_kk, reg.alpha)
     regularised = p.gram_kk + lam * torch.eye(p.gram_kk.shape[0], dtype=p.gram_kk.dtype)
     return Compensation(weight=_solve_psd(regularised, p.target))
+
+
+def _ls_ridge(p: KeptProblem, reg: Regularisation) -> Compensation:
+    """The paper's LS + ridge: ``(W G[:, K] + lambda W_K)(G[K, K] + lambda I)^-1``, toward ``W_K``."""
+    regularised = p.gram_kk + reg.lam * torch.eye(p.gram_kk.shape[0], dtype=p.gram_kk.dtype)
+    return Compensation(weight=_solve_psd(regularised, p.target + reg.lam * p.w_kept))
 
 
 def _rotation_parts(p: KeptProblem, centred: bool = False, proper: bool = False) -> tuple[Tensor, Tensor]:
@@ -98,9 +144,17 @@ def _rotation_parts(p: KeptProblem, centred: bool = False, proper: bool = False)
     return procrustes(cross, proper=proper)
 
 
-def _rotation(p: KeptProblem, alpha: float) -> Compensation:
+def _rotated(p: KeptProblem, q: Tensor, s: Tensor, scale: float | None = 1.0, weight: Tensor | None = None,
+             bias: Tensor | None = None) -> Compensation:
+    """A rotation method's result: ``W'_K`` (default ``scale * Q W_K``), ``Q``, ``M``'s spectrum and rank."""
+    weight = (q @ p.w_kept if scale == 1.0 else scale * (q @ p.w_kept)) if weight is None else weight
+    return Compensation(weight=weight, bias=bias, rotation=q, singular_values=s, kept_scale=scale,
+                        rank=numerical_rank(s))
+
+
+def _rotation(p: KeptProblem, reg: Regularisation) -> Compensation:
     q, s = _rotation_parts(p)
-    return Compensation(weight=q @ p.w_kept, rotation=q, singular_values=s, kept_scale=1.0)
+    return _rotated(p, q, s)
 
 
 def rotation_scale_factor(singular_values: Tensor, w_kept: Tensor, gram_kk: Tensor) -> float:
@@ -109,34 +163,33 @@ def rotation_scale_factor(singular_values: Tensor, w_kept: Tensor, gram_kk: Tens
     return float(singular_values.sum() / denom) if denom > 0 else 1.0
 
 
-def _rotation_scale(p: KeptProblem, alpha: float) -> Compensation:
+def _rotation_scale(p: KeptProblem, reg: Regularisation) -> Compensation:
     q, s = _rotation_parts(p)
-    scale = rotation_scale_factor(s, p.w_kept, p.gram_kk)
-    return Compensation(weight=scale * (q @ p.w_kept), rotation=q, singular_values=s, kept_scale=scale)
+    return _rotated(p, q, s, scale=rotation_scale_factor(s, p.w_kept, p.gram_kk))
 
 
-def _rotation_so(p: KeptProblem, alpha: float) -> Compensation:
+def _rotation_so(p: KeptProblem, reg: Regularisation) -> Compensation:
     q, s = _rotation_parts(p, proper=True)
-    return Compensation(weight=q @ p.w_kept, rotation=q, singular_values=s, kept_scale=1.0)
+    return _rotated(p, q, s)
 
 
-def _rotation_bias(p: KeptProblem, alpha: float) -> Compensation:
+def _rotation_bias(p: KeptProblem, reg: Regularisation) -> Compensation:
     q, s = _rotation_parts(p, centred=True)
     bias = p.output_mean - q @ (p.w_kept @ p.mean_kept)  # b = W mu - Q W_K mu_K
-    return Compensation(weight=q @ p.w_kept, bias=bias, rotation=q, singular_values=s, kept_scale=1.0)
+    return _rotated(p, q, s, bias=bias)
 
 
-def _rotation_diag(p: KeptProblem, alpha: float) -> Compensation:
+def _rotation_diag(p: KeptProblem, reg: Regularisation) -> Compensation:
     q, s = _rotation_parts(p)
     rotated = q @ p.w_kept  # (d_out, k)
     # Per output channel i: d_i = <Y_i, (QZ)_i> / ||(QZ)_i||^2.
     numer = torch.sum(p.target * rotated, dim=1)
     denom = torch.sum(p.weight_gram(rotated) * rotated, dim=1)
     scale = torch.where(denom > 0, numer / denom.clamp_min(1e-300), torch.ones_like(denom))
-    return Compensation(weight=scale[:, None] * rotated, rotation=q, singular_values=s)
+    return _rotated(p, q, s, scale=None, weight=scale[:, None] * rotated)
 
 
-MethodFn = Callable[[KeptProblem, float], Compensation]
+MethodFn = Callable[[KeptProblem, Regularisation], Compensation]
 
 METHODS: dict[str, MethodFn] = {
     "none": _none,
@@ -148,13 +201,21 @@ METHODS: dict[str, MethodFn] = {
     "rotation_so": _rotation_so,
     "rotation_bias": _rotation_bias,
     "rotation_diag": _rotation_diag,
+    "ls_ridge": _ls_ridge,  # last: the registry's order gives the figures' colours
 }
 
 
-def check_alpha(alpha: float) -> None:
-    """The ridge strength must be a finite number >= 0 (NaN would reach LAPACK as an illegal value)."""
+LAMBDA_METHODS = ("ls_ridge",)  # the methods whose result depends on lambda
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> None:
+    """A ridge strength must be a finite number >= 0 (NaN would reach LAPACK as an illegal value)."""
     if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha >= 0):
-        raise RcpuError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        raise RcpuError(f"{name} must be a finite number >= 0, got {alpha!r}")
+
+
+def check_lambda(lam: float) -> None:
+    check_alpha(lam, "lambda")
 
 
 def check_method(name: str) -> None:
@@ -169,22 +230,26 @@ def _complement(kept: Tensor, d_in: int) -> Tensor:
 
 
 def compensate(
-    method: str, weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float = DEFAULT_ALPHA
+    method: str, weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float = DEFAULT_ALPHA,
+    lam: float = DEFAULT_LAMBDA,
 ) -> Compensation:
     """Compensated kept weights for one sublayer; raises on non-finite results."""
-    return compensate_problem(method, KeptProblem(weight, stats, kept), alpha)
+    return compensate_problem(method, KeptProblem(weight, stats, kept), alpha, lam)
 
 
-def compensate_problem(method: str, problem: KeptProblem, alpha: float = DEFAULT_ALPHA) -> Compensation:
+def compensate_problem(
+    method: str, problem: KeptProblem, alpha: float = DEFAULT_ALPHA, lam: float = DEFAULT_LAMBDA
+) -> Compensation:
     """``compensate`` on a ``KeptProblem``, whose shared products other methods reuse."""
     check_method(method)
     check_alpha(alpha)
+    check_lambda(lam)
     if not problem.inputs_finite:
         raise RcpuError(
             f"compensation {method!r} cannot use non-finite weights or statistics (inf/NaN)"
         )
     try:
-        result = METHODS[method](problem, alpha)
+        result = METHODS[method](problem, Regularisation(alpha, lam))
     except torch.linalg.LinAlgError as exc:
         raise RcpuError(f"compensation {method!r} failed: {str(exc).splitlines()[0]}") from None
     parts = [result.weight] + ([result.bias] if result.bias is not None else [])

@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .adapters import SUBLAYERS
-from .compensate import DEFAULT_ALPHA, check_alpha, check_method
+from .compensate import DEFAULT_ALPHA, DEFAULT_LAMBDA, LAMBDA_METHODS, check_alpha, check_lambda, check_method
 from .errors import RcpuError
-from .scores import check_keeps_some, check_ratio, check_score
+from .scores import check_keeps_some, check_ratio, check_rounding, check_score
 from .text import Sampling, load_text
 
 if TYPE_CHECKING:
@@ -64,11 +64,13 @@ class EvalConfig:
         return self.eval_data or f"{data.data} (held-out part)"
 
 
-def _check_choices(ratio: float, score: str, method: str, alpha: float) -> None:
-    check_ratio(ratio)
-    check_score(score)
-    check_method(method)
-    check_alpha(alpha)
+def _check_choices(cfg: LayerConfig | PruneConfig) -> None:
+    check_ratio(cfg.ratio)
+    check_score(cfg.score)
+    check_method(cfg.method)
+    check_alpha(cfg.alpha)
+    check_lambda(cfg.lam)
+    check_rounding(cfg.rounding)
 
 
 @dataclass(frozen=True)
@@ -80,17 +82,19 @@ class LayerConfig:
     ratio: float = 0.2
     score: str = "rcpu"
     method: str = "rotation"
-    alpha: float = DEFAULT_ALPHA
+    alpha: float = DEFAULT_ALPHA  # ridge: relative strength
+    lam: float = DEFAULT_LAMBDA  # ls_ridge: absolute strength (--lambda)
+    rounding: str = "nearest"  # or "truncate", the authors' int(ratio * units)
 
     def check(self, lm: LoadedModel | None = None) -> None:
         if self.sublayer not in SUBLAYERS:
             raise RcpuError(f"unknown sublayer {self.sublayer!r}; choose one of: {', '.join(SUBLAYERS)}")
-        _check_choices(self.ratio, self.score, self.method, self.alpha)
+        _check_choices(self)
         if lm is not None:
             adapter = lm.adapter
             adapter.check_layer(self.layer)
             check_keeps_some(adapter.num_units(self.layer, self.sublayer), self.ratio,
-                             adapter.unit_name(self.sublayer))
+                             adapter.unit_name(self.sublayer), self.rounding)
 
     def for_model(self, lm: LoadedModel) -> LayerConfig:
         """This config with its layer moved into the model's range (a model with fewer layers)."""
@@ -105,7 +109,9 @@ class PruneConfig:
     targets: str = "both"
     score: str = "rcpu"
     method: str = "rotation"
-    alpha: float = DEFAULT_ALPHA
+    alpha: float = DEFAULT_ALPHA  # ridge: relative strength
+    lam: float = DEFAULT_LAMBDA  # ls_ridge: absolute strength (--lambda)
+    rounding: str = "nearest"  # or "truncate", the authors' int(ratio * units)
 
     @property
     def sublayers(self) -> tuple[str, ...]:
@@ -119,12 +125,12 @@ class PruneConfig:
         """With ``lm``: also refuse a ratio that would leave some layer nothing, before any work."""
         if self.targets not in TARGETS:
             raise RcpuError(f"unknown targets {self.targets!r}; choose one of: {', '.join(TARGETS)}")
-        _check_choices(self.ratio, self.score, self.method, self.alpha)
+        _check_choices(self)
         if lm is not None:
             adapter = lm.adapter
             for sub in self.sublayers:
                 for index in range(adapter.num_layers):
-                    check_keeps_some(adapter.num_units(index, sub), self.ratio, adapter.unit_name(sub))
+                    check_keeps_some(adapter.num_units(index, sub), self.ratio, adapter.unit_name(sub), self.rounding)
 
 
 def parse_configs(text: str) -> tuple[tuple[str, str], ...]:
@@ -144,13 +150,19 @@ def parse_configs(text: str) -> tuple[tuple[str, str], ...]:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """Every (calibration size, ratio, score:method) point of a perplexity sweep."""
+    """Every (calibration size, ratio, score:method, lambda) point of a perplexity sweep.
+
+    ``lambdas`` is an axis for the methods that use lambda (``ls_ridge``); the others
+    are computed once, at the default lambda.
+    """
 
     ratios: tuple[float, ...] = (0.1, 0.2, 0.3)
     configs: tuple[tuple[str, str], ...] = (("rcpu", "rotation"), ("wanda_sp", "none"), ("fluctuation", "bias"))
     calib_samples: tuple[int, ...] | None = None  # None: the DataConfig's
     targets: str = PruneConfig.targets
     alpha: float = DEFAULT_ALPHA
+    lambdas: tuple[float, ...] = (DEFAULT_LAMBDA,)
+    rounding: str = PruneConfig.rounding
 
     @property
     def configs_text(self) -> str:
@@ -159,15 +171,18 @@ class SweepConfig:
     def points(self, data: DataConfig) -> list[tuple[DataConfig, PruneConfig]]:
         sizes = self.calib_samples or (data.calib_samples,)
         return [
-            (replace(data, calib_samples=n), PruneConfig(r, self.targets, s, m, self.alpha))
+            (replace(data, calib_samples=n), PruneConfig(r, self.targets, s, m, self.alpha, lam, self.rounding))
             for n in sizes
             for r in self.ratios
             for s, m in self.configs
+            for lam in (self.lambdas if m in LAMBDA_METHODS else (DEFAULT_LAMBDA,))
         ]
 
     def check(self, data: DataConfig | None = None) -> None:
         if not self.ratios:
             raise RcpuError("no ratios given; e.g. --ratios 0.1,0.2")
+        if not self.lambdas:
+            raise RcpuError("no lambdas given; e.g. --lambdas 1e-4,1e-2")
         for data_point, cfg in self.points(data or DataConfig()):
             cfg.check()
             data_point.sampling.check()

@@ -116,15 +116,19 @@ def rotation_diagnostics(comp: Compensation) -> dict:
             "rotation_angles_deg": None,
             "singular_values_M": None,
             "condition_number_M": None,
+            "rank_M": None,
         }
     q = comp.rotation
     eye = torch.eye(q.shape[0], dtype=q.dtype)
     s = comp.singular_values
-    cond = float(s[0] / s[-1]) if s[-1] > 0 else None  # None: M is singular (JSON null)
+    rank = comp.rank if comp.rank is not None else int((s > 0).sum())
+    # None (JSON null): M is rank-deficient, its smallest singular values are rounding noise
+    cond = float(s[0] / s[-1]) if rank == s.numel() and s[-1] > 0 else None
     return {
         "orthogonality_error": float(torch.linalg.matrix_norm(q.T @ q - eye)),
         "distance_from_identity": float(torch.linalg.matrix_norm(q - eye)),
         "rotation_angles_deg": rotation_angles_deg(q),
         "singular_values_M": s,
         "condition_number_M": cond,
+        "rank_M": rank,
     }

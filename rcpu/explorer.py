@@ -2,7 +2,7 @@
 
 A ``LayerExplorer`` keeps what it computed in memory: layer statistics (also
 cached on disk), each sublayer's selection-independent basis, and each
-method's analysis per (statistics, sublayer, ratio, score, alpha). Switching
+method's analysis per (statistics, sublayer, ratio, score, strengths, rounding). Switching
 ratio, score or method back and forth then costs nothing, and adding a method
 computes only that method.
 """
@@ -67,7 +67,8 @@ class LayerExplorer:
         """The analysis holding exactly ``methods`` in that order; new methods are computed together
         and merged into the stored analysis (the shared part depends only on the selection)."""
         methods = list(dict.fromkeys(methods or [cfg.method]))
-        key = (self._stats_key(lm, data, cfg.layer), cfg.sublayer, float(cfg.ratio), cfg.score, cfg.alpha)
+        key = (self._stats_key(lm, data, cfg.layer), cfg.sublayer, float(cfg.ratio), cfg.score, cfg.alpha, cfg.lam,
+               cfg.rounding)
         with self._lock:
             stored: SublayerAnalysis | None = self._analyses.get(key)
             missing = [m for m in methods if stored is None or m not in stored.methods]
@@ -79,8 +80,8 @@ class LayerExplorer:
                 )
                 fresh = analyze_sublayer(
                     weight, calibration, heldout, score=cfg.score, ratio=cfg.ratio, methods=missing,
-                    unit_size=lm.adapter.unit_size(cfg.sublayer), alpha=cfg.alpha, seed=data.seed,
-                    what=lm.adapter.unit_name(cfg.sublayer), basis=basis,
+                    unit_size=lm.adapter.unit_size(cfg.sublayer), alpha=cfg.alpha, lam=cfg.lam, seed=data.seed,
+                    what=lm.adapter.unit_name(cfg.sublayer), rounding=cfg.rounding, basis=basis,
                 )
                 stored = fresh if stored is None else replace(stored, methods={**stored.methods, **fresh.methods})
                 self._analyses.put(key, stored)

@@ -47,6 +47,7 @@ METHOD_LABELS = {
     "rotation_so": "proper rotation",
     "rotation_bias": "rotation + bias",
     "rotation_diag": "rotation + diagonal",
+    "ls_ridge": "LS + ridge (paper)",
 }
 MAX_POINTS = 1000  # per scatter trace; keeps figures light in the browser
 
@@ -393,6 +394,15 @@ def error_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figur
     return _layout(fig, "Relative output error: calibration vs held-out", height=400)
 
 
+def condition_text(rot: dict) -> str:
+    """``cond(M)`` for people: a number, or infinite with the rank when M is rank-deficient."""
+    if rot.get("singular_values_M") is None:
+        return "n/a"
+    if rot.get("condition_number_M") is None:
+        return f"∞ (rank {rot['rank_M']} of {len(rot['singular_values_M'])})"
+    return f"{rot['condition_number_M']:.3g}"
+
+
 def singular_values_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
     """Singular values of M = Y Zᵀ for the rotation methods among ``methods``."""
     rotations = [m for m in methods if analysis.methods[m].rotation.get("singular_values_M") is not None]
@@ -406,7 +416,7 @@ def singular_values_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -
         fig.add_trace(go.Scatter(
             x=np.arange(1, s.size + 1), y=_positive(s), mode="lines",
             line={"color": color(m), "dash": ("solid", "dash", "dot")[i % 3]},
-            name=f"{label(m)}: cond {rot['condition_number_M']:.3g}, ‖Q − I‖ {rot['distance_from_identity']:.3g}",
+            name=f"{label(m)}: cond {condition_text(rot)}, ‖Q − I‖ {rot['distance_from_identity']:.3g}",
         ))
     fig.update_xaxes(title_text="index")
     fig.update_yaxes(type="log", exponentformat="power", title_text="singular value of M")
@@ -433,7 +443,7 @@ def method_table(analysis: SublayerAnalysis, methods: Sequence[str]) -> list[dic
             "mean norm ratio": res.geometry["norm_ratio"]["mean"],
             "Gram distortion": res.geometry["gram_distortion"],
             "‖Q − I‖_F": rot.get("distance_from_identity"),
-            "cond(M)": rot.get("condition_number_M"),
+            "cond(M)": condition_text(rot),
             "seconds": sum(res.seconds.values()),
         })
     return rows

@@ -88,19 +88,20 @@ def prune_model(
             calib = stats["calibration"][sub]
             sel = select(
                 linear.weight, calib, cfg.score, cfg.ratio, adapter.unit_size(sub), data.seed,
-                adapter.unit_name(sub),
+                adapter.unit_name(sub), cfg.rounding,
             )
             # One problem per split: compensation and the errors share W G and G[K,K].
             problems = {split: KeptProblem(linear.weight, st[sub], sel.kept) for split, st in stats.items()}
             if len(sel.pruned) == 0:
                 comp = _identity(linear.weight, sel.kept)  # nothing removed: nothing to compensate
             else:
-                comp = compensate_problem(cfg.method, problems["calibration"], cfg.alpha)
+                comp = compensate_problem(cfg.method, problems["calibration"], cfg.alpha, cfg.lam)
             plan = SublayerPlan(sub, sel.kept_units, sel.kept, comp)
             layer_plans[sub] = plan
             record[sub] = _errors(problems, comp)
             record[sub]["kept_units"] = len(sel.kept_units)
             record[sub]["pruned_units"] = len(sel.pruned_units)
+            record[sub]["calibration_tokens_per_input_dim"] = calib.count / calib.d_in
         t2 = time.perf_counter()
         for plan in layer_plans.values():
             apply_plan(adapter, index, plan)

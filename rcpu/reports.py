@@ -36,6 +36,7 @@ def method_summary(analysis: SublayerAnalysis, method: str) -> dict:
     rot = res.rotation
     return {
         "ratio": sel.ratio,
+        "rounding": sel.rounding,
         "score": sel.score,
         "method": method,
         "d_in": analysis.d_in,
@@ -50,6 +51,7 @@ def method_summary(analysis: SublayerAnalysis, method: str) -> dict:
         "orthogonality_error": rot["orthogonality_error"],
         "distance_from_identity": rot["distance_from_identity"],
         "condition_number_M": rot["condition_number_M"],
+        "rank_M": rot["rank_M"],
         "singular_values_M": _list(rot["singular_values_M"]),
         "rotation_angles_deg": _list(rot["rotation_angles_deg"]),
         "norm_ratio": geo["norm_ratio"],
@@ -96,6 +98,7 @@ class LayerReport:
         report = {"layer": cfg.layer, "sublayer": cfg.sublayer, "model": data.model, "data": data.data}
         report.update(method_summary(self.analysis, method or cfg.method))
         report["alpha"] = cfg.alpha
+        report["lambda"] = cfg.lam
         report["settings"] = {
             "calib_samples": data.calib_samples,
             "seq_len": data.seq_len,
@@ -103,6 +106,8 @@ class LayerReport:
             "heldout_samples": data.heldout_samples,
             "calibration_tokens": self.calibration_tokens,
             "heldout_tokens": self.heldout_tokens,
+            # what decides whether least squares or rotation wins (method page, section 8)
+            "calibration_tokens_per_input_dim": self.calibration_tokens / self.analysis.d_in,
         }
         report["timing_s"].update(
             {"statistics": self.stats.seconds, "statistics_from_cache": self.stats.from_cache,
@@ -124,8 +129,11 @@ class PruneReport:
     def settings(self) -> dict:
         """What was done and measured: the record saved in a pruned model's config."""
         r, data = self.result, self.result.data
+        settings = asdict(r.config)
+        settings["lambda"] = settings.pop("lam")
+        first = r.layers[0]
         return {
-            **asdict(r.config),
+            **settings,
             "config": r.config.label,
             "model": data.model,
             "data": data.data,
@@ -141,6 +149,12 @@ class PruneReport:
             "params_after": r.params_after,
             "params_removed_fraction": 1 - r.params_after / r.params_before,
             "eval_tokens": self.pruned["eval_tokens"],
+            # per sublayer, in the first layer (every layer has the same shapes and tokens)
+            "units_pruned": {sub: first[sub]["pruned_units"] for sub in r.config.sublayers},
+            "units": {sub: first[sub]["pruned_units"] + first[sub]["kept_units"] for sub in r.config.sublayers},
+            "calibration_tokens_per_input_dim": {
+                sub: first[sub]["calibration_tokens_per_input_dim"] for sub in r.config.sublayers
+            },
         }
 
     def to_json(self) -> dict:

@@ -43,6 +43,12 @@ def _fluctuation(weight: Tensor, stats: LayerStats, seed: int) -> Tensor:
 
 
 def _rcpu(weight: Tensor, stats: LayerStats, seed: int) -> Tensor:
+    """The authors' released score: ``||W[:,j]|| * E|x_j| * var_j``."""
+    return column_norms(weight) * stats.mean_abs * stats.var
+
+
+def _rcpu_rms(weight: Tensor, stats: LayerStats, seed: int) -> Tensor:
+    """The same idea with the input's L2 norm ``sqrt(G_jj)`` in place of ``E|x_j|``."""
     return column_norms(weight) * input_norms(stats) * stats.var
 
 
@@ -58,6 +64,7 @@ SCORES: dict[str, ScoreFn] = {
     "wanda_sp": _wanda_sp,
     "fluctuation": _fluctuation,
     "rcpu": _rcpu,
+    "rcpu_rms": _rcpu_rms,
     "random": _random,
 }
 
@@ -81,9 +88,21 @@ def unit_scores(column_scores: Tensor, unit_size: int) -> Tensor:
     return column_scores.reshape(-1, unit_size).sum(dim=1)
 
 
-def num_pruned(n_units: int, ratio: float) -> int:
-    """Units removed for a ratio, rounded half up to whole units."""
+ROUNDINGS = ("nearest", "truncate")
+
+
+def check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise RcpuError(f"unknown rounding {rounding!r}; choose one of: {', '.join(ROUNDINGS)}")
+
+
+def num_pruned(n_units: int, ratio: float, rounding: str = "nearest") -> int:
+    """Units removed for a ratio: ``nearest`` rounds half up; ``truncate`` is the authors'
+    ``int(ratio * units)`` (in floating point, as their code computes it)."""
     check_ratio(ratio)
+    check_rounding(rounding)
+    if rounding == "truncate":
+        return int(float(ratio) * n_units)
     # Decimal of the ratio as written (0.29, not 0.28999...), so exact halves round up.
     return int((Decimal(repr(float(ratio))) * n_units).to_integral_value(rounding=ROUND_HALF_UP))
 
@@ -93,20 +112,20 @@ def check_ratio(ratio: float) -> None:
         raise RcpuError(f"ratio must be in [0, 1), got {ratio!r}")
 
 
-def check_keeps_some(n_units: int, ratio: float, what: str = "units") -> int:
+def check_keeps_some(n_units: int, ratio: float, what: str = "units", rounding: str = "nearest") -> int:
     """Units pruned at ``ratio``; raises if none of the ``n_units`` would be left."""
-    n_pruned = num_pruned(n_units, ratio)
+    n_pruned = num_pruned(n_units, ratio, rounding)
     if n_pruned >= n_units:
         raise RcpuError(f"ratio {ratio} would remove all {n_units} {what} of a layer; use a smaller ratio")
     return n_pruned
 
 
-def select_units(scores: Tensor, ratio: float, what: str = "units") -> tuple[Tensor, Tensor]:
+def select_units(scores: Tensor, ratio: float, what: str = "units", rounding: str = "nearest") -> tuple[Tensor, Tensor]:
     """(kept, pruned) unit indices, each sorted; the lowest scores are pruned.
 
     Ties break by index (lower index pruned first), so selection is deterministic.
     """
-    n_pruned = check_keeps_some(scores.numel(), ratio, what)
+    n_pruned = check_keeps_some(scores.numel(), ratio, what, rounding)
     order = torch.sort(scores, stable=True).indices
     pruned = torch.sort(order[:n_pruned]).values
     kept = torch.sort(order[n_pruned:]).values
@@ -130,6 +149,7 @@ class Selection:
     pruned_units: Tensor
     kept: Tensor  # kept columns K, sorted
     pruned: Tensor  # pruned columns P, sorted
+    rounding: str = "nearest"  # how ratio * units became a whole number of units
 
 
 def check_has_tokens(stats: LayerStats) -> None:
@@ -142,15 +162,15 @@ def check_has_tokens(stats: LayerStats) -> None:
 
 def select(
     weight: Tensor, stats: LayerStats, score: str, ratio: float, unit_size: int = 1, seed: int = 0,
-    what: str = "units",
+    what: str = "units", rounding: str = "nearest",
 ) -> Selection:
     """Score columns, sum them per unit, prune the lowest ``ratio`` of units."""
     check_score(score)
     check_has_tokens(stats)
     columns = score_columns(score, weight, stats, seed)
     units = unit_scores(columns, unit_size)
-    kept_units, pruned_units = select_units(units, ratio, what)
+    kept_units, pruned_units = select_units(units, ratio, what, rounding)
     return Selection(
         score, ratio, unit_size, columns, units, kept_units, pruned_units,
-        units_to_columns(kept_units, unit_size), units_to_columns(pruned_units, unit_size),
+        units_to_columns(kept_units, unit_size), units_to_columns(pruned_units, unit_size), rounding,
     )

@@ -1,8 +1,9 @@
 """Streaming statistics of a linear sublayer's inputs (method page, section 1).
 
 Everything the method needs is a function of the Gram matrix ``G = X X^T``, the
-sum ``s = X 1`` and the count ``n``, accumulated in float64 without keeping ``X``.
-A small seeded subsample of tokens is kept only for pictures.
+sum ``s = X 1``, the sum of absolute values ``a = |X| 1`` (the authors' score) and
+the count ``n``, accumulated in float64 without keeping ``X``. A small seeded
+subsample of tokens is kept only for pictures.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class LayerStats:
     total: Tensor  # (d_in,) float64, sum of inputs over tokens
     count: int  # number of tokens N
     sample: Tensor  # (d_in, m) float32, seeded token subsample for pictures
+    abs_total: Tensor | None = None  # (d_in,) float64, sum of |inputs| over tokens
 
     @property
     def d_in(self) -> int:
@@ -28,6 +30,13 @@ class LayerStats:
     @property
     def mean(self) -> Tensor:
         return self.total / max(self.count, 1)
+
+    @property
+    def mean_abs(self) -> Tensor:
+        """``E|x_j|``: the mean absolute input of each dimension."""
+        if self.abs_total is None:
+            raise ValueError("these statistics were gathered without the sum of absolute inputs")
+        return self.abs_total / max(self.count, 1)
 
     @property
     def var(self) -> Tensor:
@@ -43,12 +52,15 @@ class LayerStats:
         return torch.where(var > noise, var, torch.zeros_like(var))
 
     def to_arrays(self) -> dict:
-        return {
+        arrays = {
             "gram": self.gram.numpy(),
             "total": self.total.numpy(),
             "count": torch.tensor(self.count).numpy(),
             "sample": self.sample.numpy(),
         }
+        if self.abs_total is not None:
+            arrays["abs_total"] = self.abs_total.numpy()
+        return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict) -> LayerStats:
@@ -57,6 +69,7 @@ class LayerStats:
             total=torch.from_numpy(arrays["total"]).to(torch.float64),
             count=int(arrays["count"]),
             sample=torch.from_numpy(arrays["sample"]).to(torch.float32),
+            abs_total=torch.from_numpy(arrays["abs_total"]).to(torch.float64) if "abs_total" in arrays else None,
         )
 
     @classmethod
@@ -77,6 +90,7 @@ class StatsAccumulator:
     def __init__(self, d_in: int, sample_size: int = 1024, seed: int = 0):
         self.gram = torch.zeros(d_in, d_in, dtype=torch.float64)
         self.total = torch.zeros(d_in, dtype=torch.float64)
+        self.abs_total = torch.zeros(d_in, dtype=torch.float64)
         self.count = 0
         self.sample_size = sample_size
         self._gen = torch.Generator().manual_seed(seed)
@@ -95,6 +109,7 @@ class StatsAccumulator:
             rows = rows[finite]
         self.gram.addmm_(x.T, x)
         self.total += x.sum(dim=0)
+        self.abs_total += x.abs().sum(dim=0)
         start = self.count
         self.count += x.shape[0]
         if self.sample_size:
@@ -125,4 +140,5 @@ class StatsAccumulator:
             total=self.total,
             count=self.count,
             sample=self._sample[: self._filled].T.contiguous(),
+            abs_total=self.abs_total,
         )

@@ -359,19 +359,21 @@ def test_error_on_heldout_stats_uses_those_tokens():
 
 def naive_scores(w: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray]:
     d_in = w.shape[1]
-    out = {k: np.zeros(d_in) for k in ("magnitude", "wanda_sp", "fluctuation", "rcpu")}
+    out = {k: np.zeros(d_in) for k in ("magnitude", "wanda_sp", "fluctuation", "rcpu", "rcpu_rms")}
     for j in range(d_in):
         wn = math.sqrt(sum(float(v) ** 2 for v in w[:, j]))
         xn = math.sqrt(sum(float(v) ** 2 for v in x[j]))
-        var = float(np.var(x[j]))  # population variance (ddof=0)
+        mean_abs = sum(abs(float(v)) for v in x[j]) / len(x[j])  # the authors' E|x_j|
+        var = float(np.var(x[j]))  # population variance (ddof=0), as the authors compute it
         out["magnitude"][j] = wn
         out["wanda_sp"][j] = wn * xn
         out["fluctuation"][j] = var * wn**2
-        out["rcpu"][j] = wn * xn * var
+        out["rcpu"][j] = wn * mean_abs * var  # the authors' released score
+        out["rcpu_rms"][j] = wn * xn * var
     return out
 
 
-@pytest.mark.parametrize("name", ["magnitude", "wanda_sp", "fluctuation", "rcpu"])
+@pytest.mark.parametrize("name", ["magnitude", "wanda_sp", "fluctuation", "rcpu", "rcpu_rms"])
 def test_scores_equal_naive_definitions(data, name):
     w, x, _kept, stats = data
     expected = naive_scores(w.numpy(), x.numpy())[name]
@@ -404,7 +406,7 @@ def test_unknown_score_raises(data):
     w, _x, _kept, stats = data
     with pytest.raises(RcpuError, match="unknown score"):
         score_columns("nope", w, stats)
-    assert set(SCORES) == {"magnitude", "wanda_sp", "fluctuation", "rcpu", "random"}
+    assert set(SCORES) == {"magnitude", "wanda_sp", "fluctuation", "rcpu", "rcpu_rms", "random"}
 
 
 def test_variance_is_population_variance(data):

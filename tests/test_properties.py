@@ -85,7 +85,7 @@ def test_scores_and_selection(case, score):
     if score != "random":
         # a zero weight column scores exactly zero
         assert bool((cols[norms == 0] == 0).all())
-    if score in ("fluctuation", "rcpu"):
+    if score in ("fluctuation", "rcpu", "rcpu_rms"):
         constant = x.amax(dim=1) == x.amin(dim=1)
         scale = float(cols.max()) if cols.numel() else 0.0
         assert bool((cols[constant] <= 1e-9 * max(scale, 1e-300) + 1e-12).all())

@@ -125,7 +125,7 @@ def test_unit_scores_sum_columns():
         unit_scores(cols, 5)
 
 
-@pytest.mark.parametrize("score", ["magnitude", "wanda_sp", "fluctuation", "rcpu", "random"])
+@pytest.mark.parametrize("score", ["magnitude", "wanda_sp", "fluctuation", "rcpu", "rcpu_rms", "random"])
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.34, 0.5, 0.8])
 def test_head_selection_never_splits_a_head(score, ratio):
     heads, head_dim = 9, 8
