@@ -26,7 +26,8 @@ n_layers = lm.adapter.num_layers
 start = LayerConfig(layer=common.defaults().layer, sublayer="o_proj").for_model(lm)
 for key, value in (("le_layer", start.layer), ("le_sublayer", start.sublayer),
                    ("le_ratio", start.ratio), ("le_score", start.score), ("le_methods", list(DEFAULT_METHODS)),
-                   ("le_compare", "wanda_sp"), ("le_alpha", start.alpha), ("le_order", "index")):
+                   ("le_compare", "wanda_sp"), ("le_alpha", start.alpha), ("le_lambda", start.lam),
+                   ("le_order", "index")):
     common.init(key, value)
 if st.session_state["le_layer"] >= n_layers:  # a smaller model than before
     st.session_state["le_layer"] = n_layers - 1
@@ -46,11 +47,15 @@ if st.session_state["le_compare"] not in others:
 compare = c[1].selectbox("Compare kept set with", others, key="le_compare",
                          help="A second score: the Scores view shows how the two kept sets overlap.")
 with st.expander("More settings"):
-    alpha = st.number_input("Ridge alpha (λ = α · tr(G_KK) / k)", 0.0, 10.0, step=0.005, format="%.4f",
-                            key="le_alpha")
+    left, right = st.columns(2)
+    alpha = left.number_input("Ridge alpha (λ = α · tr(G_KK) / k)", 0.0, 10.0, step=0.005, format="%.4f",
+                              key="le_alpha")
+    lam = right.number_input("LS + ridge λ (absolute, toward W_K)", 0.0, 1e8, format="%.1e", key="le_lambda",
+                             help="The paper's baseline: (W G[:,K] + λ W_K)(G[K,K] + λ I)⁻¹.")
 
 cfg = LayerConfig(layer=int(layer), sublayer=sublayer, ratio=float(ratio), score=score,
-                  method=methods[0] if methods else "none", alpha=float(alpha))
+                  method=methods[0] if methods else "none", alpha=float(alpha), lam=float(lam),
+                  rounding=common.rounding())
 with common.guarded():
     report = common.explore(lm, data, cfg, methods or ["none"])
     second = report.kept_set(compare)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import streamlit as st
 
 from rcpu import figures
-from rcpu.compensate import METHODS
+from rcpu.compensate import LAMBDA_METHODS, METHODS
 from rcpu.config import EvalConfig, PruneConfig, SweepConfig, parse_configs
 from rcpu.scores import SCORES
 from rcpu.sweep import run_sweep, to_csv
 from ui import common
 
 RATIOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6]
+LAMBDAS = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e2, 1e3, 1e4, 1e5]  # the paper's Fig. 5 range
 CONFIGS = [f"{s}:{m}" for s in SCORES for m in METHODS]
 TARGET_LABELS = {"both": "both", "attn": "o_proj only", "mlp": "down_proj only"}
 VIEWS = ["📈 Perplexity vs ratio", "🧪 Calibration size"]
@@ -29,7 +30,7 @@ sizes = sorted({max(1, d.calib_samples // 4), max(1, d.calib_samples // 2), d.ca
 start = SweepConfig()
 for key, value in (("pv_ratios", list(start.ratios)), ("pv_configs", start.configs_text.split(",")),
                    ("pv_targets", start.targets), ("pv_view", VIEWS[0]), ("pv_sizes", sizes),
-                   ("pv_size_ratio", PruneConfig.ratio)):
+                   ("pv_size_ratio", PruneConfig.ratio), ("pv_lambdas", list(start.lambdas))):
     common.init(key, value)
 
 c = st.columns([2, 3, 1.2])
@@ -44,15 +45,20 @@ with c[0]:
         calib_sizes = st.multiselect("Calibration samples", size_options, key="pv_sizes")
         size_ratio = st.select_slider("Pruning ratio", RATIOS, format_func=lambda r: f"{r:.0%}",
                                       key="pv_size_ratio")
+lambdas = start.lambdas
+if any(c.split(":")[1] in LAMBDA_METHODS for c in configs):
+    lambdas = tuple(sorted(st.multiselect("λ of LS + ridge (each is a point)", LAMBDAS, key="pv_lambdas",
+                                          format_func=lambda v: f"{v:g}"))) or start.lambdas
 eval_data, eval_windows = common.evaluation_settings("pv", data)
 
 with common.guarded():
     pairs = parse_configs(",".join(configs)) if configs else ()
     if view == VIEWS[0]:
-        spec = SweepConfig(ratios=tuple(sorted(ratios)), configs=pairs, targets=targets)
+        spec = SweepConfig(ratios=tuple(sorted(ratios)), configs=pairs, targets=targets, lambdas=lambdas,
+                           rounding=common.rounding())
     else:
         spec = SweepConfig(ratios=(float(size_ratio),), configs=pairs, calib_samples=tuple(sorted(calib_sizes)),
-                           targets=targets)
+                           targets=targets, lambdas=lambdas, rounding=common.rounding())
     evaluation = EvalConfig(eval_data, eval_windows)
     cached = run_sweep(lm, data, spec, evaluation, compute=False)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from rcpu import figures
-from rcpu.compensate import METHODS
+from rcpu.compensate import LAMBDA_METHODS, METHODS
 from rcpu.config import TARGETS, EvalConfig, PruneConfig
 from rcpu.export import save_pruned, zip_pruned
 from rcpu.pipeline import prune_and_evaluate
@@ -31,7 +31,7 @@ n_layers = lm.adapter.num_layers
 
 start = PruneConfig()
 for key, value in (("wm_ratio", start.ratio), ("wm_targets", start.targets), ("wm_score", start.score),
-                   ("wm_method", start.method)):
+                   ("wm_method", start.method), ("wm_lambda", start.lam)):
     common.init(key, value)
 c = st.columns([1.3, 1.6, 1, 1.3])
 ratio = c[0].slider("Pruning ratio", 0.0, 0.8, step=0.05, key="wm_ratio")
@@ -39,7 +39,11 @@ targets = c[1].radio("Targets", list(TARGET_LABELS), format_func=TARGET_LABELS.g
 score = c[2].selectbox("Score", list(SCORES), key="wm_score")
 method = c[3].selectbox("Compensation", list(METHODS), format_func=figures.label, key="wm_method")
 eval_data, eval_windows = common.evaluation_settings("wm", data)
-cfg = PruneConfig(ratio=float(ratio), targets=targets, score=score, method=method)
+lam = start.lam
+if method in LAMBDA_METHODS:
+    lam = st.number_input("λ of LS + ridge (absolute, toward W_K)", 0.0, 1e8, format="%.1e", key="wm_lambda")
+cfg = PruneConfig(ratio=float(ratio), targets=targets, score=score, method=method, lam=float(lam),
+                  rounding=common.rounding())
 evaluation = EvalConfig(eval_data, eval_windows)
 
 b1, b2 = st.columns([1.6, 4])
@@ -89,7 +93,12 @@ m[1].metric("Perplexity before", f"{summary['ppl_dense']:.2f}")
 after, before = summary["ppl"], summary["ppl_dense"]
 m[2].metric("Perplexity after", f"{after:.2f}", delta=f"{after - before:+.2f}", delta_color="inverse")
 m[3].metric("Pruning time", f"{summary['timing_s']['prune']:.0f} s")
-st.caption(f"Perplexity on {summary['eval_tokens']} tokens of {summary['eval_data']}.")
+units_removed = "; ".join(f"{summary['units_pruned'][s]} of {summary['units'][s]} {lm.adapter.unit_name(s)}"
+                    for s in result.config.sublayers)
+per_dim = ", ".join(f"`{s}` {v:.1f}" for s, v in summary["calibration_tokens_per_input_dim"].items())
+st.caption(f"Perplexity on {summary['eval_tokens']} tokens of {summary['eval_data']}. Removed per layer: "
+           f"{units_removed} ({summary['rounding']} rounding). Calibration tokens per input dimension: {per_dim} "
+           "(few favour rotation, many favour least squares).")
 st.plotly_chart(figures.layer_errors_figure(result.layers, n_layers, result.config.sublayers),
                 key="fig_layers")
 with st.expander("Per-layer table"):

@@ -23,6 +23,20 @@ if TYPE_CHECKING:
 
 TARGETS = {"attn": ("o_proj",), "mlp": ("down_proj",), "both": SUBLAYERS}
 
+# Named presets of settings. "paper": the authors' protocol (method page, section 8): 128
+# calibration windows of 128 tokens, perplexity in 128-token windows, int(ratio * units)
+# units removed, both sublayers. With WikiText-2 it also evaluates on its test split.
+PROTOCOLS = {
+    "paper": {"calib_samples": 128, "seq_len": 128, "rounding": "truncate", "targets": "both"},
+}
+
+
+def protocol_eval_data(protocol: str | None, data: str, eval_data: str | None) -> str | None:
+    """The evaluation text a protocol implies: the paper's evaluates WikiText-2 on its test split."""
+    if protocol == "paper" and eval_data is None and data == "wikitext2":
+        return "wikitext2"
+    return eval_data
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -119,7 +133,9 @@ class PruneConfig:
 
     @property
     def label(self) -> str:
-        return f"{self.score}:{self.method}"
+        """``score:method``, with the strength for a method whose result depends on lambda."""
+        name = f"{self.score}:{self.method}"
+        return f"{name} λ={self.lam:g}" if self.method in LAMBDA_METHODS else name
 
     def check(self, lm: LoadedModel | None = None) -> None:
         """With ``lm``: also refuse a ratio that would leave some layer nothing, before any work."""

@@ -71,8 +71,8 @@ def run_sweep(
     return {"dense": dense, "points": rows, "missing": len(points) - len(rows)}
 
 
-CSV_COLUMNS = ("config", "score", "method", "ratio", "targets", "calib_samples", "ppl", "ppl_dense",
-               "params_before", "params_after", "eval_tokens", "cached")
+CSV_COLUMNS = ("config", "score", "method", "lambda", "ratio", "rounding", "targets", "calib_samples", "ppl",
+               "ppl_dense", "params_before", "params_after", "eval_tokens", "cached")
 
 
 def to_csv(rows: list[dict]) -> str:

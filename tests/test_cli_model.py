@@ -115,3 +115,29 @@ def test_bad_whole_model_inputs_fail_in_one_line(argv, message):
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("rcpu: error:") and message in lines[0], proc.stderr
+
+
+def test_paper_protocol_is_a_preset_that_explicit_options_override(tiny_model_dir, tmp_cache, tmp_path):
+    out = tmp_path / "paper.json"
+    assert main(["prune", "--model", str(tiny_model_dir), "--protocol", "paper", "--ratio", "0.3",
+                 "--calib-samples", "2", "--heldout-samples", "1", "--eval-windows", "2", "--json", str(out)]) == 0
+    paper = json.loads(out.read_text())
+    assert (paper["seq_len"], paper["rounding"], paper["targets"]) == (128, "truncate", "both")
+    assert paper["calib_samples"] == 2  # given explicitly: the preset does not override it
+    assert paper["eval_tokens"] == 2 * 127  # perplexity windows of the protocol's 128 tokens
+    # int(0.3 * 6) = 1 head goes, where the nearest count is 2; int(0.3 * 64) = 19 channels
+    assert paper["units_pruned"] == {"o_proj": 1, "down_proj": 19}
+    assert paper["calibration_tokens_per_input_dim"]["down_proj"] == pytest.approx(2 * 128 / 64)
+    assert main(["prune", "--model", str(tiny_model_dir), "--ratio", "0.3", *FAST, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["units_pruned"] == {"o_proj": 2, "down_proj": 19}
+
+
+def test_sweep_takes_a_lambda_axis_for_ls_ridge(tiny_model_dir, tmp_cache, tmp_path):
+    out = tmp_path / "lambdas.json"
+    assert main(["sweep", "--model", str(tiny_model_dir), "--ratios", "0.34", "--configs",
+                 "rcpu:ls_ridge,rcpu:rotation", "--lambdas", "1e-4,1e6", *FAST, "--json", str(out)]) == 0
+    points = json.loads(out.read_text())["points"]
+    assert [(p["method"], p["lambda"]) for p in points] == [("ls_ridge", 1e-4), ("ls_ridge", 1e6),
+                                                           ("rotation", 1e-4)]
+    assert len({p["config"] for p in points}) == 3
+    assert points[0]["ppl"] != points[1]["ppl"]

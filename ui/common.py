@@ -17,7 +17,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from rcpu.config import DataConfig, LayerConfig
+from rcpu.config import PROTOCOLS, DataConfig, LayerConfig
 from rcpu.errors import RcpuError
 from rcpu.explorer import LayerExplorer
 from rcpu.models import LoadedModel, load_model
@@ -37,7 +37,9 @@ MODEL_HELP = (
     "a .gguf file, or a Hugging Face hub id like owner/name (needs the hub or its local cache)."
 )
 PERSISTENT_PREFIXES = ("le_", "wm_", "pv_", "learn_")
-SIDEBAR_KEYS = ("model", "text_source", "text_path", "calib_samples", "seq_len", "seed", "heldout_samples")
+SIDEBAR_KEYS = ("model", "text_source", "text_path", "calib_samples", "seq_len", "seed", "heldout_samples",
+                "rounding")
+ROUNDING_LABELS = {"nearest": "nearest (default)", "truncate": "truncate (the authors' int(ratio · units))"}
 UPLOADED = "uploaded_text"  # path of the last accepted upload (a plain key: survives page changes)
 
 
@@ -107,12 +109,24 @@ def _text_source() -> str:
     return "embedded"
 
 
+def _paper_protocol() -> None:
+    """Set the sidebar to the authors' protocol (before its widgets are drawn again)."""
+    preset = PROTOCOLS["paper"]
+    for key in ("calib_samples", "seq_len", "rounding"):
+        st.session_state[key] = preset[key]
+
+
+def rounding() -> str:
+    """The sidebar's unit rounding (``nearest`` or ``truncate``)."""
+    return st.session_state.get("rounding", LayerConfig.rounding)
+
+
 def sidebar() -> DataConfig:
     """Draw the shared sidebar (every page calls this first); return the data settings."""
     persist_widgets()
     d = defaults()
     for key, value in (("model", "embedded"), ("calib_samples", d.calib_samples), ("seq_len", d.seq_len),
-                       ("seed", d.seed), ("heldout_samples", d.heldout_samples)):
+                       ("seed", d.seed), ("heldout_samples", d.heldout_samples), ("rounding", LayerConfig.rounding)):
         init(key, value)
     with st.sidebar:
         st.subheader("Model and calibration")
@@ -128,6 +142,11 @@ def sidebar() -> DataConfig:
             heldout = st.number_input("Held-out windows", 1, 1024, key="heldout_samples",
                                       help="Windows of the held-out part (never used for calibration) "
                                            "on which held-out errors are measured.")
+            st.radio("Units removed: ratio × units rounded to", list(ROUNDING_LABELS),
+                     format_func=ROUNDING_LABELS.get, key="rounding")
+        st.button("Use the paper's protocol", key="paper_protocol", on_click=_paper_protocol,
+                  help="128 calibration windows of 128 tokens, perplexity in 128-token windows, "
+                       "int(ratio · units) units removed (the authors' released code).")
     config = DataConfig(
         model=model_name or "embedded", data=data, calib_samples=int(calib), seq_len=int(seq_len),
         seed=int(seed), heldout_samples=int(heldout),

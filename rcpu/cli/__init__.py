@@ -13,7 +13,7 @@ import sys
 
 from ..errors import RcpuError
 from . import cache, layer, model
-from .args import data_config, load
+from .args import apply_protocol, data_config, load
 
 __all__ = ["build_parser", "data_config", "load", "main"]
 
@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    args = apply_protocol(parser, commands[args.command], argv, args)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )

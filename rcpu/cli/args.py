@@ -8,11 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from ..compensate import METHODS
-from ..config import TARGETS, DataConfig, EvalConfig, PruneConfig
+from ..compensate import LAMBDA_METHODS, METHODS
+from ..config import PROTOCOLS, TARGETS, DataConfig, EvalConfig, PruneConfig
 from ..errors import RcpuError
 from ..models import LoadedModel
-from ..scores import SCORES
+from ..scores import ROUNDINGS, SCORES
 
 
 def add_data_options(p: argparse.ArgumentParser, calib_samples: bool = True) -> None:
@@ -27,6 +27,10 @@ def add_data_options(p: argparse.ArgumentParser, calib_samples: bool = True) -> 
                    help="held-out windows for held-out statistics")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model's own code to run (off by default)")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default=None,
+                   help="a preset of settings; 'paper': 128 x 128 calibration tokens, 128-token perplexity windows, "
+                        "int(ratio * units) units, both targets, WikiText-2 test for --data wikitext2 "
+                        "(options given explicitly still win)")
 
 
 def add_method_options(p: argparse.ArgumentParser, defaults, ratio: bool = True) -> None:
@@ -36,10 +40,18 @@ def add_method_options(p: argparse.ArgumentParser, defaults, ratio: bool = True)
     p.add_argument("--score", default=defaults.score, help=f"one of {', '.join(SCORES)}")
     p.add_argument("--method", default=defaults.method, help=f"one of {', '.join(METHODS)}")
     add_alpha_option(p, defaults.alpha)
+    p.add_argument("--lambda", dest="lam", type=float, default=defaults.lam,
+                   help=f"strength of {', '.join(LAMBDA_METHODS)} (absolute, on the summed Gram)")
+    add_rounding_option(p, defaults.rounding)
 
 
 def add_alpha_option(p: argparse.ArgumentParser, default: float) -> None:
-    p.add_argument("--alpha", type=float, default=default, help="ridge strength")
+    p.add_argument("--alpha", type=float, default=default, help="ridge strength (relative to trace(G_KK) / k)")
+
+
+def add_rounding_option(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--rounding", choices=list(ROUNDINGS), default=default,
+                   help="units removed: ratio * units to the nearest, or truncated as the authors' code does")
 
 
 def add_targets_option(p: argparse.ArgumentParser) -> None:
@@ -68,6 +80,26 @@ def data_config(args: argparse.Namespace, **overrides) -> DataConfig:
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(args.eval_data, args.eval_windows)
+
+
+def apply_protocol(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: list[str] | None,
+                   args: argparse.Namespace) -> argparse.Namespace:
+    """Parse again with ``--protocol``'s values as the command's defaults (explicit options still win)."""
+    name = getattr(args, "protocol", None)
+    if name is None:
+        return args
+    actions = {a.dest: a for a in sub._actions}
+    preset = {}
+    for dest, value in PROTOCOLS[name].items():
+        if dest in actions:  # a list option (sweep's --calib-samples) takes the value as text
+            preset[dest] = str(value) if actions[dest].type is None and actions[dest].choices is None else value
+    sub.set_defaults(**preset)
+    args = parser.parse_args(argv)
+    if hasattr(args, "eval_data"):
+        from ..config import protocol_eval_data
+
+        args.eval_data = protocol_eval_data(name, args.data, args.eval_data)
+    return args
 
 
 def check_output(path: str | None, option: str = "--json") -> Path | None:

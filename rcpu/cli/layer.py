@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from ..explorer import LayerExplorer
 
     data = common.data_config(args)
-    cfg = LayerConfig(args.layer, args.sublayer, args.ratio, args.score, args.method, args.alpha)
+    cfg = LayerConfig(args.layer, args.sublayer, args.ratio, args.score, args.method, args.alpha, args.lam,
+                      args.rounding)
     out = common.check_output(args.json)
     cfg.check()
     data.check()  # a bad text fails before the model loads
@@ -51,7 +52,9 @@ def format_report(r: dict) -> str:
         f"layer {r['layer']} {r['sublayer']}  ({r['d_out']} x {r['d_in']})  model={r['model']} data={r['data']}",
         (f"pruned {len(r['pruned_units'])} of {n_units} {unit} (ratio {r['ratio']}) by score '{r['score']}', "
          f"compensated by '{r['method']}'"),
-        f"  calibration tokens {tokens['calibration_tokens']}, held-out tokens {tokens['heldout_tokens']}",
+        (f"  calibration tokens {tokens['calibration_tokens']} "
+         f"({tokens['calibration_tokens_per_input_dim']:.2f} per input dimension), "
+         f"held-out tokens {tokens['heldout_tokens']}"),
         "",
         f"  {'relative output error':<28}{'calibration':>12}{'held-out':>12}",
         f"  {'uncompensated':<28}{unc['calibration']:>12.4f}{unc['heldout']:>12.4f}",
@@ -65,7 +68,7 @@ def format_report(r: dict) -> str:
     if r["orthogonality_error"] is not None:
         lines.append(
             f"  Q: ||Q^T Q - I|| {r['orthogonality_error']:.1e}, ||Q - I|| {r['distance_from_identity']:.3f}, "
-            f"cond(M) {_num(r['condition_number_M'], '.3g')}"
+            f"rank(M) {r['rank_M']} of {r['d_out']}, cond(M) {_num(r['condition_number_M'], '.3g')}"
         )
     t = r["timing_s"]
     lines.append(

@@ -40,6 +40,9 @@ def add_commands(sub) -> None:
     common.add_data_options(p, calib_samples=False)
     common.add_targets_option(p)
     common.add_alpha_option(p, SweepConfig.alpha)
+    p.add_argument("--lambdas", default=",".join(f"{v:g}" for v in SweepConfig.lambdas),
+                   help="comma-separated strengths for ls_ridge configs (an axis of the sweep)")
+    common.add_rounding_option(p, SweepConfig.rounding)
     p.add_argument("--ratios", default=",".join(f"{r:g}" for r in SweepConfig.ratios))
     p.add_argument("--configs", default=SweepConfig().configs_text)
     p.add_argument("--calib-samples", dest="calib_samples", default=None,
@@ -55,7 +58,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from ..pipeline import prune_and_evaluate
 
     data = common.data_config(args)
-    cfg = PruneConfig(args.ratio, args.targets, args.score, args.method, args.alpha)
+    cfg = PruneConfig(args.ratio, args.targets, args.score, args.method, args.alpha, args.lam, args.rounding)
     evaluation = common.eval_config(args)
     cfg.check()
     data.sampling.check()
@@ -75,9 +78,13 @@ def run_prune(args: argparse.Namespace) -> int:
     if out is not None:
         save_pruned(report.result.model, lm.tokenizer, out, record=report.settings(), overwrite=args.overwrite)
         payload["out"] = str(out)
+    units = ", ".join(f"{payload['units_pruned'][s]} of {payload['units'][s]} {lm.adapter.unit_name(s)}"
+                      for s in cfg.sublayers)
+    per_dim = ", ".join(f"{s} {v:.2f}" for s, v in payload["calibration_tokens_per_input_dim"].items())
     print(
-        f"pruned {cfg.ratio:.0%} of heads/channels ({cfg.targets}) by {cfg.label}: "
-        f"params {payload['params_before']:,} -> {payload['params_after']:,}\n"
+        f"pruned {cfg.ratio:.0%} of heads/channels ({cfg.targets}) by {cfg.label}: {units} per layer "
+        f"({cfg.rounding}); params {payload['params_before']:,} -> {payload['params_after']:,}\n"
+        f"calibration tokens per input dimension: {per_dim}\n"
         f"perplexity {payload['ppl_dense']:.3f} (dense) -> {payload['ppl']:.3f} on {payload['eval_tokens']} tokens; "
         f"took {payload['timing_s']['total']:.1f} s"
         + (f"\nsaved to {out}" if out else "")
@@ -159,7 +166,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     if not ratios:
         raise RcpuError(f"no ratios given in --ratios {args.ratios!r}; e.g. --ratios 0.1,0.2")
     sizes = _numbers(args.calib_samples, int, "integers") if args.calib_samples else None
-    spec = SweepConfig(ratios, parse_configs(args.configs), sizes, args.targets, args.alpha)
+    lambdas = _numbers(args.lambdas, float, "numbers")
+    spec = SweepConfig(ratios, parse_configs(args.configs), sizes, args.targets, args.alpha, lambdas, args.rounding)
     data = common.data_config(args, calib_samples=(sizes or (DataConfig.calib_samples,))[0])
     evaluation = common.eval_config(args)
     spec.check(data)
