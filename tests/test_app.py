@@ -151,6 +151,21 @@ def test_explorer_renders_and_caches_statistics(tmp_cache):
     assert sum(len(t["x"]) for t in fig["data"] if t.get("yaxis", "y") == "y") == 576  # o_proj d_in
 
 
+def test_rounding_and_the_paper_protocol_from_the_sidebar():
+    at = open_page("pages/layer_explorer.py")
+    assert kept_count(at) == 7 * 64  # 20 % of 9 heads to the nearest: 2 go
+    at.sidebar.radio(key="rounding").set_value("truncate").run()
+    ok(at)
+    assert kept_count(at) == 8 * 64  # int(0.2 * 9) = 1 goes, as in the authors' code
+    at.sidebar.radio(key="rounding").set_value("nearest").run()
+    at.sidebar.button(key="paper_protocol").click().run()
+    ok(at)
+    assert (at.session_state["calib_samples"], at.session_state["seq_len"], at.session_state["rounding"]) == (
+        128, 128, "truncate")
+    assert kept_count(at) == 8 * 64
+    assert any("28.4 per input dimension" in c.value for c in at.caption)
+
+
 def test_explorer_ratio_changes_the_figures():
     at = open_page("pages/layer_explorer.py")
     before = kept_count(at)

@@ -150,3 +150,32 @@ def test_full_rank_rotation_is_the_classic_procrustes():
     u, _, vh = np.linalg.svd(m.numpy())
     assert numerical_rank(s) == 12
     np.testing.assert_allclose(q.numpy(), u @ vh, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_o_proj_rotation_is_the_same_q_on_one_and_two_threads(embedded, tmp_cache):
+    """On a real o_proj (M of rank 448 of 576 once a head goes), Q itself, not only Q W_K, is the
+    same whatever the BLAS thread count, and no other optimal Q is closer to the identity."""
+    from rcpu.calibration import layer_stats
+    from rcpu.config import DataConfig
+    from rcpu.problem import KeptProblem
+
+    data = DataConfig(calib_samples=4, seq_len=128, heldout_samples=1)
+    stats = layer_stats(embedded, data.data, data.sampling, 15).calibration["o_proj"]
+    weight = embedded.adapter.sublayer(15, "o_proj").weight
+    kept = select(weight, stats, "rcpu", 0.2, unit_size=embedded.adapter.head_dim).kept
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results[threads] = compensate("rotation", weight, stats, kept)
+    one, two = results[1], results[2]
+    assert one.rank == two.rank == len(kept) < weight.shape[0]
+    torch.testing.assert_close(one.rotation, two.rotation, rtol=0, atol=1e-8)
+    m = KeptProblem(weight, stats, kept).target @ weight.double()[:, kept].T
+    u, _, vh = torch.linalg.svd(m)
+    r, eye = one.rank, torch.eye(m.shape[0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        rot, _ = torch.linalg.qr(torch.randn(m.shape[0] - r, m.shape[0] - r, generator=gen, dtype=torch.float64))
+        other = u[:, :r] @ vh[:r] + u[:, r:] @ rot @ vh[r:]
+        assert torch.linalg.matrix_norm(other - eye) >= torch.linalg.matrix_norm(one.rotation - eye)
