@@ -299,11 +299,13 @@ def analyze_sublayer(
     what: str = "units",
     rounding: str = "nearest",
     basis: SublayerBasis | None = None,
+    score_seed: int | None = None,
 ) -> SublayerAnalysis:
     """Everything the method page's pictures need for one sublayer and several methods.
 
     ``basis`` (from ``prepare_sublayer`` on the same weight, statistics and seed) skips
-    the selection-independent work when the same sublayer is analysed again.
+    the selection-independent work when the same sublayer is analysed again. ``score_seed``
+    (default ``seed``) seeds the ``random`` score.
     """
     for m in methods:
         check_method(m)
@@ -313,7 +315,8 @@ def analyze_sublayer(
         basis = prepare_sublayer(weight, calibration, heldout, seed)
     elif basis.weight.shape != weight.shape or basis.sample.shape[0] != calibration.d_in:
         raise ValueError("the basis was prepared for another sublayer")
-    sel = select(basis.weight, calibration, score, ratio, unit_size, seed, what, rounding)
+    sel = select(basis.weight, calibration, score, ratio, unit_size, seed if score_seed is None else score_seed,
+                 what, rounding)
     problems = {
         split: KeptProblem(basis.weight, stats, sel.kept, basis.wg[split])
         for split, stats in (("calibration", calibration), ("heldout", heldout))

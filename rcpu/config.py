@@ -126,10 +126,17 @@ class PruneConfig:
     alpha: float = DEFAULT_ALPHA  # ridge: relative strength
     lam: float = DEFAULT_LAMBDA  # ls_ridge: absolute strength (--lambda)
     rounding: str = "nearest"  # or "truncate", the authors' int(ratio * units)
+    gqa_balanced: bool = False  # the same number of query heads from every KV group (stays stock-loadable)
 
     @property
     def sublayers(self) -> tuple[str, ...]:
         return TARGETS[self.targets]
+
+    def head_group(self, adapter, index: int) -> int | None:
+        """Query heads per KV group when heads are selected group by group (GQA-balanced), else None
+        (MHA is balanced whatever is selected)."""
+        group = adapter.queries_per_kv(index)
+        return group if self.gqa_balanced and group > 1 else None
 
     @property
     def label(self) -> str:
@@ -146,7 +153,10 @@ class PruneConfig:
             adapter = lm.adapter
             for sub in self.sublayers:
                 for index in range(adapter.num_layers):
-                    check_keeps_some(adapter.num_units(index, sub), self.ratio, adapter.unit_name(sub), self.rounding)
+                    units = adapter.num_units(index, sub)
+                    if sub == "o_proj" and self.head_group(adapter, index):
+                        units = self.head_group(adapter, index)  # each KV group must keep one
+                    check_keeps_some(units, self.ratio, adapter.unit_name(sub), self.rounding)
 
 
 def parse_configs(text: str) -> tuple[tuple[str, str], ...]:
@@ -179,6 +189,7 @@ class SweepConfig:
     alpha: float = DEFAULT_ALPHA
     lambdas: tuple[float, ...] = (DEFAULT_LAMBDA,)
     rounding: str = PruneConfig.rounding
+    gqa_balanced: bool = PruneConfig.gqa_balanced
 
     @property
     def configs_text(self) -> str:
@@ -187,7 +198,8 @@ class SweepConfig:
     def points(self, data: DataConfig) -> list[tuple[DataConfig, PruneConfig]]:
         sizes = self.calib_samples or (data.calib_samples,)
         return [
-            (replace(data, calib_samples=n), PruneConfig(r, self.targets, s, m, self.alpha, lam, self.rounding))
+            (replace(data, calib_samples=n),
+             PruneConfig(r, self.targets, s, m, self.alpha, lam, self.rounding, self.gqa_balanced))
             for n in sizes
             for r in self.ratios
             for s, m in self.configs

@@ -24,6 +24,7 @@ from .flow import Progress
 from .memo import Memo
 from .models import LoadedModel
 from .reports import LayerReport
+from .scores import unit_seed
 
 DEFAULT_METHODS = ("none", "bias", "ls", "rotation")  # what the layer explorer compares at first
 
@@ -82,6 +83,7 @@ class LayerExplorer:
                     weight, calibration, heldout, score=cfg.score, ratio=cfg.ratio, methods=missing,
                     unit_size=lm.adapter.unit_size(cfg.sublayer), alpha=cfg.alpha, lam=cfg.lam, seed=data.seed,
                     what=lm.adapter.unit_name(cfg.sublayer), rounding=cfg.rounding, basis=basis,
+                    score_seed=unit_seed(data.seed, cfg.layer, cfg.sublayer),
                 )
                 stored = fresh if stored is None else replace(stored, methods={**stored.methods, **fresh.methods})
                 self._analyses.put(key, stored)

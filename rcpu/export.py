@@ -1,12 +1,17 @@
-"""Saving a pruned model so that stock transformers loads it.
+"""Saving a pruned model, and loading it back exactly.
 
-Every layer of a uniformly pruned model has the same number of query heads and
-MLP channels. KV heads are regrouped to one group size across layers (the gcd of
-the per-layer group sizes, repeating KV heads where groups were uneven), and
-added biases are given to every projection of their kind (zeros where a
-projection had none), as the stock configs describe them. The folder is written
-to a temporary sibling and renamed, so an interrupted save leaves nothing
-half-written.
+A pruned model keeps its real shapes: only the kept query heads, KV heads and MLP
+channels, never a zero head. When a stock transformers class can hold it exactly
+(every layer the same shapes, KV heads shared evenly, and the added biases
+expressible), the folder is that stock class's: plain
+``AutoModelForCausalLM.from_pretrained`` loads it. Which class is decided by
+trying the family's own config and then the general ones (``stock_candidates``)
+and keeping the first whose model takes every tensor (zeros for biases it adds)
+and gives the same logits. Otherwise the folder keeps the source family's
+config with a ``rcpu.layout`` record (per-layer KV index), and ``load_pruned``
+loads it exactly: safetensors and JSON, no pickle, no remote code. A bias is
+never dropped. Folders are written to a temporary sibling and renamed, so an
+interrupted save leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ import os
 import shutil
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .adapters import adapter_for
 from .errors import RcpuError
-from .surgery import add_zero_biases, kv_groups, relayout_attention, slots_needed
+from .surgery import reshape_linear
+
+LAYOUT_LOADER = "rcpu.load_pruned"
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -36,66 +45,116 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise RcpuError(f"folder {out.parent} does not exist")
 
 
-def stock_head_layout(hidden: int, layer_groups: list[list[int]]) -> tuple[int, int]:
-    """(query heads per KV head ``g``, KV heads ``n``) for one layout that every layer fits.
+@dataclass
+class StockVerdict:
+    """Whether a stock class holds the pruned model exactly: the stock model, or why not."""
 
-    Stock configs need the same ``g`` and ``n`` in every layer and ``hidden % (g * n) == 0``
-    (transformers validates it). Layers whose kept heads do not fit exactly are padded
-    with zero heads; the choice minimises the attention parameters ``~ g * n + n``.
-    """
-    kept = max(sum(groups) for groups in layer_groups)
-    best = None
-    for heads in range(kept, hidden + 1):
-        if hidden % heads:
-            continue
-        for g in range(1, heads + 1):
-            if heads % g:
-                continue
-            n = heads // g
-            if all(slots_needed(groups, g) <= n for groups in layer_groups):
-                cost = (heads + n, heads)
-                best = min(best or (cost, g, n), (cost, g, n))
-        if best is not None and best[0][0] <= heads:  # wider layouts only cost more
-            break
-    if best is None:
-        raise RcpuError("no stock attention layout fits these pruned layers")
-    return best[1], best[2]
+    model: nn.Module | None
+    reason: str  # the stock class used, or why none can hold the model
+
+    @property
+    def loadable(self) -> bool:
+        return self.model is not None
 
 
-def stock_layout(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """A pruned model (a copy unless ``inplace``) whose every layer has the same shapes
-    that its updated config describes, so stock transformers loads it."""
-    if not inplace:
-        model = copy.deepcopy(model)
-    adapter = adapter_for(model)
+def _uniform_reason(adapter) -> str | None:
     layers = range(adapter.num_layers)
-    channels = {adapter.num_channels(i) for i in layers}
-    if len(channels) != 1:
-        raise RcpuError("layers have different numbers of MLP channels; stock transformers cannot load that")
-    group, n_kv = stock_head_layout(adapter.hidden_size, [kv_groups(adapter, i) for i in layers])
-    for i in layers:
-        relayout_attention(adapter, i, group, n_kv)
-    attention_biased = any(adapter.attention_output(i).bias is not None for i in layers)
-    mlp_biased = any(adapter.mlp_output(i).bias is not None for i in layers)
-    add_zero_biases(adapter, attention=attention_biased, mlp=mlp_biased)
-    adapter.write_config(heads=group * n_kv, kv_heads=n_kv, channels=channels.pop(),
-                         attention_biased=attention_biased, mlp_biased=mlp_biased)
-    return model
+    uneven = [i for i in layers if getattr(adapter.attention_module(i), "rcpu_kv_index", None) is not None]
+    if uneven:
+        return (f"layers {uneven[:6]}{'...' if len(uneven) > 6 else ''} share KV heads unevenly among their "
+                "query heads; stock attention gives every KV head the same number")
+    for what, count in (("query heads", adapter.num_heads), ("KV heads", adapter.num_kv_heads),
+                        ("MLP channels", adapter.num_channels)):
+        if len({count(i) for i in layers}) > 1:
+            return f"layers have different numbers of {what}; a stock config has one number for all layers"
+    return None
+
+
+def _same_logits(a: nn.Module, b: nn.Module, vocab: int) -> bool:
+    ids = torch.randint(0, vocab, (1, 12), generator=torch.Generator().manual_seed(0))
+    device = next(a.parameters()).device
+    with torch.no_grad():
+        x, y = a(ids.to(device)).logits, b(ids.to(device)).logits
+    return bool(torch.allclose(x, y, rtol=1e-4, atol=1e-4 * float(x.abs().max().clamp_min(1.0))))
+
+
+def stock_verdict(model: nn.Module) -> StockVerdict:
+    """The stock model that holds ``model`` exactly (its weights, zeros for added biases), or why none can."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = adapter_for(model)
+    reason = _uniform_reason(adapter)
+    if reason is not None:
+        return StockVerdict(None, reason)
+    state = model.state_dict()
+    dtype = next(model.parameters()).dtype
+    tried = []
+    for make_config in adapter.stock_candidates(
+        heads=adapter.num_heads(0), kv_heads=adapter.num_kv_heads(0), channels=adapter.num_channels(0),
+        attention_biased=any(adapter.attention_output(i).bias is not None for i in range(adapter.num_layers)),
+        mlp_biased=any(adapter.mlp_output(i).bias is not None for i in range(adapter.num_layers)),
+    ):
+        try:
+            config = make_config()
+            stock = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except Exception as exc:  # a config its own validation refuses
+            tried.append(" ".join(str(exc).split())[:100])
+            continue
+        own = stock.state_dict()
+        missing = set(own) - set(state)
+        unexpected = set(state) - set(own)
+        if unexpected or any(not k.endswith(".bias") for k in missing) or any(
+            own[k].shape != state[k].shape for k in set(own) & set(state)
+        ):
+            tried.append(f"{type(config).__name__}: other tensors")
+            continue
+        filled = {**state, **{k: torch.zeros_like(own[k]) for k in missing}}
+        stock.load_state_dict(filled, strict=True)
+        stock.to(next(model.parameters()).device).eval().requires_grad_(False)
+        if _same_logits(model, stock, config.vocab_size):
+            return StockVerdict(stock, type(stock).__name__)
+        tried.append(f"{type(config).__name__}: other logits")
+    return StockVerdict(None, "no stock class holds these layers exactly (" + "; ".join(tried) + ")")
+
+
+def layout_record(model: nn.Module) -> dict:
+    """What ``load_pruned`` needs besides the tensors: each layer's KV head per query head."""
+    adapter = adapter_for(model)
+    index = {}
+    for i in range(adapter.num_layers):
+        kv_index = getattr(adapter.attention_module(i), "rcpu_kv_index", None)
+        if kv_index is not None:
+            index[str(i)] = kv_index.tolist()
+    return {"loader": LAYOUT_LOADER, "kv_index": index}
 
 
 def save_pruned(
     model: nn.Module, tokenizer, out: str | Path, *, record: dict | None = None, overwrite: bool = False
 ) -> Path:
-    """Write safetensors, config (with ``rcpu`` = what was done) and tokenizer to ``out``."""
+    """Write safetensors, config (with ``rcpu`` = what was done) and tokenizer to ``out``.
+
+    ``record["stock_loadable"]`` says whether plain ``from_pretrained`` loads the folder; when it
+    does not, ``record["why_not_stock"]`` says why and ``load_pruned`` (or ``rcpu eval``) loads it.
+    """
     out = Path(out)
     check_output_dir(out, overwrite)
-    stock = stock_layout(model)  # a no-op layout for a model that prune_model returned
-    if record is not None:
-        stock.config.rcpu = record
+    verdict = stock_verdict(model)
+    record = dict(record or {})
+    record["stock_loadable"] = verdict.loadable
+    if verdict.loadable:
+        to_save = verdict.model
+        record["stock_class"] = verdict.reason
+    else:
+        to_save = copy.copy(model)  # the same modules; only the saved config differs
+        to_save.config = copy.deepcopy(model.config)
+        record["why_not_stock"] = verdict.reason
+        record["layout"] = layout_record(model)
+    record["params_saved"] = sum(t.numel() for t in {id(p): p for p in to_save.parameters()}.values())
+    to_save.config.rcpu = record
     _remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     try:
-        stock.save_pretrained(tmp, safe_serialization=True)
+        to_save.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():  # --overwrite: swap in the new folder, then drop the old one
@@ -109,6 +168,56 @@ def save_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def load_pruned(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a folder saved with a ``rcpu.layout`` record exactly: the family's class with each
+    layer's linears at their saved shapes, the KV index of unevenly grouped layers, then the
+    safetensors weights (strictly: every tensor must find its place)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    layout = (getattr(config, "rcpu", None) or {}).get("layout") or {}
+    if layout.get("loader") != LAYOUT_LOADER:
+        raise RcpuError(f"{folder} was not saved with a rcpu layout; load it with from_pretrained")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    adapter = adapter_for(model)
+    shapes = _tensor_shapes(folder)
+    names = {id(m): n for n, m in model.named_modules()}
+    for i in range(adapter.num_layers):
+        for linear in adapter.projections(i):
+            name = names[id(linear)]
+            weight = torch.zeros(shapes[f"{name}.weight"], dtype=dtype)
+            bias = torch.zeros(shapes[f"{name}.bias"], dtype=dtype) if f"{name}.bias" in shapes else None
+            reshape_linear(linear, weight, bias)
+        kv_index = layout.get("kv_index", {}).get(str(i))
+        if kv_index is not None:
+            adapter.set_kv_index(i, torch.tensor(kv_index))
+        else:
+            adapter.set_query_groups(i, adapter.queries_per_kv(i))
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or any(k not in tied and not k.endswith("lm_head.weight") for k in missing):
+        raise RcpuError(f"{folder} does not match its layout (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+    model.tie_weights()
+    return model.eval().requires_grad_(False)
 
 
 def zip_pruned(model: nn.Module, tokenizer, record: dict | None = None, report: dict | None = None) -> bytes:

@@ -34,33 +34,48 @@ class LayerFlow:
     def __init__(self, adapter: DecoderAdapter, windows: Tensor, batch_size: int = 8):
         self.adapter = adapter
         self.next_layer = 0
-        self.batches: list[tuple[Tensor, dict]] = []
+        self.batches: list[tuple[Tensor, list[dict]]] = []  # (hidden states, keyword arguments per layer)
         device = next(adapter.model.parameters()).device
         for start in range(0, len(windows), batch_size):
             ids = windows[start : start + batch_size].to(device)
             self.batches.append(self._capture(ids))
 
-    def _capture(self, ids: Tensor) -> tuple[Tensor, dict]:
-        captured: dict = {}
+    def _capture(self, ids: Tensor) -> tuple[Tensor, list[dict]]:
+        """Layer 0's input and the keyword arguments the model passes to each layer (its own mask:
+        Qwen2 mixes sliding-window and full layers), without running any layer: each layer's
+        forward is swapped for one that records and passes its input on, and the last one stops."""
+        layers = self.adapter.layers
+        hidden: dict = {}
+        per_layer: list[dict] = []
 
-        def hook(module, args, kwargs):
-            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _Stop
+        def recorder(index: int):
+            def forward(*args, **kwargs):
+                states = args[0] if args else kwargs.pop("hidden_states")
+                hidden.setdefault("input", states)
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
+                per_layer.append({**kwargs, "use_cache": False})
+                if index == len(layers) - 1:
+                    raise _Stop
+                return states
+            return forward
 
-        handle = self.adapter.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        own = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's hooks
+        for index, layer in enumerate(layers):
+            layer.forward = recorder(index)
         try:
             with torch.no_grad():
                 self.adapter.model(input_ids=ids, use_cache=False)
         except _Stop:
             pass
         finally:
-            handle.remove()
-        kwargs = captured["kwargs"]
-        kwargs["use_cache"] = False
-        for key in ("cache", "past_key_values", "past_key_value"):
-            kwargs.pop(key, None)
-        return captured["hidden"].detach(), kwargs
+            for layer, forward in zip(layers, own, strict=True):
+                if forward is None:
+                    del layer.forward  # back to the class's forward
+                else:
+                    layer.forward = forward
+        if len(per_layer) != len(layers):
+            raise RuntimeError(f"the model called {len(per_layer)} of its {len(layers)} layers")
+        return hidden["input"].detach(), per_layer
 
     def run_layer(self, index: int, update: bool = True) -> None:
         """Run layer ``index`` on every batch; with ``update`` its outputs become the states."""
@@ -70,7 +85,7 @@ class LayerFlow:
         with torch.no_grad():
             for i, (hidden, kwargs) in enumerate(self.batches):
                 try:
-                    out = layer(hidden, **kwargs)
+                    out = layer(hidden, **kwargs[index])
                 except _Stop:  # a hook has seen all it needs of this batch
                     if update:
                         raise RuntimeError("a layer whose outputs are needed was stopped early") from None

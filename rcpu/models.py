@@ -228,11 +228,18 @@ def load_model(
         raise RcpuError(f"could not read the config of {name!r}: {exc}"[:400]) from None
     if getattr(config, "model_type", None) not in SUPPORTED_TYPES:
         raise RcpuError(unsupported_message(getattr(config, "model_type", None)))
+    layout = (getattr(config, "rcpu", None) or {}).get("layout")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=_has_safetensors(source)
-        )
+        if layout and isinstance(source, Path):  # a pruned folder no stock class holds exactly
+            from .export import load_pruned
+
+            _has_safetensors(source)
+            model = load_pruned(source, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=_has_safetensors(source)
+            )
     except RcpuError:
         raise
     except Exception as exc:

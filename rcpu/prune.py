@@ -19,11 +19,10 @@ from .adapters import adapter_for
 from .calibration import TokenSet, prepare_tokens
 from .compensate import Compensation, compensate_problem
 from .config import DataConfig, PruneConfig
-from .export import stock_layout
 from .flow import LayerFlow, Progress, layer_input_stats
 from .models import LoadedModel, count_parameters
 from .problem import KeptProblem
-from .scores import select
+from .scores import select, unit_seed
 from .surgery import SublayerPlan, apply_plan
 
 
@@ -40,6 +39,11 @@ class PruneResult:
 
 
 LayerCallback = Callable[[dict], None]
+SHAPE_COUNTS = {  # per layer: [before, after] in the records
+    "heads": lambda a, i: a.num_heads(i),
+    "kv_heads": lambda a, i: a.num_kv_heads(i),
+    "channels": lambda a, i: a.num_channels(i),
+}
 
 
 def _identity(weight: torch.Tensor, kept: torch.Tensor) -> Compensation:
@@ -87,8 +91,9 @@ def prune_model(
             linear = adapter.sublayer(index, sub)
             calib = stats["calibration"][sub]
             sel = select(
-                linear.weight, calib, cfg.score, cfg.ratio, adapter.unit_size(sub), data.seed,
+                linear.weight, calib, cfg.score, cfg.ratio, adapter.unit_size(sub), unit_seed(data.seed, index, sub),
                 adapter.unit_name(sub), cfg.rounding,
+                group=cfg.head_group(adapter, index) if sub == "o_proj" else None,
             )
             # One problem per split: compensation and the errors share W G and G[K,K].
             problems = {split: KeptProblem(linear.weight, st[sub], sel.kept) for split, st in stats.items()}
@@ -105,6 +110,9 @@ def prune_model(
         t2 = time.perf_counter()
         for plan in layer_plans.values():
             apply_plan(adapter, index, plan)
+        record["shape"] = {  # what the layer holds now against the source model
+            what: [count(lm.adapter, index), count(adapter, index)] for what, count in SHAPE_COUNTS.items()
+        }
         for flow in flows.values():
             flow.run_layer(index)
         t3 = time.perf_counter()
@@ -115,7 +123,6 @@ def prune_model(
         records.append(record)
         if on_layer:
             on_layer(record)
-    stock_layout(model, inplace=True)  # one head layout for all layers: what gets saved
     if progress:
         progress(n_layers, n_layers, "done")
     timing["total"] = time.perf_counter() - start

@@ -16,7 +16,7 @@ from .analysis import SublayerAnalysis
 from .calibration import LayerData
 from .config import DataConfig, EvalConfig, LayerConfig
 from .prune import PruneResult
-from .scores import Selection, select
+from .scores import Selection, select, unit_seed
 
 
 def _list(t: Tensor | None, limit: int | None = None) -> list | None:
@@ -90,7 +90,8 @@ class LayerReport:
         """The selection another score makes at the same ratio (to compare kept sets)."""
         sel = self.analysis.selection
         return select(self.analysis.basis.weight, self.stats.calibration[self.config.sublayer], score,
-                      sel.ratio, sel.unit_size, self.data.seed)
+                      sel.ratio, sel.unit_size, unit_seed(self.data.seed, self.config.layer, self.config.sublayer),
+                      rounding=sel.rounding)
 
     def to_json(self, method: str | None = None) -> dict:
         """The ``rcpu layer`` JSON of ``method`` (default: the config's), with settings and timings."""

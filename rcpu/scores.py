@@ -52,6 +52,11 @@ def _rcpu_rms(weight: Tensor, stats: LayerStats, seed: int) -> Tensor:
     return column_norms(weight) * input_norms(stats) * stats.var
 
 
+def unit_seed(seed: int, layer: int, sublayer: str) -> int:
+    """The seed of the ``random`` score for one sublayer: each layer and sublayer draws its own units."""
+    return seed * 1_000_003 + 2 * layer + (sublayer == "down_proj")
+
+
 def _random(weight: Tensor, stats: LayerStats, seed: int) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(weight.shape[1], generator=gen, dtype=torch.float64)
@@ -160,16 +165,32 @@ def check_has_tokens(stats: LayerStats) -> None:
         )
 
 
+def select_units_in_groups(scores: Tensor, ratio: float, group: int, what: str = "units",
+                           rounding: str = "nearest") -> tuple[Tensor, Tensor]:
+    """``select_units`` within each run of ``group`` consecutive units (the query heads of one KV
+    head): every group loses the same number, so GQA stays even and stock-loadable."""
+    kept, pruned = [], []
+    for start in range(0, scores.numel(), group):
+        k, p = select_units(scores[start : start + group], ratio, what, rounding)
+        kept.append(k + start)
+        pruned.append(p + start)
+    return torch.cat(kept), torch.cat(pruned)
+
+
 def select(
     weight: Tensor, stats: LayerStats, score: str, ratio: float, unit_size: int = 1, seed: int = 0,
-    what: str = "units", rounding: str = "nearest",
+    what: str = "units", rounding: str = "nearest", group: int | None = None,
 ) -> Selection:
-    """Score columns, sum them per unit, prune the lowest ``ratio`` of units."""
+    """Score columns, sum them per unit, prune the lowest ``ratio`` of units (of each ``group`` of
+    consecutive units when given: GQA-balanced head selection)."""
     check_score(score)
     check_has_tokens(stats)
     columns = score_columns(score, weight, stats, seed)
     units = unit_scores(columns, unit_size)
-    kept_units, pruned_units = select_units(units, ratio, what, rounding)
+    if group is None:
+        kept_units, pruned_units = select_units(units, ratio, what, rounding)
+    else:
+        kept_units, pruned_units = select_units_in_groups(units, ratio, group, what, rounding)
     return Selection(
         score, ratio, unit_size, columns, units, kept_units, pruned_units,
         units_to_columns(kept_units, unit_size), units_to_columns(pruned_units, unit_size), rounding,

@@ -119,7 +119,7 @@ def test_the_library_never_imports_streamlit():
 def test_every_adapter_answers_the_whole_protocol():
     abstract = DecoderAdapter.__abstractmethods__
     assert {"layers", "head_dim", "attention_inputs", "attention_output", "mlp_inputs", "mlp_output",
-            "set_query_groups", "write_config"} == set(abstract)
+            "attention_module", "set_query_groups", "stock_candidates"} == set(abstract)
     with pytest.raises(TypeError):
         DecoderAdapter(None)  # abstract
     types = [t for cls in ADAPTERS for t in cls.model_types]

@@ -58,13 +58,27 @@ class DecoderAdapter(ABC):
         """Layer ``index``'s MLP output projection (``down_proj``: one column per channel)."""
 
     @abstractmethod
+    def attention_module(self, index: int) -> nn.Module:
+        """Layer ``index``'s attention module (the one that calls transformers' attention function)."""
+
+    @abstractmethod
     def set_query_groups(self, index: int, queries_per_kv: int) -> None:
         """Tell layer ``index``'s attention that each KV head now serves ``queries_per_kv`` query heads."""
 
     @abstractmethod
-    def write_config(self, *, heads: int, kv_heads: int, channels: int, attention_biased: bool,
-                     mlp_biased: bool) -> None:
-        """Make the model's config describe these shapes, so that stock transformers reloads it."""
+    def stock_candidates(self, *, heads: int, kv_heads: int, channels: int, attention_biased: bool,
+                         mlp_biased: bool) -> list:
+        """Makers of stock configs that may hold a model of these shapes, best first (``rcpu.export``
+        keeps the first whose config validates and whose model takes every tensor and gives the same
+        logits). ``*_biased``: ``o_proj`` / ``down_proj`` of some layer carry a bias."""
+
+    def set_kv_index(self, index: int, kv_index) -> None:
+        """Give layer ``index`` the KV head of each query head (uneven GQA groups)."""
+        from ..attention import set_kv_index
+
+        set_kv_index(self.model, self.attention_module(index), kv_index)
+        if kv_index is not None:
+            self.set_query_groups(index, 1)  # keys and values arrive one per query head
 
     # Derived from the answers ------------------------------------------------------
     @property

@@ -56,6 +56,9 @@ def add_rounding_option(p: argparse.ArgumentParser, default: str) -> None:
 
 def add_targets_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", choices=list(TARGETS), default=PruneConfig.targets)
+    p.add_argument("--gqa-balanced", action="store_true", default=PruneConfig.gqa_balanced,
+                   help="remove the same number of query heads from every KV group, so that the pruned "
+                        "model stays loadable by stock transformers")
 
 
 def add_eval_options(p: argparse.ArgumentParser) -> None:

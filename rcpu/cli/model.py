@@ -58,7 +58,8 @@ def run_prune(args: argparse.Namespace) -> int:
     from ..pipeline import prune_and_evaluate
 
     data = common.data_config(args)
-    cfg = PruneConfig(args.ratio, args.targets, args.score, args.method, args.alpha, args.lam, args.rounding)
+    cfg = PruneConfig(args.ratio, args.targets, args.score, args.method, args.alpha, args.lam, args.rounding,
+                      args.gqa_balanced)
     evaluation = common.eval_config(args)
     cfg.check()
     data.sampling.check()
@@ -167,7 +168,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise RcpuError(f"no ratios given in --ratios {args.ratios!r}; e.g. --ratios 0.1,0.2")
     sizes = _numbers(args.calib_samples, int, "integers") if args.calib_samples else None
     lambdas = _numbers(args.lambdas, float, "numbers")
-    spec = SweepConfig(ratios, parse_configs(args.configs), sizes, args.targets, args.alpha, lambdas, args.rounding)
+    spec = SweepConfig(ratios, parse_configs(args.configs), sizes, args.targets, args.alpha, lambdas, args.rounding,
+                       args.gqa_balanced)
     data = common.data_config(args, calib_samples=(sizes or (DataConfig.calib_samples,))[0])
     evaluation = common.eval_config(args)
     spec.check(data)
