@@ -22,6 +22,10 @@ import numpy as np
 log = logging.getLogger("rcpu")
 
 FORMAT_VERSION = 1
+# The version of the math behind cached statistics and results: part of every key, so that a
+# changed formula never serves an entry computed by the old one. Bump it with such a change.
+# 2: the authors' rcpu score, the canonical rotation, real pruned shapes, per-layer random seeds.
+MATH_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -34,7 +38,7 @@ def cache_root() -> Path:
 
 def key_of(fields: dict[str, Any]) -> str:
     """Stable short hash of a JSON-serialisable description."""
-    text = json.dumps(fields, sort_keys=True, default=str)
+    text = json.dumps({**fields, "math": MATH_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

@@ -77,6 +77,15 @@ class EvalConfig:
     def describe(self, data: DataConfig) -> str:
         return self.eval_data or f"{data.data} (held-out part)"
 
+    def against(self, data: DataConfig) -> EvalConfig:
+        """This config, or the held-out part of the calibration text when ``eval_data`` is the same
+        text (by content, whatever the path): evaluation never sees the calibration windows."""
+        from .text import text_fingerprint
+
+        if self.eval_data and text_fingerprint(self.eval_data) == text_fingerprint(data.data):
+            return replace(self, eval_data=None)
+        return self
+
 
 def _check_choices(cfg: LayerConfig | PruneConfig) -> None:
     check_ratio(cfg.ratio)

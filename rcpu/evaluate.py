@@ -61,7 +61,7 @@ def evaluation_windows(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig
     With ``evaluation.eval_data``, its text from the start (WikiText-2 protocol: the test
     split for hub datasets); without, the held-out part of the calibration text.
     """
-    evaluation = evaluation or EvalConfig()
+    evaluation = (evaluation or EvalConfig()).against(data)
     evaluation.check()
     limit = evaluation.eval_windows
     if evaluation.eval_data:

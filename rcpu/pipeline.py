@@ -19,6 +19,7 @@ from .cache import cache_root, key_of, load_json, save_json
 from .calibration import prepare_tokens
 from .config import DataConfig, EvalConfig, PruneConfig
 from .evaluate import evaluation_windows, perplexity
+from .export import stock_verdict
 from .models import LoadedModel, count_parameters
 from .prune import LayerCallback, prune_model
 from .reports import PruneReport
@@ -55,6 +56,7 @@ def result_path(kind: str, fields: dict) -> Path:
 
 def eval_fields(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig) -> dict:
     """What a perplexity depends on besides the pruning: the model and the evaluation windows."""
+    evaluation = evaluation.against(data)
     source = evaluation.eval_data or data.data
     text = text_fingerprint(source) if evaluation.eval_data else "heldout:" + text_fingerprint(source)
     return {
@@ -94,10 +96,13 @@ def prune_and_evaluate(
     perplexity). ``on_layer(record)`` gets each layer's errors as soon as it is pruned.
     """
     start = time.perf_counter()
-    evaluation = evaluation or EvalConfig()
+    evaluation = (evaluation or EvalConfig()).against(data)
     windows = check_before_work(lm, [(data, cfg)], evaluation)
     dense = dense_perplexity(lm, data, evaluation, progress=_stage(progress, "dense"))
     prune_data = data if heldout_errors else replace(data, heldout_samples=0)
     result = prune_model(lm, prune_data, cfg, progress=_stage(progress, "prune"), on_layer=on_layer)
     pruned = perplexity(result.model, windows, progress=_stage(progress, "eval"))
-    return PruneReport(result, evaluation, dense, pruned, time.perf_counter() - start)
+    verdict = stock_verdict(result.model)
+    stock = {"stock_loadable": verdict.loadable,
+             ("stock_class" if verdict.loadable else "why_not_stock"): verdict.reason}
+    return PruneReport(result, evaluation, dense, pruned, time.perf_counter() - start, stock)

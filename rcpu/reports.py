@@ -7,7 +7,7 @@ whole-model page's download, every sweep point).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
@@ -126,6 +126,7 @@ class PruneReport:
     dense: dict  # perplexity() of the source model
     pruned: dict  # perplexity() of the pruned model
     seconds: float  # the whole workflow
+    stock: dict = field(default_factory=dict)  # stock_loadable, and stock_class or why_not_stock
 
     def settings(self) -> dict:
         """What was done and measured: the record saved in a pruned model's config."""
@@ -156,6 +157,10 @@ class PruneReport:
             "calibration_tokens_per_input_dim": {
                 sub: first[sub]["calibration_tokens_per_input_dim"] for sub in r.config.sublayers
             },
+            # [before, after] summed over layers: what the pruned model really holds
+            "shape": {what: [sum(layer["shape"][what][k] for layer in r.layers) for k in (0, 1)]
+                      for what in first["shape"]},
+            **self.stock,
         }
 
     def to_json(self) -> dict:

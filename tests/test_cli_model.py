@@ -141,3 +141,20 @@ def test_sweep_takes_a_lambda_axis_for_ls_ridge(tiny_model_dir, tmp_cache, tmp_p
                                                            ("rotation", 1e-4)]
     assert len({p["config"] for p in points}) == 3
     assert points[0]["ppl"] != points[1]["ppl"]
+
+
+def test_evaluation_text_equal_to_the_calibration_text_means_its_held_out_part(tiny_model_dir, tmp_cache,
+                                                                                tmp_path):
+    """The same text under another path is found by content: evaluation never sees calibration windows."""
+    from rcpu.text import _embedded_text
+
+    copy = tmp_path / "same.txt"
+    copy.write_text(_embedded_text())
+    outs = []
+    for extra in ([], ["--eval-data", str(copy)]):
+        out = tmp_path / f"run{len(outs)}.json"
+        assert main(["prune", "--model", str(tiny_model_dir), "--ratio", "0.34", *FAST, *extra,
+                     "--json", str(out)]) == 0
+        outs.append(json.loads(out.read_text()))
+    assert outs[1]["eval_data"] == outs[0]["eval_data"] == "embedded (held-out part)"
+    assert outs[1]["ppl"] == outs[0]["ppl"]

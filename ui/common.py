@@ -17,7 +17,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from rcpu.config import PROTOCOLS, DataConfig, LayerConfig
+from rcpu.config import PROTOCOLS, DataConfig, EvalConfig, LayerConfig
 from rcpu.errors import RcpuError
 from rcpu.explorer import LayerExplorer
 from rcpu.models import LoadedModel, load_model
@@ -241,6 +241,15 @@ def explore(lm: LoadedModel, data: DataConfig, cfg: LayerConfig, methods: list[s
 EVAL_CHOICES = ("held-out part of the calibration text", "embedded text", "another text (local path)")
 
 
+def _same_text(source: str, data: DataConfig) -> bool:
+    """Whether ``source`` is the calibration text itself (by content); an unreadable one is not
+    (the run then reports it)."""
+    try:
+        return EvalConfig(source).against(data).eval_data is None
+    except RcpuError:
+        return False
+
+
 def evaluation_settings(prefix: str, data: DataConfig) -> tuple[str | None, int | None]:
     """(evaluation text or None for the held-out part, window limit or None for all).
 
@@ -260,7 +269,7 @@ def evaluation_settings(prefix: str, data: DataConfig) -> tuple[str | None, int 
         elif choice == EVAL_CHOICES[2]:
             source = st.text_input("Path to a .txt file or a folder of them", key=f"{prefix}_eval_path").strip()
             source = source or None
-        if source is not None and source == data.data:
+        if source is not None and _same_text(source, data):
             st.caption("That is the calibration text: its held-out part is used instead.")
             source = None
     with right:

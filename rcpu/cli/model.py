@@ -86,6 +86,11 @@ def run_prune(args: argparse.Namespace) -> int:
         f"pruned {cfg.ratio:.0%} of heads/channels ({cfg.targets}) by {cfg.label}: {units} per layer "
         f"({cfg.rounding}); params {payload['params_before']:,} -> {payload['params_after']:,}\n"
         f"calibration tokens per input dimension: {per_dim}\n"
+        + "all layers: "
+        + ", ".join(f"{what.replace('_', ' ')} {a:,} -> {b:,}" for what, (a, b) in payload["shape"].items())
+        + ("; loads with stock transformers as " + payload["stock_class"] if payload["stock_loadable"]
+           else "; not stock-loadable (" + payload["why_not_stock"] + "): load with rcpu.load_pruned or rcpu eval")
+        + "\n"
         f"perplexity {payload['ppl_dense']:.3f} (dense) -> {payload['ppl']:.3f} on {payload['eval_tokens']} tokens; "
         f"took {payload['timing_s']['total']:.1f} s"
         + (f"\nsaved to {out}" if out else "")
