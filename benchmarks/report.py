@@ -248,10 +248,11 @@ def _size(r: dict) -> list[str]:
     shape = r["large_shape"]
     lines = [
         "## 6. What pruning buys: size, KV cache and speed", "", _provenance(r), "",
+        f"Measured by `python -m benchmarks size{'' if r['mode'] == 'full' else ' --' + r['mode']}`.", "",
         (f"Dense against pruned at ratios {', '.join(f'{x:g}' for x in r['ratios'])}, both targets, score "
          f"`{r['score']}`, method `{r['method']}` (compensation changes the kept weights' values, not which rows "
          "and columns are kept, so shapes, sizes and speed are the same for every method). Models: "
-         f"`{small['label']}` and `{large['label']}`, random weights with LLaMA-7B layer shapes (hidden "
+         f"`{small['label']}`, and `{large['label']}` with random weights and LLaMA-7B layer shapes (hidden "
          f"{shape['hidden']}, {shape['heads']} heads, {shape['kv_heads']} KV heads, head_dim {shape['head_dim']}, "
          f"intermediate {shape['intermediate']}) but {shape['layers']} layer(s) and a vocabulary of "
          f"{shape['vocab']}. Parameters count tied embeddings once; on disk is the folder "
