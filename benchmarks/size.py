@@ -18,6 +18,9 @@ random-id windows, logits at every position) and generation tokens/s (``generate
 greedy decoding, ``use_cache=True``, a fixed number of new tokens after a short prompt,
 batch 1); each is the best of a few repeats, the dense and pruned models taking turns
 within every repeat so that they see the same machine load.
+
+Every model stays in memory until its speeds are measured: a full-mode run (two 7B-shaped
+layers) peaked at 11.8 GB resident (``/usr/bin/time -v``); the quick mode keeps one such layer.
 """
 
 from __future__ import annotations
