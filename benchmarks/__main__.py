@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     from .common import load_lm
 
     lm = load_lm(settings) if set(names) - {"memory"} else None
-    from . import evalspeed, explorer, floor, memory, quality
+    from . import evalspeed, explorer, floor, memory, quality, size
 
-    modules = {"floor": floor, "explorer": explorer, "memory": memory, "eval": evalspeed, "quality": quality}
+    modules = {"floor": floor, "explorer": explorer, "memory": memory, "eval": evalspeed, "quality": quality,
+               "size": size}
     total = time.perf_counter()
     for name in names:
         started = time.perf_counter()

@@ -31,6 +31,8 @@ FULL_CONFIGS = (
     "wanda_sp:rotation_so", "wanda_sp:rotation_bias", "wanda_sp:rotation_diag",
 )
 CURVE_CONFIGS = ("rcpu:rotation", "rcpu:ls", "rcpu:ridge", "fluctuation:bias")
+LARGE_SHAPE = {"hidden": 4096, "heads": 32, "kv_heads": 32, "head_dim": 128, "intermediate": 11008,
+               "layers": 2, "vocab": 1024}  # LLaMA-7B layers; few of them and a small vocabulary
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,16 @@ class Settings:
     curve_samples: tuple[int, ...] = (8, 32, 128)
     curve_ratio: float = 0.2
     calib_samples: int = 32
+    # size
+    size_ratios: tuple[float, ...] = (0.1, 0.2, 0.3)
+    size_calib: tuple[int, int] = (8, 256)  # embedded: calibration windows x tokens (wanda_sp:none)
+    size_forward: tuple[int, int] = (8, 256)  # embedded: windows x tokens of one timed forward pass
+    size_large: dict = field(default_factory=lambda: dict(LARGE_SHAPE))  # random weights, LLaMA-7B layers
+    size_large_calib: tuple[int, int] = (2, 64)
+    size_large_forward: tuple[int, int] = (4, 128)
+    size_prompt: int = 16  # tokens before generation
+    size_new_tokens: int = 32  # generated greedily per timed run
+    size_repeats: int = 3  # best of, dense and pruned taking turns
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -82,6 +94,8 @@ def settings_for(mode: str) -> Settings:
             large_shapes={"down_proj": (4096, 11008, 1)}, memory_samples=(8, 32), eval_windows=8,
             eval_repeats=1, ratios=(0.2,), configs=("wanda_sp:none", "fluctuation:bias", "rcpu:rotation"),
             quality_eval_windows=4, curve_configs=("rcpu:rotation", "rcpu:ls"), curve_samples=(8, 32),
+            size_calib=(4, 128), size_forward=(4, 128), size_large={**LARGE_SHAPE, "layers": 1},
+            size_large_forward=(2, 128), size_repeats=2,
         )
     if mode == "tiny":
         return Settings(
@@ -91,6 +105,10 @@ def settings_for(mode: str) -> Settings:
             large_tokens=64, gemm_size=128, memory_samples=(2, 4), eval_windows=2, eval_repeats=1,
             ratios=(0.2,), configs=("wanda_sp:none", "rcpu:rotation"), quality_eval_windows=2,
             curve_configs=("rcpu:rotation", "rcpu:ls"), curve_samples=(2, 4), calib_samples=4,
+            size_calib=(2, 32), size_forward=(2, 16), size_large_calib=(2, 16), size_large_forward=(2, 16),
+            size_large={"hidden": 64, "heads": 8, "kv_heads": 8, "head_dim": 8, "intermediate": 176, "layers": 1,
+                        "vocab": 128},
+            size_prompt=4, size_new_tokens=4, size_repeats=1,
         )
     raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
 
@@ -182,9 +200,10 @@ def now() -> str:
 
 
 def goal(name: str, value: float | None, op: str, target: float, unit: str = "") -> dict:
-    """One goal check: ``value op target`` with op one of '<=', '<', '>='."""
+    """One goal check: ``value op target`` with op one of '<=', '<', '>=', '>', '=='."""
     checks: dict[str, Callable[[float, float], bool]] = {
-        "<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b,
+        "<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
+        "==": lambda a, b: a == b,
     }
     met = None if value is None else bool(checks[op](value, target))
     return {"name": name, "value": value, "op": op, "target": target, "unit": unit, "met": met}

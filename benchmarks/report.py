@@ -236,6 +236,71 @@ def _quality(r: dict, img_dir: Path, docs_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def _per_layer(values: list[int]) -> str:
+    if len(set(values)) == 1:
+        return f"{values[0]}"
+    return f"{min(values)}-{max(values)} (sum {sum(values)})"
+
+
+def _size(r: dict) -> list[str]:
+    models = r["models"]
+    small, large = models["small"], models["large"]
+    shape = r["large_shape"]
+    lines = [
+        "## 6. What pruning buys: size, KV cache and speed", "", _provenance(r), "",
+        f"Measured by `python -m benchmarks size{'' if r['mode'] == 'full' else ' --' + r['mode']}`.", "",
+        (f"Dense against pruned at ratios {', '.join(f'{x:g}' for x in r['ratios'])}, both targets, score "
+         f"`{r['score']}`, method `{r['method']}` (compensation changes the kept weights' values, not which rows "
+         "and columns are kept, so shapes, sizes and speed are the same for every method). Models: "
+         f"`{small['label']}`, and `{large['label']}` with random weights and LLaMA-7B layer shapes (hidden "
+         f"{shape['hidden']}, {shape['heads']} heads, {shape['kv_heads']} KV heads, head_dim {shape['head_dim']}, "
+         f"intermediate {shape['intermediate']}) but {shape['layers']} layer(s) and a vocabulary of "
+         f"{shape['vocab']}. Parameters count tied embeddings once; on disk is the folder "
+         "`rcpu.export.save_pruned` writes (safetensors and config, no tokenizer); KV cache = 2 x KV heads x "
+         "head_dim x dtype bytes, summed over layers; heads and channels are per layer (one number when every "
+         "layer has the same). Forward: one batch of random-id windows, logits at every position. Generate: "
+         "`generate` with greedy decoding and `use_cache=True`, batch 1. Tokens/s are the best of "
+         f"{r['settings']['size_repeats']} repeat(s), the dense and pruned models taking turns within each "
+         "repeat; \"x dense\" is pruned / dense from the same run. On a machine shared with other work "
+         "(see the load average) absolute tokens/s are noisy; the ratios less so."), "",
+    ]
+    reasons: dict[str, int] = {}
+    for m in (small, large):
+        cal, fwd, gen = m["calibration"], m["forward"], m["generate"]
+        lines += [
+            (f"**{m['label']}**: calibration {cal['windows']} x {cal['seq_len']} tokens ({cal['text']}); forward "
+             f"{fwd['windows']} x {fwd['seq_len']} tokens; generate {gen['new_tokens']} new tokens after a "
+             f"{gen['prompt']}-token prompt."), "",
+            ("| ratio | parameters | x dense | attention parameters | on disk MiB | KV cache B/token | query heads "
+             "| KV heads | MLP channels | stock-loadable | forward tok/s | x dense | generate tok/s | x dense |"),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key, row in m["rows"].items():
+            if row["stock_loadable"]:
+                stock = f"yes ({row['stock_class']})"
+            else:
+                note = reasons.setdefault(row["why_not_stock"], len(reasons) + 1)
+                stock = f"no [{note}]"
+            lines.append(
+                f"| {key} | {row['params']:,} | {row['params_vs_dense']:.3f} | {row['attention_params']:,} | "
+                f"{row['disk_bytes'] / MB:.1f} | {row['kv_bytes_per_token']:,} | {_per_layer(row['heads'])} | "
+                f"{_per_layer(row['kv_heads'])} | {_per_layer(row['channels'])} | {stock} | "
+                f"{row['forward_tokens_per_s']:,.0f} | {row['forward_vs_dense']:.2f} | "
+                f"{row['generate_tokens_per_s']:,.1f} | {row['generate_vs_dense']:.2f} |")
+        lines.append("")
+    if reasons:
+        lines += [f"[{n}] not stock-loadable (`rcpu.load_pruned` reads the folder): {why}"
+                  for why, n in reasons.items()] + [""]
+    return lines + _goal_rows(r["goals"]) + [""]
+
+
+def _size_note(q: dict) -> str:
+    return (f"embedded calibration {q['size_calib'][0]} x {q['size_calib'][1]} tokens, forward "
+            f"{q['size_forward'][0]} x {q['size_forward'][1]}; 7B-shaped model with {q['size_large']['layers']} "
+            f"layer(s) (instead of 2), forward {q['size_large_forward'][0]} x {q['size_large_forward'][1]}; "
+            f"{q['size_new_tokens']} generated tokens; best of {q['size_repeats']} repeat(s)")
+
+
 def _reduced(results: dict[str, dict]) -> list[str]:
     """One line per benchmark that ran in a reduced mode, from its own recorded settings."""
     notes = []
@@ -243,6 +308,9 @@ def _reduced(results: dict[str, dict]) -> list[str]:
         if r["mode"] == "full":
             continue
         q = r["settings"]
+        if name == "size":  # its settings are not in the result files written before it existed
+            notes.append(f"size ({r['mode']}): {_size_note(q)}")
+            continue
         text = {
             "floor": f"{q['floor_samples']} calibration samples of {q['seq_len']} tokens, best of "
                      f"{q['floor_repeats']} run(s)",
@@ -282,7 +350,7 @@ def write_docs(results_dir: Path, docs_path: Path, command: str) -> Path:
     if notes:
         lines += [("Reduced settings of the sections run with `--quick` or `--tiny` (the full run uses "
                   "the sizes the issue asks for):"), ""] + [f"- {n}" for n in notes] + [""]
-    sections = {"floor": _floor, "explorer": _explorer, "memory": _memory, "eval": _eval}
+    sections = {"floor": _floor, "explorer": _explorer, "memory": _memory, "eval": _eval, "size": _size}
     for name, r in results.items():
         if name == "quality":
             lines += _quality(r, img_dir, docs_dir)

@@ -38,10 +38,22 @@ def test_all_tiny_writes_results_and_docs(tmp_cache, tmp_path, capsys):
         assert len(sub["views"]) == 4 and all(len(v["changes"]) == 6 for v in sub["views"].values())
     quality = json.loads((results / "quality.json").read_text())
     assert {r["config"] for r in quality["curve"]["rows"]} == {"rcpu:rotation", "rcpu:ls"}
+    size = json.loads((results / "size.json").read_text())
+    for m in size["models"].values():  # dense and every ratio, with the shapes the prune records
+        dense, rows = m["rows"]["dense"], m["rows"]
+        assert set(rows) == {"dense", "0.1", "0.2", "0.3"} and dense["stock_loadable"]
+        for row in rows.values():
+            assert row["params"] <= dense["params"] and row["disk_bytes"] > 0
+            assert row["kv_bytes_per_token"] <= dense["kv_bytes_per_token"]
+            assert row["stock_loadable"] or row["why_not_stock"]
+            assert row["forward_tokens_per_s"] > 0 and row["generate_tokens_per_s"] > 0
+    large = size["models"]["large"]["rows"]["0.2"]
+    assert large["o_proj"] == [[64, 48]]  # 6 of 8 heads of 8 columns kept at 0.2 (tiny shapes)
+    assert {g["name"].split(":")[0] for g in size["goals"]} >= {"tiny at 0.2", "random-64x1 at 0.2"}
 
     text = docs.read_text()
     for heading in ("Pruning cost", "Explorer latency", "Layer explorer page", "Peak memory", "Evaluation throughput",
-                    "Quality"):
+                    "Quality", "What pruning buys"):
         assert heading in text
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert images and all((docs.parent / image).is_file() for image in images)
