@@ -9,9 +9,10 @@ import streamlit as st
 
 from rcpu import figures
 from rcpu.compensate import LAMBDA_METHODS, METHODS
-from rcpu.config import TARGETS, EvalConfig, PruneConfig
+from rcpu.config import EvalConfig, PruneConfig
 from rcpu.export import save_pruned, zip_pruned
 from rcpu.pipeline import prune_and_evaluate
+from rcpu.reports import units_removed_text
 from rcpu.scores import SCORES
 from ui import common
 
@@ -57,7 +58,7 @@ if run:
 
     def on_layer(record: dict) -> None:
         records.append(record)
-        live.plotly_chart(figures.layer_errors_figure(records, n_layers, TARGETS[targets]))
+        live.plotly_chart(figures.layer_errors_figure(records, n_layers, cfg.sublayers))
 
     def on_progress(stage: str, done: int, total: int, what: str) -> None:
         if stage == "prune":
@@ -74,7 +75,7 @@ if run:
 
 last = st.session_state.get(RESULT)
 if last is None:
-    st.plotly_chart(figures.layer_errors_figure([], n_layers, TARGETS[targets]), key="fig_layers_empty")
+    st.plotly_chart(figures.layer_errors_figure([], n_layers, cfg.sublayers), key="fig_layers_empty")
     st.info("Choose the settings and press **Prune the model**. With the default calibration "
             "settings this takes a few minutes on a CPU.")
     st.stop()
@@ -93,16 +94,15 @@ m[1].metric("Perplexity before", f"{summary['ppl_dense']:.2f}")
 after, before = summary["ppl"], summary["ppl_dense"]
 m[2].metric("Perplexity after", f"{after:.2f}", delta=f"{after - before:+.2f}", delta_color="inverse")
 m[3].metric("Pruning time", f"{summary['timing_s']['prune']:.0f} s")
-units_removed = "; ".join(f"{summary['units_pruned'][s]} of {summary['units'][s]} {lm.adapter.unit_name(s)}"
-                    for s in result.config.sublayers)
 per_dim = ", ".join(f"`{s}` {v:.1f}" for s, v in summary["calibration_tokens_per_input_dim"].items())
 st.caption(f"Perplexity on {summary['eval_tokens']} tokens of {summary['eval_data']}. Removed per layer: "
-           f"{units_removed} ({summary['rounding']} rounding). Calibration tokens per input dimension: {per_dim} "
-           "(few favour rotation, many favour least squares).")
+           f"{units_removed_text(summary)} ({summary['rounding']} rounding). Calibration tokens per input "
+           f"dimension: {per_dim} (few favour rotation, many favour least squares).")
 st.plotly_chart(figures.layer_errors_figure(result.layers, n_layers, result.config.sublayers),
                 key="fig_layers")
 with st.expander("Per-layer table"):
-    rows = [{"layer": r["layer"], "sublayer": sub, **{k: v for k, v in r[sub].items()}}
+    rows = [{"layer": r["layer"], "sublayer": sub, **r[sub],
+             **{f"{what} (before → after)": f"{a} → {b}" for what, (a, b) in r["shape"].items()}}
             for r in result.layers for sub in result.config.sublayers]
     st.dataframe(rows, hide_index=True)
 
@@ -111,10 +111,17 @@ d1, d2 = st.columns(2)
 name = f"rcpu-{result.config.score}-{result.config.method}-{round(result.config.ratio * 100)}pct"
 d1.download_button("⬇️ Results (JSON)", json.dumps(summary, indent=2), file_name=f"{name}.json",
                    mime="application/json", on_click="ignore", key="download_json")
-d2.download_button("⬇️ Pruned model (zip)", lambda: zip_pruned(result.model, lm.tokenizer, report.settings(), summary),
+if summary["stock_loadable"]:
+    loads = (f"A folder that stock transformers loads as {summary['stock_class']} "
+             "(AutoModelForCausalLM.from_pretrained).")
+else:
+    loads = (f"Not loadable by stock transformers ({summary['why_not_stock']}); rcpu.load_pruned(folder) loads "
+             "it exactly. Prune with balanced heads (CLI --gqa-balanced) for a stock folder.")
+st.caption(loads)
+d2.download_button("⬇️ Pruned model (zip)",
+                   lambda: zip_pruned(result.model, lm.tokenizer, report.settings(), summary),
                    file_name=f"{name}.zip", mime="application/zip", on_click="ignore", key="download_zip",
-                   help="A folder that stock transformers loads (AutoModelForCausalLM.from_pretrained). "
-                        "Built when you click; large.")
+                   help=loads + " Built when you click; large.")
 with st.expander("Save the pruned model to a folder on this machine"):
     folder = st.text_input("Folder (must not exist yet)", key="save_folder")
     if st.button("Save", key="save_pruned", disabled=not folder.strip()):

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from .analysis import SublayerAnalysis, analyze_sublayer, prepare_sublayer
 from .calibration import LayerData, layer_stats, stats_path
+from .compensate import check_method
 from .config import DataConfig, LayerConfig
 from .errors import RcpuError
 from .flow import Progress
@@ -97,7 +98,7 @@ class LayerExplorer:
         methods = list(methods or [cfg.method])
         cfg.check(lm)
         for method in methods:
-            replace(cfg, method=method).check()
+            check_method(method)
         if data.heldout_samples < 1:
             raise RcpuError("layer diagnostics need held-out tokens: use --heldout-samples 1 or more")
         stats = self.layer_data(lm, data, cfg.layer, progress, guard)

@@ -88,21 +88,24 @@ def prune_and_evaluate(
     *,
     progress: StageProgress | None = None,
     on_layer: LayerCallback | None = None,
-    heldout_errors: bool = True,
+    only_perplexity: bool = False,
 ) -> PruneReport:
     """Prune a copy of ``lm.model`` with ``cfg`` and measure the dense and pruned perplexity.
 
-    ``heldout_errors=False`` skips the per-layer held-out statistics (a sweep needs only
-    perplexity). ``on_layer(record)`` gets each layer's errors as soon as it is pruned.
+    ``only_perplexity`` skips what a sweep point does not need: the per-layer held-out
+    statistics and the stock-loadability check (which builds a second model).
+    ``on_layer(record)`` gets each layer's errors as soon as it is pruned.
     """
     start = time.perf_counter()
     evaluation = (evaluation or EvalConfig()).against(data)
     windows = check_before_work(lm, [(data, cfg)], evaluation)
     dense = dense_perplexity(lm, data, evaluation, progress=_stage(progress, "dense"))
-    prune_data = data if heldout_errors else replace(data, heldout_samples=0)
+    prune_data = replace(data, heldout_samples=0) if only_perplexity else data
     result = prune_model(lm, prune_data, cfg, progress=_stage(progress, "prune"), on_layer=on_layer)
     pruned = perplexity(result.model, windows, progress=_stage(progress, "eval"))
-    verdict = stock_verdict(result.model)
-    stock = {"stock_loadable": verdict.loadable,
-             ("stock_class" if verdict.loadable else "why_not_stock"): verdict.reason}
+    stock = {}
+    if not only_perplexity:
+        verdict = stock_verdict(result.model)
+        stock = {"stock_loadable": verdict.loadable,
+                 ("stock_class" if verdict.loadable else "why_not_stock"): verdict.reason}
     return PruneReport(result, evaluation, dense, pruned, time.perf_counter() - start, stock)

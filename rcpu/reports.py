@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from .adapters import DecoderAdapter
 from .analysis import SublayerAnalysis
 from .calibration import LayerData
 from .config import DataConfig, EvalConfig, LayerConfig
@@ -115,6 +116,12 @@ class LayerReport:
              "total": self.seconds}
         )
         return report
+
+
+def units_removed_text(summary: dict) -> str:
+    """``"2 of 9 heads, 307 of 1536 channels"`` from a ``PruneReport`` JSON (per layer)."""
+    return ", ".join(f"{summary['units_pruned'][s]} of {summary['units'][s]} {DecoderAdapter.unit_name(s)}"
+                     for s in summary["units_pruned"])
 
 
 @dataclass

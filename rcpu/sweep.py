@@ -42,7 +42,7 @@ def prune_point(
         if progress and stage == "prune":
             progress(done, total, what)
 
-    report = prune_and_evaluate(lm, data, cfg, evaluation, progress=stage_progress, heldout_errors=False)
+    report = prune_and_evaluate(lm, data, cfg, evaluation, progress=stage_progress, only_perplexity=True)
     row = report.to_json()
     del row["layers"]
     save_json(path, row)

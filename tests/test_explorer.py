@@ -171,7 +171,8 @@ def test_prune_report_and_zip_load_with_stock_transformers(tmp_path, tmp_cache):
         assert all(n.startswith("pruned-model/") for n in names)
         archive.extractall(tmp_path / "out")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "pruned-model").eval()
-    assert count_parameters(loaded) == json.loads((tmp_path / "out" / "pruned-model" / "config.json").read_text())["rcpu"]["params_saved"]
+    saved = json.loads((tmp_path / "out" / "pruned-model" / "config.json").read_text())["rcpu"]
+    assert count_parameters(loaded) == saved["params_saved"]  # a stock class may add zero biases
     ids = torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, result.model(ids).logits, atol=1e-4, rtol=1e-4)

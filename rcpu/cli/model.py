@@ -56,6 +56,7 @@ def add_commands(sub) -> None:
 def run_prune(args: argparse.Namespace) -> int:
     from ..export import check_output_dir, save_pruned
     from ..pipeline import prune_and_evaluate
+    from ..reports import units_removed_text
 
     data = common.data_config(args)
     cfg = PruneConfig(args.ratio, args.targets, args.score, args.method, args.alpha, args.lam, args.rounding,
@@ -79,8 +80,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if out is not None:
         save_pruned(report.result.model, lm.tokenizer, out, record=report.settings(), overwrite=args.overwrite)
         payload["out"] = str(out)
-    units = ", ".join(f"{payload['units_pruned'][s]} of {payload['units'][s]} {lm.adapter.unit_name(s)}"
-                      for s in cfg.sublayers)
+    units = units_removed_text(payload)
     per_dim = ", ".join(f"{s} {v:.2f}" for s, v in payload["calibration_tokens_per_input_dim"].items())
     print(
         f"pruned {cfg.ratio:.0%} of heads/channels ({cfg.targets}) by {cfg.label}: {units} per layer "
