@@ -248,7 +248,9 @@ def _size(r: dict) -> list[str]:
     shape = r["large_shape"]
     lines = [
         "## 6. What pruning buys: size, KV cache and speed", "", _provenance(r), "",
-        f"Measured by `python -m benchmarks size{'' if r['mode'] == 'full' else ' --' + r['mode']}`.", "",
+        (f"Measured by `python -m benchmarks size{'' if r['mode'] == 'full' else ' --' + r['mode']}`. The app's "
+        "whole-model page shows this table and, for the model it has just pruned, the same measures "
+        "(`rcpu.footprint`)."), "",
         (f"Dense against pruned at ratios {', '.join(f'{x:g}' for x in r['ratios'])}, both targets, score "
          f"`{r['score']}`, method `{r['method']}` (compensation changes the kept weights' values, not which rows "
          "and columns are kept, so shapes, sizes and speed are the same for every method). Models: "

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from rcpu.footprint import footprint, measure_speed, random_ids
+
 from .common import Profiler, Settings, format_goal, goal, say, write_result
 
 GOAL_RATIO = 0.2  # the ratio the goals are checked at
@@ -59,10 +61,6 @@ def large_lm(shape: dict, seed: int = 0):
     return LoadedModel(model, None, adapter_for(model), label, f"{label}-{seed}")
 
 
-def random_ids(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
 def calibration_tokens(lm, windows: int, length: int, seed: int = 0):
     """Calibration windows of the model's own text when it has a tokenizer, else random ids."""
     from rcpu.calibration import TokenSet, prepare_tokens
@@ -77,37 +75,6 @@ def calibration_tokens(lm, windows: int, length: int, seed: int = 0):
 
 
 # Measures ----------------------------------------------------------------------------------
-
-
-def attention_parameters(adapter) -> int:
-    total = 0
-    for i in range(adapter.num_layers):
-        for linear in (*adapter.attention_inputs(i), adapter.attention_output(i)):
-            total += sum(p.numel() for p in linear.parameters())
-    return total
-
-
-def shapes(lm_model) -> dict:
-    """Parameters, per-layer head and channel counts, o_proj shapes and KV-cache bytes per token."""
-    from rcpu.adapters import adapter_for
-    from rcpu.models import count_parameters
-
-    a = adapter_for(lm_model)
-    layers = range(a.num_layers)
-    k_proj = a.attention_inputs(0)[1]
-    dtype_bytes = k_proj.weight.element_size()
-    kv_heads = [a.num_kv_heads(i) for i in layers]
-    return {
-        "params": count_parameters(lm_model),
-        "attention_params": attention_parameters(a),
-        "heads": [a.num_heads(i) for i in layers],
-        "kv_heads": kv_heads,
-        "channels": [a.num_channels(i) for i in layers],
-        "o_proj": [list(a.attention_output(i).weight.shape) for i in layers],
-        "head_dim": a.head_dim,
-        "dtype": str(k_proj.weight.dtype).replace("torch.", ""),
-        "kv_bytes_per_token": sum(2 * k * a.head_dim * dtype_bytes for k in kv_heads),
-    }
 
 
 def saved_folder(model) -> dict:
@@ -140,43 +107,6 @@ def saved_folder(model) -> dict:
     }
 
 
-def _forward(model, ids: torch.Tensor) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    return time.perf_counter() - start
-
-
-def _generate(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              use_cache=True, pad_token_id=0)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
-    seconds = time.perf_counter() - start
-    assert out.shape[1] == prompt.shape[1] + new_tokens, out.shape
-    return seconds
-
-
-def speeds(models: dict[str, torch.nn.Module], ids: torch.Tensor, prompt: torch.Tensor, new_tokens: int,
-           repeats: int, profiler: Profiler) -> dict[str, dict]:
-    """Forward and generation tokens/s of every model, best of ``repeats``; the models take turns."""
-    for model in models.values():  # warm-up at the timed shapes: first-call allocations, kernel choice
-        _forward(model, ids)
-        _generate(model, prompt, 2)
-    runs: dict[str, dict[str, list[float]]] = {k: {"forward": [], "generate": []} for k in models}
-    with profiler:
-        for _ in range(repeats):
-            for key, model in models.items():
-                runs[key]["forward"].append(ids.numel() / _forward(model, ids))
-            for key, model in models.items():
-                runs[key]["generate"].append(new_tokens / _generate(model, prompt, new_tokens))
-    return {key: {"forward_tokens_per_s": max(r["forward"]), "generate_tokens_per_s": max(r["generate"]),
-                  "forward_runs": r["forward"], "generate_runs": r["generate"]} for key, r in runs.items()}
-
-
 def removed_heads_share(dense: dict, pruned: dict, dense_model) -> int:
     """Attention parameters that removing the heads should remove: per layer, a removed query head's
     q rows and o columns, a removed KV head's k and v rows (biases of those rows included)."""
@@ -203,14 +133,14 @@ def measure(lm, label: str, calib: tuple[int, int], forward: tuple[int, int], se
     from rcpu.prune import prune_model
 
     data, tokens = calibration_tokens(lm, *calib)
-    rows = {"dense": {"ratio": 0.0, **shapes(lm.model), **saved_folder(lm.model)}}
+    rows = {"dense": {"ratio": 0.0, **footprint(lm.model), **saved_folder(lm.model)}}
     models = {"dense": lm.model}
     for ratio in settings.size_ratios:
         start = time.perf_counter()
         result = prune_model(lm, data, PruneConfig(ratio, "both", "wanda_sp", "none"), tokens=tokens)
         prune_s = time.perf_counter() - start
         key = f"{ratio:g}"
-        row = {"ratio": ratio, "prune_s": prune_s, **shapes(result.model), **saved_folder(result.model)}
+        row = {"ratio": ratio, "prune_s": prune_s, **footprint(result.model), **saved_folder(result.model)}
         assert row["params"] == result.params_after, (row["params"], result.params_after)
         for what in ("heads", "kv_heads", "channels"):  # the prune's own per-layer records agree
             assert [r["shape"][what] for r in result.layers] == [
@@ -224,7 +154,8 @@ def measure(lm, label: str, calib: tuple[int, int], forward: tuple[int, int], se
     vocab = lm.model.config.vocab_size
     ids = random_ids(*forward, vocab, seed=1)
     prompt = random_ids(1, settings.size_prompt, vocab, seed=2)
-    measured = speeds(models, ids, prompt, settings.size_new_tokens, settings.size_repeats, profiler)
+    with profiler:
+        measured = measure_speed(models, ids, prompt, settings.size_new_tokens, settings.size_repeats)
     dense = measured["dense"]
     for key, row in rows.items():
         row.update(measured[key])

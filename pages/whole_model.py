@@ -11,6 +11,7 @@ from rcpu import figures
 from rcpu.compensate import LAMBDA_METHODS, METHODS
 from rcpu.config import EvalConfig, PruneConfig
 from rcpu.export import save_pruned, zip_pruned
+from rcpu.footprint import benchmark_rows, compare, footprint, measure_speed, speed_sample
 from rcpu.pipeline import prune_and_evaluate
 from rcpu.reports import units_removed_text
 from rcpu.scores import SCORES
@@ -105,6 +106,37 @@ with st.expander("Per-layer table"):
              **{f"{what} (before → after)": f"{a} → {b}" for what, (a, b) in r["shape"].items()}}
             for r in result.layers for sub in result.config.sublayers]
     st.dataframe(rows, hide_index=True)
+
+st.subheader("What pruning buys")
+if "footprint" not in last:  # shapes only: instant; speed is measured on request
+    last["footprint"] = {"dense": footprint(lm.model), "pruned": footprint(result.model)}
+sizes = last["footprint"]
+s1, s2 = st.columns([1.6, 4])
+if s1.button("⏱️ Measure speed", key="measure_speed",
+             help="Forward and generation tokens/s of the dense and the pruned model, taking turns (a few seconds)."):
+    with common.guarded(), common.model_in_use("the speed measurement"):
+        ids, prompt = speed_sample(lm.model.config.vocab_size)
+        speed = measure_speed({"dense": lm.model, "pruned": result.model}, ids, prompt, new_tokens=16, repeats=2)
+    for key in sizes:
+        sizes[key].update(speed[key])
+s2.caption("Parameters, bytes of weights and KV-cache bytes per token are read from the pruned model's shapes; "
+           "tokens/s are measured on this machine (best of 2, two windows of 128 tokens forward; 16 new tokens "
+           "generated with the KV cache).")
+rows = compare(sizes["dense"], sizes["pruned"])
+st.plotly_chart(figures.footprint_figure(rows), key="fig_footprint")
+measured = benchmark_rows()
+if measured is not None:
+    table, source = measured
+    with st.expander("Measured by the size benchmark (embedded model and LLaMA-7B layer shapes)"):
+        st.dataframe(table, hide_index=True, column_config={
+            "ratio": st.column_config.NumberColumn(format="percent"),
+            "parameters (M)": st.column_config.NumberColumn(format="%.1f"),
+            "on disk (MiB)": st.column_config.NumberColumn(format="%.1f"),
+            "forward × dense": st.column_config.NumberColumn(format="%.2f"),
+            "generation × dense": st.column_config.NumberColumn(format="%.2f")})
+        st.caption(f"`{source['command']}` on {source['machine']['nproc']} CPUs, {source['date'][:10]} "
+                   f"({source['mode']} mode): score wanda_sp, both targets; shapes and speed are the same for "
+                   "every compensation method.")
 
 st.subheader("Downloads")
 d1, d2 = st.columns(2)

@@ -646,3 +646,26 @@ def ppl_vs_calibration_figure(points: Sequence[dict], dense: float | None = None
     if not points:
         _no_points_yet(fig, dense, x_range=[0, 2.5])
     return _layout(fig, "Perplexity against calibration size", height=440)
+
+
+def footprint_figure(rows: Sequence[dict]) -> go.Figure:
+    """Pruned / dense for each measure of ``rcpu.footprint.compare``: below 1 is smaller, above 1 faster.
+
+    ``rows``: ``{"measure", "dense", "pruned", "pruned / dense"}`` per measure.
+    """
+    title = "What pruning buys (pruned / dense)"
+    if not rows:
+        return _empty(title, "Prune the model to compare it with the dense one.")
+    names = [r["measure"] for r in rows]
+    ratios = [r["pruned / dense"] for r in rows]
+    fig = go.Figure(go.Bar(
+        x=ratios, y=names, orientation="h", marker={"color": ["#059669" if "tokens/s" in n else "#7c3aed"
+                                                              for n in names]},
+        text=[f"{v:.2f}×" for v in ratios], textposition="outside", cliponaxis=False,
+        customdata=[[r["dense"], r["pruned"]] for r in rows],
+        hovertemplate="%{y}: %{customdata[1]:,.4~g} against %{customdata[0]:,.4~g} dense<extra></extra>",
+    ))
+    fig.add_vline(x=1.0, line={"color": "black", "dash": "dot"})
+    fig.update_xaxes(title_text="pruned / dense", range=[0, max(1.2, max(ratios) * 1.15)])
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title, height=120 + 34 * len(rows))

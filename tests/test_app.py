@@ -288,6 +288,22 @@ def test_whole_model_run_updates_chart_metrics_and_downloads(tiny_model, tmp_cac
     assert not at.warning
 
 
+def test_whole_model_shows_what_pruning_buys(tiny_model, tmp_cache):
+    at = set_model(open_page("pages/whole_model.py"), tiny_model)
+    at.button(key="run_prune").click().run()
+    ok(at)
+    sizes = at.session_state["whole_model_run"]["footprint"]
+    bars = chart(at, "What pruning buys")["data"][0]
+    assert bars["y"] == ["parameters", "attention parameters", "bytes of weights", "KV-cache bytes per token"]
+    assert bars["x"][0] == sizes["pruned"]["params"] / sizes["dense"]["params"] < 1
+    at.button(key="measure_speed").click().run()
+    ok(at)
+    bars = chart(at, "What pruning buys")["data"][0]
+    assert bars["y"][-2:] == ["forward tokens/s", "generation tokens/s"]
+    assert all(v > 0 for v in bars["x"])
+    assert any(e.label.startswith("Measured by the size benchmark") for e in at.expander)
+
+
 def test_perplexity_sweep_computes_then_reads_the_cache(tiny_model, tmp_cache):
     at = set_model(open_page("pages/perplexity.py"), tiny_model)
     at.multiselect(key="pv_configs").set_value(["rcpu:rotation", "wanda_sp:none"]).run()
