@@ -21,6 +21,7 @@ from rcpu.config import PROTOCOLS, DataConfig, EvalConfig, LayerConfig
 from rcpu.errors import RcpuError
 from rcpu.explorer import LayerExplorer
 from rcpu.models import LoadedModel, load_model
+from rcpu.regime import LECTURE_PRESET
 from rcpu.reports import LayerReport
 from rcpu.text import load_text, save_upload
 from ui.defaults import AppDefaults, app_defaults
@@ -116,6 +117,12 @@ def _paper_protocol() -> None:
         st.session_state[key] = preset[key]
 
 
+def _lecture_preset() -> None:
+    """Few calibration tokens per input dimension: the regime where the paper's effect shows."""
+    for key, value in LECTURE_PRESET.items():
+        st.session_state[key] = value
+
+
 def rounding() -> str:
     """The sidebar's unit rounding (``nearest`` or ``truncate``)."""
     return st.session_state.get("rounding", LayerConfig.rounding)
@@ -133,10 +140,12 @@ def sidebar() -> DataConfig:
         model_name = st.text_input("Model", key="model", help=MODEL_HELP).strip()
         data = _text_source()
         c1, c2 = st.columns(2)
-        calib = c1.number_input("Calibration samples", 1, 4096, key="calib_samples",
+        calib = c1.number_input("Calibration samples", 1, None, key="calib_samples",
                                 help="Random windows of the calibration text used for statistics.")
-        seq_len = c2.number_input("Sequence length", 16, 8192, step=64, key="seq_len",
-                                  help="Tokens per calibration window.")
+        # No max on the widgets: out of range they only turn red and keep the old value; the
+        # sampling check below says in one line what is allowed.
+        seq_len = c2.number_input("Sequence length", 1, None, step=64, key="seq_len",
+                                  help="Tokens per calibration window (at most the model's context).")
         seed = st.number_input("Seed", 0, 2**31 - 1, key="seed")
         with st.expander("More settings"):
             heldout = st.number_input("Held-out windows", 1, 1024, key="heldout_samples",
@@ -147,12 +156,26 @@ def sidebar() -> DataConfig:
         st.button("Use the paper's protocol", key="paper_protocol", on_click=_paper_protocol,
                   help="128 calibration windows of 128 tokens, perplexity in 128-token windows, "
                        "int(ratio · units) units removed (the authors' released code).")
+        st.button("Lecture preset (few calibration tokens)", key="lecture_preset", on_click=_lecture_preset,
+                  help=f"{LECTURE_PRESET['calib_samples']} windows of {LECTURE_PRESET['seq_len']} tokens: fewer "
+                       "calibration tokens than input dimensions, where least squares overfits and rotation "
+                       "does better on held-out tokens (the paper's effect).")
     config = DataConfig(
         model=model_name or "embedded", data=data, calib_samples=int(calib), seq_len=int(seq_len),
         seed=int(seed), heldout_samples=int(heldout),
     )
     st.session_state["data_config"] = config
+    with guarded():  # one line, before anything is computed on a value out of range
+        config.sampling.check()
     return config
+
+
+def check_context(lm: LoadedModel, config: DataConfig) -> None:
+    """A sequence length longer than the model's context is refused before a long statistics pass."""
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if limit and config.seq_len > limit:
+        raise RcpuError(f"Sequence length {config.seq_len} is longer than this model's context ({limit} tokens): "
+                        f"choose at most {limit}.")
 
 
 def data_config() -> DataConfig:
@@ -170,6 +193,7 @@ def model(stop: bool = True) -> LoadedModel | None:
     with guarded(stop=stop):
         lm = _load(cfg.model)
         load_text(cfg.data)  # a missing or unreadable text fails here, early and readably
+        check_context(lm, cfg)
         return lm
     return None
 
