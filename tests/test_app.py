@@ -352,7 +352,7 @@ def test_explorer_shows_the_effective_ratio_and_the_regime():
     from rcpu.regime import LECTURE_PRESET
 
     assert at.sidebar.number_input(key="calib_samples").value == LECTURE_PRESET["calib_samples"]
-    assert any("fewer tokens than dimensions" in i.value for i in at.info)
+    assert any("few tokens per dimension" in i.value for i in at.info)
 
 
 def test_explorer_principal_directions_and_geometry_say_what_to_look_for():

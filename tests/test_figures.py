@@ -327,3 +327,39 @@ def test_toy_figures(dims):
     errors = figures.toy_error_figure(example)
     assert len(errors.data) == 2 and list(errors.data[0].x) == list(figures.TOY_NAMES)
     assert errors.data[1].y[2] == pytest.approx(example.errors["rotation"]["heldout"])
+
+
+def test_stage_text_counts_layers_and_estimates_time_left():
+    from rcpu.eta import StageText, duration_text
+
+    now = [0.0]
+    text = StageText(clock=lambda: now[0])
+    assert text("prune", 0, 30, "layer 0") == (0.0, "Pruning: layer 1 of 30")  # no pace yet: no estimate
+    now[0] = 10.0
+    fraction, line = text("prune", 2, 30, "layer 2")
+    assert fraction == pytest.approx(2 / 30) and line == "Pruning: layer 3 of 30 · about 2 min left"  # 5 s a layer
+    assert text("prune", 30, 30, "done")[1] == "Pruning: all 30 layers done"
+    assert "computed once" in text("dense", 4, 44, "perplexity")[1]
+    assert duration_text(45) == "45 s" and duration_text(3725) == "1 h 02 min"
+
+
+def test_accounting_rows():
+    from torch import nn
+
+    from rcpu.accounting import module_rows, params_by_module, unit_rows
+
+    rows = unit_rows({"heads": [270, 210], "kv_heads": [90, 90], "channels": [46080, 36864]})
+    assert [r["units"] for r in rows] == ["attention heads", "KV heads", "MLP channels"]
+    assert rows[0]["removed"] == 60 and rows[1]["removed"] == 0 and rows[0]["removed (%)"] == "22.2%"
+
+    def model(d: int) -> nn.Module:
+        m = nn.Module()
+        m.layers = nn.ModuleList([nn.Module()])
+        m.layers[0].q_proj = nn.Linear(4, d, bias=False)
+        m.layers[0].o_proj = nn.Linear(d, 4, bias=False)
+        return m
+
+    before, after = params_by_module(model(8)), params_by_module(model(6))
+    assert before == {"q_proj": 32, "o_proj": 32}
+    assert module_rows(before, after)[0] == {"module": "q_proj", "parameters before": 32, "parameters after": 24,
+                                             "saved": 8, "saved (%)": "25.0%"}

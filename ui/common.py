@@ -157,9 +157,9 @@ def sidebar() -> DataConfig:
                   help="128 calibration windows of 128 tokens, perplexity in 128-token windows, "
                        "int(ratio · units) units removed (the authors' released code).")
         st.button("Lecture preset (few calibration tokens)", key="lecture_preset", on_click=_lecture_preset,
-                  help=f"{LECTURE_PRESET['calib_samples']} windows of {LECTURE_PRESET['seq_len']} tokens: fewer "
-                       "calibration tokens than input dimensions, where least squares overfits and rotation "
-                       "does better on held-out tokens (the paper's effect).")
+                  help=f"{LECTURE_PRESET['calib_samples']} windows of {LECTURE_PRESET['seq_len']} tokens: few "
+                       "calibration tokens per input dimension, where least squares overfits and rotation "
+                       "does better on held-out tokens (the paper's effect; see docs/app.md).")
     config = DataConfig(
         model=model_name or "embedded", data=data, calib_samples=int(calib), seq_len=int(seq_len),
         seed=int(seed), heldout_samples=int(heldout),
