@@ -50,6 +50,7 @@ METHOD_LABELS = {
     "ls_ridge": "LS + ridge (paper)",
 }
 MAX_POINTS = 1000  # per scatter trace; keeps figures light in the browser
+WEBGL_ABOVE = 300
 PROJECTION_POINTS = 400  # per panel of the projection figure: up to ten panels redraw on every change
 
 
@@ -96,6 +97,12 @@ def _thin(n: int, limit: int = MAX_POINTS) -> np.ndarray:
     if n <= limit:
         return np.arange(n)
     return np.linspace(0, n - 1, limit).round().astype(int)
+
+
+def _scatter(points: int):
+    """WebGL markers for more than a few hundred points (``down_proj``'s 1536 columns): the browser
+    draws them several times faster than SVG on every widget change; SVG below that."""
+    return go.Scattergl if points > WEBGL_ABOVE else go.Scatter
 
 
 def _legend_rows(fig: go.Figure, width_px: float = 540.0) -> int:
@@ -180,7 +187,7 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
             custom = np.stack([idx, idx // unit], axis=1) if unit > 1 else idx[:, None]
             hover = "column %{customdata[0]}" + (", head %{customdata[1]}" if unit > 1 else "")
             fig.add_trace(
-                go.Scatter(
+                _scatter(analysis.d_in)(
                     x=position[idx], y=_positive(values[idx]), mode="markers", name=f"{what} ({len(idx)})",
                     legendgroup=what, showlegend=row == 1, customdata=custom,
                     marker={"color": col, "size": 4 if analysis.d_in > 300 else 6},
@@ -263,7 +270,7 @@ def overlap_figure(first: Selection, second: Selection) -> go.Figure:
     fig = go.Figure()
     for name, mask, col in groups:
         idx = np.nonzero(mask)[0]
-        fig.add_trace(go.Scatter(
+        fig.add_trace(_scatter(x.size)(
             x=_positive(x[idx]), y=_positive(y[idx]), mode="markers", name=f"{name} ({len(idx)})",
             marker={"color": col, "size": 5 if x.size > 100 else 9}, customdata=idx,
             hovertemplate="unit %{customdata}<extra></extra>",
@@ -281,7 +288,7 @@ def mean_variance_figure(analysis: SublayerAnalysis) -> go.Figure:
     var = _np(analysis.variance)
     fig = go.Figure()
     for idx, what, col in ((sel.kept.numpy(), "kept", KEPT), (sel.pruned.numpy(), "pruned", PRUNED)):
-        fig.add_trace(go.Scatter(
+        fig.add_trace(_scatter(analysis.d_in)(
             x=_positive(mean[idx]), y=_positive(var[idx]), mode="markers", name=f"{what} ({len(idx)})",
             marker={"color": col, "size": 4 if analysis.d_in > 300 else 7, "opacity": 0.7},
             customdata=idx, hovertemplate="column %{customdata}<br>|mean| %{x:.3g}, var %{y:.3g}<extra></extra>",
