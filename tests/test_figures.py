@@ -363,3 +363,13 @@ def test_accounting_rows():
     assert before == {"q_proj": 32, "o_proj": 32}
     assert module_rows(before, after)[0] == {"module": "q_proj", "parameters before": 32, "parameters after": 24,
                                              "saved": 8, "saved (%)": "25.0%"}
+
+
+def test_messages_in_the_apps_words():
+    from ui.common import for_the_page
+
+    assert for_the_page("pass its local directory (--model /path/to/model), or use 'embedded'") == \
+        "pass its local directory (type the folder into the sidebar's Model field), or use 'embedded'"
+    assert for_the_page("too short for --seq-len 512") == "too short for Sequence length 512"
+    assert for_the_page("cannot read /srv/cache/uploads/" + "ab" * 32 + ".txt: binary") == \
+        "cannot read the uploaded file: binary"

@@ -10,6 +10,7 @@ messages, never tracebacks.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ import streamlit as st
 
 from rcpu.config import PROTOCOLS, DataConfig, EvalConfig, LayerConfig
 from rcpu.errors import RcpuError
+from rcpu.eta import StageText, duration_text
 from rcpu.explorer import LayerExplorer
 from rcpu.models import LoadedModel, load_model
 from rcpu.regime import LECTURE_PRESET
@@ -62,13 +64,32 @@ def init(key: str, default) -> None:
         st.session_state[key] = default
 
 
+# The library's messages name command-line options; on a page the user sees fields.
+CLI_WORDS = (
+    ("(--model /path/to/model)", "(type the folder into the sidebar's Model field)"),
+    ("--calib-samples", "Calibration samples"), ("--seq-len", "Sequence length"),
+    ("--heldout-samples", "Held-out windows"), ("--eval-windows", "Evaluation windows"),
+    ("--trust-remote-code", "trusting remote code (not offered by the app)"), ("--model", "the Model field"),
+    ("--ratios", "Pruning ratios"), ("--lambdas", "λ of LS + ridge"), ("--overwrite", "another folder"),
+)
+
+
+def for_the_page(message: str, uploaded: str | None = None) -> str:
+    """A library message in the app's words: field names for options, no server paths of uploads."""
+    for cli, field in CLI_WORDS:
+        message = message.replace(cli, field)
+    if uploaded:
+        message = message.replace(str(uploaded), "the uploaded file")
+    return re.sub(r"\S*/uploads/[0-9a-f]{16,}\.txt", "the uploaded file", message)
+
+
 @contextmanager
 def guarded(stop: bool = True) -> Iterator[None]:
     """Show ``RcpuError`` (and unexpected errors) as ``st.error``; stop the page after it."""
     try:
         yield
     except RcpuError as exc:
-        st.error(str(exc), icon="⚠️")
+        st.error(for_the_page(str(exc), st.session_state.get(UPLOADED)), icon="⚠️")
         if stop:
             st.stop()
     except Exception as exc:  # a bug: one readable line here, the traceback in the server log
@@ -249,15 +270,21 @@ def explore(lm: LoadedModel, data: DataConfig, cfg: LayerConfig, methods: list[s
     """``LayerExplorer.explore`` with a progress bar while statistics are computed (one session
     at a time on the shared model) and a note once they are cached."""
     bar = None
+    clock = StageText()
 
     def report(done: int, total: int, what: str) -> None:
         nonlocal bar
         bar = bar or st.progress(0.0, text=f"Statistics of layer {cfg.layer}…")
-        bar.progress(min(done / max(total, 1), 1.0), text=f"Statistics of layer {cfg.layer}: {what}")
+        left = clock.left("statistics", done, total)
+        eta = "" if left is None else f" · about {duration_text(left)} left"
+        bar.progress(min(done / max(total, 1), 1.0), text=f"Statistics of layer {cfg.layer}: {what}{eta}")
 
-    result = explorer().explore(lm, data, cfg, methods, progress=report, guard=model_in_use)
+    try:
+        result = explorer().explore(lm, data, cfg, methods, progress=report, guard=model_in_use)
+    finally:
+        if bar is not None:  # no stale empty bar above an error
+            bar.empty()
     if bar is not None:
-        bar.empty()
         st.toast(f"Statistics of layer {cfg.layer} computed in {result.stats.seconds:.1f} s and cached")
     return result
 
