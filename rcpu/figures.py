@@ -464,10 +464,10 @@ def inner_products_figure(analysis: SublayerAnalysis, methods: Sequence[str]) ->
     score = _score_of(analysis)
     fig = go.Figure()
     y = _np(analysis.inner_products_y)
-    keep = _thin(y.size, 600)
+    keep = _thin(y.size, 400)
     for m in methods:
         yhat = _np(analysis.methods[m].inner_products)
-        fig.add_trace(go.Scatter(x=y[keep], y=yhat[keep], mode="markers", name=label(m, score),
+        fig.add_trace(_scatter(keep.size * len(methods))(x=y[keep], y=yhat[keep], mode="markers", name=label(m, score),
                                  marker={"color": color(m), "size": 4, "opacity": 0.6}))
     if y.size:
         lo, hi = float(np.min(y)), float(np.max(y))
