@@ -71,7 +71,7 @@ shown = methods  # figures show only what the user picked
 sel = analysis.selection
 what = lm.adapter.unit_name(sublayer)
 m = st.columns(4)
-m[0].metric("Pruned (effective ratio)", figures.effective_ratio_text(sel),
+m[0].metric(f"Pruned {what} (effective ratio)", figures.effective_ratio_text(sel).replace(f" {what}", ""),
             help=f"The ratio rounded to whole {what}; a ratio step that rounds to the same count changes nothing.")
 m[1].metric("Input dimensions kept", f"{len(sel.kept)} / {analysis.d_in}")
 m[2].metric("Held-out error, pruned", f"{analysis.error_uncompensated['heldout']:.3f}",

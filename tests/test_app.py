@@ -345,9 +345,9 @@ def test_explorer_shows_the_effective_ratio_and_the_regime():
     at = open_page("pages/layer_explorer.py")
     ok(at)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Pruned (effective ratio)"] == "2 / 9 heads = 22%"
+    assert metrics["Pruned heads (effective ratio)"] == "2 / 9 = 22%"
     at.slider(key="le_ratio").set_value(0.25).run()  # rounds to the same two heads: says so
-    assert {m.label: m.value for m in at.metric}["Pruned (effective ratio)"] == "2 / 9 heads = 22%"
+    assert {m.label: m.value for m in at.metric}["Pruned heads (effective ratio)"] == "2 / 9 = 22%"
     assert any("per dimension" in i.value for i in at.info)
     at.sidebar.button(key="lecture_preset").click().run()
     ok(at)

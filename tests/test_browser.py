@@ -83,8 +83,8 @@ def test_sidebar_navigation_and_slider(server, page):
     wait_idle(page)
     title = page.locator(".gtitle").filter(has_text="Score and variance per input dimension")
     assert "2 / 9 heads = 22% pruned" in title.first.text_content()
-    metric = page.get_by_test_id("stMetric").filter(has_text="Pruned (effective ratio)")
-    assert "2 / 9 heads = 22%" in metric.first.inner_text()
+    metric = page.get_by_test_id("stMetric").filter(has_text="Pruned heads (effective ratio)")
+    assert "2 / 9 = 22%" in metric.first.inner_text()
     slider = page.locator('[data-testid="stSlider"] input[type="range"]').first
     slider.focus()
     for _ in range(2):
