@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from rcpu.regime import regime_note
 from ui import common
 
 st.set_page_config(page_title="RCPU Explorer", page_icon="🧭", layout="wide")
@@ -48,6 +49,8 @@ computed from streaming statistics of calibration tokens, cached on disk, on you
         f"{'the embedded text' if data.data == 'embedded' else repr(data.data)}, seed {data.seed}. "
         "Change the model and the data in the sidebar."
     )
+    st.info("Regime of `o_proj` (input size = hidden size): " + regime_note(
+        data.calib_samples * data.seq_len, card["hidden_size"]), icon="🧪")
     common.model_status()
 
     st.subheader("Where to go next")

@@ -122,9 +122,14 @@ def _wait_run(page, timeout_ms: int) -> None:
 
 
 def _timed_key(page, key: str) -> dict:
+    return _timed(page, lambda: page.keyboard.press(key))
+
+
+def _timed(page, action) -> dict:
+    """A widget change (``action``) until the page is idle again, and the browser's busy time."""
     page.evaluate("() => { window.__rcpuLongTasks = []; }")
     start = time.perf_counter()
-    page.keyboard.press(key)
+    action()
     _wait_run(page, 120_000)
     seconds = time.perf_counter() - start
     page.wait_for_timeout(300)  # late long tasks of the same update (WebGL draws)
@@ -167,13 +172,16 @@ def browser_update(calib_samples: int, seq_len: int, layer: int) -> dict:
             page.get_by_text(SUBLAYER_LABELS[sub]).click()
             wait_idle(page, 900_000)
             views = {}
-            for view in VIEWS:
-                page.get_by_text(view).click()
-                wait_idle(page)
-                changes = []
+            for i, view in enumerate(VIEWS):
+                if i == 0:  # already shown after choosing the sublayer? click and wait without timing
+                    page.get_by_text(view).click()
+                    wait_idle(page)
+                    changes = []
+                else:  # a view switch is a widget change too
+                    changes = [{**_timed(page, page.get_by_text(view).click), "change": f"view {view}"}]
                 for _ in range(2):
                     slider.focus()
-                    changes.append(_timed_key(page, key))
+                    changes.append({**_timed_key(page, key), "change": f"ratio {key}"})
                 views[view] = {"changes": changes, "median_s": median([c["s"] for c in changes]),
                                "median_browser_busy_s": median([c["browser_busy_s"] for c in changes])}
             out["sublayers"][sub] = {"views": views}
@@ -182,3 +190,26 @@ def browser_update(calib_samples: int, seq_len: int, layer: int) -> dict:
     out["median_s"] = median([c["s"] for c in every])
     out["median_browser_busy_s"] = median([c["browser_busy_s"] for c in every])
     return out
+
+
+def main() -> None:
+    """``python -m benchmarks.page``: the browser measurement alone (quick settings: 32 x 512 tokens,
+    layer 15), written to ``benchmarks/results/browser.json``; docs/app.md quotes it."""
+    import json
+    import platform
+
+    from .common import settings_for
+
+    settings = settings_for("quick")
+    result = browser_update(settings.calib_samples, settings.seq_len, settings.explorer_layer)
+    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    out = REPO / "benchmarks" / "results" / "browser.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    every = [c for s in result.get("sublayers", {}).values() for v in s["views"].values() for c in v["changes"]]
+    print(f"{len(every)} widget changes (ratio steps and view switches): median {result.get('median_s', 0):.2f} s "
+          f"to an idle page, browser busy {result.get('median_browser_busy_s', 0):.2f} s; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -47,6 +47,9 @@ with common.guarded():
     example = build_example(ToyConfig(dims=int(dims), removed=int(removed), correlation=float(correlation),
                                       calib_points=int(points), seed=int(seed)))
 
+st.caption(f"Regime: {int(points)} calibration points for {int(dims) + 1} input dimensions "
+           f"({int(points) / (int(dims) + 1):.1f} per dimension). On a real layer the same regime needs few "
+           "calibration tokens per input dimension: the sidebar's lecture preset gives it in the layer explorer.")
 st.plotly_chart(figures.toy_outputs_figure(example), key="fig_toy_outputs")
 
 rows = []

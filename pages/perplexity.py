@@ -7,6 +7,7 @@ import streamlit as st
 from rcpu import figures
 from rcpu.compensate import LAMBDA_METHODS, METHODS
 from rcpu.config import EvalConfig, PruneConfig, SweepConfig, parse_configs
+from rcpu.eta import StageText
 from rcpu.scores import SCORES
 from rcpu.sweep import run_sweep, to_csv
 from ui import common
@@ -74,37 +75,55 @@ chart = st.empty()
 chart.plotly_chart(draw(cached["points"], cached["dense"]), key="fig_sweep")
 total = len(spec.points(data))
 missing = cached["missing"] + (cached["dense"] is None)
+done_note = st.session_state.pop("pv_done", None)
 if not pairs or total == 0:
     st.info("Choose at least one configuration and one " + ("ratio." if view == VIEWS[0] else "calibration size."))
 elif missing:
-    st.caption(f"{total - cached['missing']} of {total} points cached"
-               + ("; the dense model's perplexity is not cached yet" if cached["dense"] is None else "") + ".")
-    b1, b2 = st.columns([1.6, 4])
-    label = f"Compute {cached['missing']} point{'s' if cached['missing'] != 1 else ''}" if cached["missing"] \
-        else "Compute the dense perplexity"
-    compute = b1.button(label, icon="▶️", type="primary", key="compute_points")
-    b2.button("Stop", key="stop_points", help="Interrupts the computation; finished points stay cached.")
+    controls = st.empty()  # caption and buttons: cleared while computing, redrawn after by a rerun
+    with controls.container():
+        st.caption(f"{total - cached['missing']} of {total} points cached"
+                   + ("; the dense model's perplexity is not cached yet" if cached["dense"] is None else "") + ".")
+        b1, b2 = st.columns([1.6, 4])
+        label = f"Compute {cached['missing']} point{'s' if cached['missing'] != 1 else ''}" if cached["missing"] \
+            else "Compute the dense perplexity"
+        compute = b1.button(label, icon="▶️", type="primary", key="compute_points")
+        b2.button("Stop", key="stop_points", help="Interrupts the computation; finished points stay cached.")
     if compute:
-        overall = st.progress(0.0, text="Dense model…")
+        controls.empty()
+        stop_note = st.empty()
+        stop_note.caption("Stop: change any setting or reload the page; finished points stay cached.")
+        overall = st.progress(0.0, text="Perplexity of the dense model (computed once, then cached)…"
+                              if cached["dense"] is None else f"Point 1 of {cached['missing']}…")
         current = st.progress(0.0, text="")
         done_points: list[dict] = list(cached["points"])
+        stage_text = StageText()
+        state = {"point": 0, "n": cached["missing"]}
 
         def on_point(i: int, n: int, row: dict) -> None:
             if not row.get("cached"):
                 done_points.append(row)
+                state["point"] += 1
                 chart.plotly_chart(draw(done_points, {"ppl": row["ppl_dense"]}))
-            overall.progress(i / n, text=f"{i} of {n} points")
+                stage_text.starts.clear()
+            overall.progress(i / n, text=f"{i} of {n} points ready")
 
         def on_layer(done: int, n: int, what: str) -> None:
-            current.progress(min(done / max(n, 1), 1.0), text=f"Pruning: {what}")
+            fraction, text = stage_text("prune", done, n, what)
+            point = min(state["point"] + 1, max(state["n"], 1))
+            overall.progress(state["point"] / max(state["n"], 1), text=f"Point {point} of {state['n']}")
+            current.progress(fraction, text=text)
 
-        with common.guarded(), common.model_in_use("this sweep"):
-            result = run_sweep(lm, data, spec, evaluation, compute=True, progress=on_layer, on_point=on_point)
-        overall.empty()
-        current.empty()
-        cached = result
-        chart.plotly_chart(draw(cached["points"], cached["dense"]), key="fig_sweep_done")
-        st.success(f"All {total} points computed and cached.")
+        try:
+            with common.guarded(), common.model_in_use("this sweep"):
+                run_sweep(lm, data, spec, evaluation, compute=True, progress=on_layer, on_point=on_point)
+        finally:
+            overall.empty()
+            current.empty()
+            stop_note.empty()
+        st.session_state["pv_done"] = f"All {total} points computed and cached."
+        st.rerun()  # redraw from the cache: no stale caption, button or chart
+if done_note and not missing:
+    st.success(done_note)
 
 rows = cached["points"]
 if rows:

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import streamlit as st
+import torch
 
 from rcpu import figures
+from rcpu.accounting import module_rows, params_by_module, unit_rows
 from rcpu.compensate import LAMBDA_METHODS, METHODS
 from rcpu.config import EvalConfig, PruneConfig
+from rcpu.eta import StageText
 from rcpu.export import save_pruned, zip_pruned
 from rcpu.footprint import benchmark_rows, compare, footprint, measure_speed, speed_sample
 from rcpu.pipeline import prune_and_evaluate
 from rcpu.reports import units_removed_text
 from rcpu.scores import SCORES
+from rcpu.sweep import save_point
 from ui import common
 
 RESULT = "whole_model_run"  # session-state key of the last run (kept across reruns, e.g. downloads)
+PARTIAL = "whole_model_partial"  # the per-layer records of a run in progress; left behind when it is stopped
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TARGET_LABELS = {"both": "both (o_proj + down_proj)", "attn": "attention heads only (o_proj)",
                  "mlp": "MLP channels only (down_proj)"}
 
@@ -39,12 +46,13 @@ c = st.columns([1.3, 1.6, 1, 1.3])
 ratio = c[0].slider("Pruning ratio", 0.0, 0.8, step=0.05, key="wm_ratio")
 targets = c[1].radio("Targets", list(TARGET_LABELS), format_func=TARGET_LABELS.get, key="wm_targets")
 score = c[2].selectbox("Score", list(SCORES), key="wm_score")
-method = c[3].selectbox("Compensation", list(METHODS), format_func=figures.label, key="wm_method")
+method = c[3].selectbox("Compensation", list(METHODS), format_func=lambda m: figures.label(m, score),
+                        key="wm_method")
 eval_data, eval_windows = common.evaluation_settings("wm", data)
 lam = start.lam
 if method in LAMBDA_METHODS:
     lam = st.number_input("λ of LS + ridge (absolute, toward W_K)", 0.0, 1e8, format="%.1e", key="wm_lambda")
-cfg = PruneConfig(ratio=float(ratio), targets=targets, score=score, method=method, lam=float(lam),
+cfg = PruneConfig(ratio=round(float(ratio), 4), targets=targets, score=score, method=method, lam=float(lam),
                   rounding=common.rounding())
 evaluation = EvalConfig(eval_data, eval_windows)
 
@@ -53,28 +61,51 @@ run = b1.button("✂️ Prune the model", type="primary", key="run_prune")
 b2.button("Stop", key="stop_prune", help="Interrupts a running prune (so does changing any setting).")
 
 if run:
-    bar = st.progress(0.0, text="Preparing…")
+    bar = st.progress(0.0, text="Preparing… (the dense model's perplexity is computed once, then cached)")
     live = st.empty()
     records: list[dict] = []
+    # In session state as they come: Stop (or any widget change) ends this script run mid-way, and
+    # the next run shows what was done instead of forgetting it.
+    st.session_state[PARTIAL] = {"config": cfg, "layers": records}
+    stage_text = StageText()
 
     def on_layer(record: dict) -> None:
         records.append(record)
         live.plotly_chart(figures.layer_errors_figure(records, n_layers, cfg.sublayers))
 
     def on_progress(stage: str, done: int, total: int, what: str) -> None:
-        if stage == "prune":
-            text = f"Pruning: {what} of {total} layers"
-        else:
-            text = f"Perplexity of the {'dense' if stage == 'dense' else 'pruned'} model: {done}/{total}"
-        bar.progress(min(done / max(total, 1), 1.0), text=text)
+        fraction, text = stage_text(stage, done, total, what)
+        bar.progress(fraction, text=text)
 
-    with common.guarded(), common.model_in_use("this prune"):
-        report = prune_and_evaluate(lm, data, cfg, evaluation, progress=on_progress, on_layer=on_layer)
-    bar.empty()
+    try:
+        with common.guarded(), common.model_in_use("this prune"):
+            try:
+                report = prune_and_evaluate(lm, data, cfg, evaluation, progress=on_progress, on_layer=on_layer)
+            except Exception:  # an error, not a stop (Streamlit's interruptions are not Exceptions)
+                st.session_state.pop(PARTIAL, None)
+                raise
+            save_point(lm, data, evaluation, cfg, report)  # the sweep page then finds this point cached
+    finally:
+        bar.empty()  # no stale progress bar above an error
     live.empty()
+    st.session_state.pop(PARTIAL, None)
     st.session_state[RESULT] = {"report": report, "config": cfg, "data": data, "eval": evaluation}
 
+partial = st.session_state.get(PARTIAL)
+if partial is not None and not run:
+    done = len(partial["layers"])
+    old = partial["config"]
+    st.warning(f"Stopped: {done} of {n_layers} layers were pruned (ratio {old.ratio:.0%}, {old.targets}, "
+               f"{old.score} + {figures.label(old.method, old.score)}) before the run was interrupted; "
+               "their errors are below. No perplexity was measured. Press **Prune the model** to run again.",
+               icon="⏹️")
+    if done:
+        st.plotly_chart(figures.layer_errors_figure(partial["layers"], n_layers, old.sublayers),
+                        key="fig_layers_partial")
+
 last = st.session_state.get(RESULT)
+if last is None and partial is not None:
+    st.stop()
 if last is None:
     st.plotly_chart(figures.layer_errors_figure([], n_layers, cfg.sublayers), key="fig_layers_empty")
     st.info("Choose the settings and press **Prune the model**. With the default calibration "
@@ -84,7 +115,7 @@ if last is None:
 if (last["config"], last["data"], last["eval"]) != (cfg, data, evaluation):
     old = last["config"]
     st.warning(f"The results below are for an earlier run (ratio {old.ratio:.0%}, {old.targets}, "
-               f"{old.score} + {figures.label(old.method)}). Press **Prune the model** to update them.")
+               f"{old.score} + {figures.label(old.method, old.score)}). Press **Prune the model** to update them.")
 
 report = last["report"]
 result, summary = report.result, report.to_json()
@@ -101,6 +132,15 @@ st.caption(f"Perplexity on {summary['eval_tokens']} tokens of {summary['eval_dat
            f"dimension: {per_dim} (few favour rotation, many favour least squares).")
 st.plotly_chart(figures.layer_errors_figure(result.layers, n_layers, result.config.sublayers),
                 key="fig_layers")
+st.subheader("What was removed")
+left, right = st.columns(2)
+with left:
+    st.dataframe(unit_rows(summary["shape"]), hide_index=True, width="stretch")
+with right:
+    st.dataframe(module_rows(params_by_module(lm.model), params_by_module(result.model)), hide_index=True,
+                 width="stretch")
+st.caption("Units and parameters summed over all layers, per module. A module whose parameters are not "
+           "saved keeps its size although units were removed from another module's inputs.")
 with st.expander("Per-layer table"):
     rows = [{"layer": r["layer"], "sublayer": sub, **r[sub],
              **{f"{what} (before → after)": f"{a} → {b}" for what, (a, b) in r["shape"].items()}}
@@ -150,8 +190,21 @@ else:
     loads = (f"Not loadable by stock transformers ({summary['why_not_stock']}); rcpu.load_pruned(folder) loads "
              "it exactly. Prune with balanced heads (CLI --gqa-balanced) for a stock folder.")
 st.caption(loads)
-d2.download_button("⬇️ Pruned model (zip)",
-                   lambda: zip_pruned(result.model, lm.tokenizer, report.settings(), summary),
+source_dtype = str(getattr(lm.model.config, "torch_dtype", None) or lm.card.get("dtype", "float32"))
+source_dtype = source_dtype.replace("torch.", "")
+common.init("wm_zip_dtype", source_dtype if source_dtype in DTYPES else "bfloat16")
+zip_dtype = d2.selectbox("Weights in the zip", list(DTYPES), key="wm_zip_dtype",
+                         help=f"The source model's dtype is {source_dtype}; bfloat16 halves a float32 download.")
+
+
+def _zip() -> bytes:
+    model = result.model
+    if next(model.parameters()).dtype != DTYPES[zip_dtype]:
+        model = copy.deepcopy(model).to(DTYPES[zip_dtype])
+    return zip_pruned(model, lm.tokenizer, {**report.settings(), "dtype": zip_dtype}, summary)
+
+
+d2.download_button(f"⬇️ Pruned model (zip, {zip_dtype})", _zip,
                    file_name=f"{name}.zip", mime="application/zip", on_click="ignore", key="download_zip",
                    help=loads + " Built when you click; large.")
 with st.expander("Save the pruned model to a folder on this machine"):

@@ -165,6 +165,11 @@ class MethodResult:
         evals, _, total = self._eigen
         return explained_variance(evals, total)
 
+    @property
+    def top_directions(self) -> Tensor:
+        """(d_out, r) ``Yhat``'s top-r principal directions (unit columns, by decreasing variance)."""
+        return self._eigen[1]
+
     @cached_property
     def principal_angles_deg(self) -> Tensor:
         """Principal angles between the top-r output subspaces of ``Y`` and ``Yhat``."""

@@ -38,22 +38,48 @@ _PALETTE = (
 )
 METHOD_COLORS = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(METHODS)}
 METHOD_LABELS = {
-    "none": "none (Wanda-sp)",
-    "bias": "bias (FLAP)",
+    "none": "none",
+    "bias": "bias",
     "ls": "least squares",
     "ridge": "ridge",
-    "rotation": "rotation (RCPU)",
-    "rotation_scale": "rotation + scale (RCPU)",
+    "rotation": "rotation",
+    "rotation_scale": "rotation + scale",
     "rotation_so": "proper rotation",
     "rotation_bias": "rotation + bias",
     "rotation_diag": "rotation + diagonal",
     "ls_ridge": "LS + ridge (paper)",
 }
 MAX_POINTS = 1000  # per scatter trace; keeps figures light in the browser
+WEBGL_ABOVE = 300
+PROJECTION_POINTS = 400  # per panel of the projection figure: up to ten panels redraw on every change
 
 
-def label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+# A published method is a score and a compensation together: its name tags the compensation only
+# when the score is that method's score ("none" under the magnitude score is not Wanda-sp).
+PAPER_METHODS = {("wanda_sp", "none"): "Wanda-sp", ("fluctuation", "bias"): "FLAP", ("rcpu", "rotation"): "RCPU"}
+
+
+def label(method: str, score: str | None = None) -> str:
+    """A compensation method's name for people; with the score, the paper it reproduces, if any."""
+    name = METHOD_LABELS.get(method, method)
+    paper = PAPER_METHODS.get((score, method))
+    return f"{name} ({paper})" if paper else name
+
+
+def _score_of(analysis) -> str | None:
+    return getattr(getattr(analysis, "selection", None), "score", None)
+
+
+def _log_axis(update, **kwargs) -> None:
+    """A log axis labelled at powers of ten only: minor labels ("2 3 4 ...") read as values."""
+    update(type="log", dtick=1, exponentformat="power", **kwargs)
+
+
+def dash(value, fmt: str = ".3g") -> str:
+    """A number for a table cell, or an en dash where there is none (never "None")."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, fmt) if isinstance(value, (int, float)) else str(value)
 
 
 def color(method: str) -> str:
@@ -71,6 +97,12 @@ def _thin(n: int, limit: int = MAX_POINTS) -> np.ndarray:
     if n <= limit:
         return np.arange(n)
     return np.linspace(0, n - 1, limit).round().astype(int)
+
+
+def _scatter(points: int):
+    """WebGL markers for more than a few hundred points (``down_proj``'s 1536 columns): the browser
+    draws them several times faster than SVG on every widget change; SVG below that."""
+    return go.Scattergl if points > WEBGL_ABOVE else go.Scatter
 
 
 def _legend_rows(fig: go.Figure, width_px: float = 540.0) -> int:
@@ -155,7 +187,7 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
             custom = np.stack([idx, idx // unit], axis=1) if unit > 1 else idx[:, None]
             hover = "column %{customdata[0]}" + (", head %{customdata[1]}" if unit > 1 else "")
             fig.add_trace(
-                go.Scatter(
+                _scatter(analysis.d_in)(
                     x=position[idx], y=_positive(values[idx]), mode="markers", name=f"{what} ({len(idx)})",
                     legendgroup=what, showlegend=row == 1, customdata=custom,
                     marker={"color": col, "size": 4 if analysis.d_in > 300 else 6},
@@ -177,10 +209,16 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
     xtitle = "input dimension" if order == "index" else "rank (highest score first" + (
         ", heads kept together)" if unit > 1 else ")")
     fig.update_xaxes(title_text=xtitle, row=2, col=1)
-    what = "heads" if unit > 1 else "units"
     title = (f"Score and variance per input dimension ({'sorted' if order == 'sorted' else 'index order'}): "
-             f"{len(sel.pruned_units)} of {sel.unit_scores.numel()} {what} pruned")
+             f"{effective_ratio_text(sel)} pruned")
     return _layout(fig, title, height=470, subplot_titles=unit > 1 and order == "index")
+
+
+def effective_ratio_text(selection: Selection) -> str:
+    """What a ratio removes after rounding to whole units: ``"2 / 9 heads = 22%"``."""
+    pruned, total = len(selection.pruned_units), selection.unit_scores.numel()
+    what = "heads" if selection.unit_size > 1 else "channels"
+    return f"{pruned} / {total} {what} = {pruned / max(total, 1):.0%}"
 
 
 def unit_score_figure(analysis: SublayerAnalysis) -> go.Figure:
@@ -189,10 +227,13 @@ def unit_score_figure(analysis: SublayerAnalysis) -> go.Figure:
     units = _np(sel.unit_scores)
     fig = go.Figure()
     for idx, what, col in ((sel.kept_units.numpy(), "kept", KEPT), (sel.pruned_units.numpy(), "pruned", PRUNED)):
-        fig.add_trace(go.Bar(x=idx, y=units[idx], name=f"{what} ({len(idx)})", marker_color=col))
-    name = "head" if sel.unit_size > 1 else "unit"
+        fig.add_trace(go.Bar(x=idx, y=units[idx], name=f"{what} ({len(idx)})", marker_color=col,
+                             text=[f"{v:.3g}" for v in units[idx]], textposition="outside", textfont={"size": 10}))
+    name = "head" if sel.unit_size > 1 else "channel"
     fig.update_xaxes(title_text=name, dtick=1 if units.size <= 40 else None)
-    fig.update_yaxes(title_text=f"{sel.score} score (sum over {sel.unit_size} columns)", type="log")
+    # Linear: on a log axis a bar's length is its distance from an arbitrary floor, and a small head
+    # looks like zero or like a large one.
+    fig.update_yaxes(title_text=f"{sel.score} score (sum over {sel.unit_size} columns)", rangemode="tozero")
     return _layout(fig, f"Score per {name}: the lowest {len(sel.pruned_units)} go")
 
 
@@ -229,13 +270,13 @@ def overlap_figure(first: Selection, second: Selection) -> go.Figure:
     fig = go.Figure()
     for name, mask, col in groups:
         idx = np.nonzero(mask)[0]
-        fig.add_trace(go.Scatter(
+        fig.add_trace(_scatter(x.size)(
             x=_positive(x[idx]), y=_positive(y[idx]), mode="markers", name=f"{name} ({len(idx)})",
             marker={"color": col, "size": 5 if x.size > 100 else 9}, customdata=idx,
             hovertemplate="unit %{customdata}<extra></extra>",
         ))
-    fig.update_xaxes(type="log", title_text=f"{first.score} score")
-    fig.update_yaxes(type="log", title_text=f"{second.score} score")
+    _log_axis(fig.update_xaxes, title_text=f"{first.score} score")
+    _log_axis(fig.update_yaxes, title_text=f"{second.score} score")
     title = f"Kept by {first.score} vs {second.score}: Jaccard {counts['jaccard']:.2f}"
     return _layout(fig, title, height=420)
 
@@ -247,7 +288,7 @@ def mean_variance_figure(analysis: SublayerAnalysis) -> go.Figure:
     var = _np(analysis.variance)
     fig = go.Figure()
     for idx, what, col in ((sel.kept.numpy(), "kept", KEPT), (sel.pruned.numpy(), "pruned", PRUNED)):
-        fig.add_trace(go.Scatter(
+        fig.add_trace(_scatter(analysis.d_in)(
             x=_positive(mean[idx]), y=_positive(var[idx]), mode="markers", name=f"{what} ({len(idx)})",
             marker={"color": col, "size": 4 if analysis.d_in > 300 else 7, "opacity": 0.7},
             customdata=idx, hovertemplate="column %{customdata}<br>|mean| %{x:.3g}, var %{y:.3g}<extra></extra>",
@@ -264,35 +305,92 @@ def mean_variance_figure(analysis: SublayerAnalysis) -> go.Figure:
 # ---------------------------------------------------------------------------
 
 
+def _others(methods: Sequence[str]) -> list[str]:
+    """``methods`` without ``none``: its outputs are the pruned ``Z`` itself, drawn once as the baseline."""
+    return [m for m in methods if m != "none"]
+
+
+def baseline_name(analysis: SublayerAnalysis, methods: Sequence[str], z: bool = False) -> str:
+    """The pruned outputs' name: "none (score's paper)" when ``none`` is among ``methods``, one series
+    for both (they are the same outputs), else "uncompensated"; ``z``: prefix "pruned Z"."""
+    if "none" in methods:
+        name = label("none", _score_of(analysis))
+        return f"pruned Z = {name}" if z else name
+    return "pruned Z" if z else "uncompensated"
+
+
 def spectra_figure(analysis: SublayerAnalysis, methods: Sequence[str], top: int = 64) -> go.Figure:
     """Explained-variance spectra of Y, Z and each compensated output."""
     fig = go.Figure()
+    score = _score_of(analysis)
     n = min(top, analysis.explained_variance_y.numel())
     comp = np.arange(1, n + 1)
     fig.add_trace(go.Scatter(x=comp, y=_positive(_np(analysis.explained_variance_y)[:n]), name="original Y",
                              line={"color": ORIGINAL, "width": 3}))
-    fig.add_trace(go.Scatter(x=comp, y=_positive(_np(analysis.explained_variance_z)[:n]), name="pruned Z",
+    fig.add_trace(go.Scatter(x=comp, y=_positive(_np(analysis.explained_variance_z)[:n]),
+                             name=baseline_name(analysis, methods, z=True),
                              line={"color": UNCOMPENSATED, "dash": "dash", "width": 2}))
-    for m in methods:
+    for m in _others(methods):
         res = analysis.methods[m]
-        fig.add_trace(go.Scatter(x=comp, y=_positive(_np(res.explained_variance)[:n]), name=label(m),
+        fig.add_trace(go.Scatter(x=comp, y=_positive(_np(res.explained_variance)[:n]), name=label(m, score),
                                  line={"color": color(m), "width": 1.5}))
     fig.update_xaxes(title_text="principal component of the output")
-    fig.update_yaxes(type="log", title_text="fraction of output variance")
+    _log_axis(fig.update_yaxes, title_text="fraction of output variance")
     return _layout(fig, f"Explained-variance spectra (top {n} components)")
+
+
+def direction_cosines(reference, directions) -> np.ndarray:
+    """|cos| between unit principal directions: ``(r, r)``, row i = ``reference``'s i-th direction."""
+    a, b = _np(reference), _np(directions)
+    k = min(a.shape[1], b.shape[1])
+    return np.abs(a[:, :k].T @ b[:, :k])
+
+
+def directions_figure(analysis: SublayerAnalysis, methods: Sequence[str], columns: int = 4) -> go.Figure:
+    """How ``Ŷ``'s top principal directions align with ``Y``'s, against ``Z``'s: |cos| heatmaps.
+
+    Cell (i, j) of a panel is |cos| between ``Y``'s i-th and the output's j-th principal direction;
+    a bright diagonal means the same directions in the same order. A rotation keeps ``Z``'s spectrum
+    (the variances) but turns its directions, which is what this shows and a spectrum cannot.
+    """
+    score = _score_of(analysis)
+    reference = analysis.basis.top  # (d_out, r)
+    panels = [(baseline_name(analysis, methods, z=True), analysis.uncompensated)]
+    panels += [(label(m, score), analysis.methods[m]) for m in _others(methods)]
+    cols = min(columns, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    cosines = [direction_cosines(reference, res.top_directions) for _, res in panels]
+    # Best match per row: directions of nearly equal variance may swap order, which the diagonal misses.
+    titles = [f"{name}<br>mean best |cos| {np.mean(c.max(axis=1)):.2f}" for (name, _), c in zip(panels, cosines)]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.04,
+                        vertical_spacing=0.2 if rows > 1 else 0.1)
+    for i, c in enumerate(cosines):
+        r, k = i // cols + 1, i % cols + 1
+        idx = np.arange(1, c.shape[0] + 1)
+        fig.add_trace(go.Heatmap(
+            z=c, x=idx, y=idx, zmin=0, zmax=1, colorscale="Blues", showscale=i == 0, name=panels[i][0],
+            colorbar={"title": {"text": "|cos|"}, "len": 0.8}, xgap=1, ygap=1,
+            hovertemplate="Y's direction %{y}, this output's %{x}: |cos| %{z:.2f}<extra></extra>",
+        ), row=r, col=k)
+        fig.update_xaxes(title_text="output's direction", dtick=1, row=r, col=k)
+        fig.update_yaxes(title_text="Y's direction" if k == 1 else None, dtick=1, autorange="reversed",
+                         row=r, col=k)
+    title = f"Alignment with Y's top {cosines[0].shape[0]} principal directions (|cos|; bright diagonal = aligned)"
+    return _layout(fig, title, height=300 * rows + 40, subplot_titles=True)
 
 
 def projection_figure(analysis: SublayerAnalysis, methods: Sequence[str], columns: int = 3) -> go.Figure:
     """Sample tokens on Y's top two principal components: original against pruned / compensated."""
-    panels = [("pruned Z (no compensation)", analysis.projection_z, UNCOMPENSATED)]
-    panels += [(label(m), analysis.methods[m].projection, color(m)) for m in methods]
+    score = _score_of(analysis)
+    panels = [(baseline_name(analysis, methods, z=True), analysis.projection_z, UNCOMPENSATED)]
+    panels += [(label(m, score), analysis.methods[m].projection, color(m)) for m in _others(methods)]
     cols = min(columns, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p[0] for p in panels],
                         horizontal_spacing=0.06, vertical_spacing=0.16 if rows > 1 else 0.1)
     y = _np(analysis.projection_y)
-    keep = _thin(y.shape[1])
-    # WebGL markers: a dozen panels of up to MAX_POINTS tokens each draw several times faster than SVG
+    keep = _thin(y.shape[1], PROJECTION_POINTS)
+    # WebGL markers: a dozen panels of up to PROJECTION_POINTS tokens each draw several times faster than SVG
     # (the browser part of `python -m benchmarks explorer`); figures with fewer markers stay SVG.
     for i, (name, proj, col) in enumerate(panels):
         r, c = i // cols + 1, i % cols + 1
@@ -310,14 +408,15 @@ def projection_figure(analysis: SublayerAnalysis, methods: Sequence[str], column
 
 def principal_angles_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
     """Principal angles between the top-r output subspaces of Y and of Z / each Yhat."""
+    score = _score_of(analysis)
     fig = go.Figure()
     z = _np(analysis.principal_angles_z_deg)
     r = np.arange(1, z.size + 1)
-    fig.add_trace(go.Scatter(x=r, y=z, name="pruned Z", mode="lines+markers",
+    fig.add_trace(go.Scatter(x=r, y=z, name=baseline_name(analysis, methods, z=True), mode="lines+markers",
                              line={"color": UNCOMPENSATED, "dash": "dash"}))
-    for m in methods:
+    for m in _others(methods):
         a = _np(analysis.methods[m].principal_angles_deg)
-        fig.add_trace(go.Scatter(x=np.arange(1, a.size + 1), y=a, name=label(m), mode="lines+markers",
+        fig.add_trace(go.Scatter(x=np.arange(1, a.size + 1), y=a, name=label(m, score), mode="lines+markers",
                                  line={"color": color(m)}))
     fig.update_xaxes(title_text="principal angle index", dtick=1)
     fig.update_yaxes(title_text="angle to Y's subspace (degrees)", rangemode="tozero")
@@ -330,29 +429,46 @@ def principal_angles_figure(analysis: SublayerAnalysis, methods: Sequence[str]) 
 
 
 def geometry_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
-    """Histograms of the per-token norm ratio and cosine for each method."""
+    """Per-token norm ratio and cosine for each method: one box per method (median, quartiles, 5-95%).
+
+    Boxes side by side, not overlaid histograms: five translucent histograms on one axis cannot be told
+    apart. The quantiles are computed here on every sample token, so the browser draws a few shapes.
+    """
+    score = _score_of(analysis)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("norm ratio ‖ŷ‖ / ‖y‖", "cosine(ŷ, y)"),
-                        horizontal_spacing=0.1)
-    for m in methods:
-        geo = analysis.methods[m].geometry
-        for c, key in ((1, "norm_ratio_values"), (2, "cosine_values")):
-            fig.add_trace(go.Histogram(x=_np(geo[key]), name=label(m), legendgroup=m, showlegend=c == 1,
-                                       marker_color=color(m), opacity=0.6, nbinsx=60), row=1, col=c)
-    fig.update_layout(barmode="overlay")
-    fig.update_xaxes(title_text="‖ŷ_t‖ / ‖y_t‖", row=1, col=1)
-    fig.update_xaxes(title_text="cos(ŷ_t, y_t)", row=1, col=2)
-    fig.update_yaxes(title_text="tokens", row=1, col=1)
-    return _layout(fig, "Per-token geometry: 1 is perfect for both", subplot_titles=True)
+                        horizontal_spacing=0.12, shared_yaxes=True)
+    names = [label(m, score) for m in methods]
+    for c, key in ((1, "norm_ratio_values"), (2, "cosine_values")):
+        for m, name in zip(methods, names):
+            v = _np(analysis.methods[m].geometry[key])
+            v = v[np.isfinite(v)]
+            if not v.size:
+                continue
+            q05, q25, q50, q75, q95 = np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95])
+            fig.add_trace(go.Box(
+                y=[name], q1=[q25], median=[q50], q3=[q75], lowerfence=[q05], upperfence=[q95],
+                mean=[float(v.mean())], orientation="h", name=name, legendgroup=m, showlegend=False,
+                marker_color=color(m), line={"color": color(m)}, fillcolor=color(m), opacity=0.75,
+                hovertemplate=f"{name}<br>median %{{median:.3f}}<extra></extra>",
+            ), row=1, col=c)
+    fig.add_vline(x=1.0, line={"color": "black", "dash": "dot", "width": 1}, row=1, col=1)
+    fig.add_vline(x=1.0, line={"color": "black", "dash": "dot", "width": 1}, row=1, col=2)
+    fig.update_xaxes(title_text="‖ŷ_t‖ / ‖y_t‖ over sample tokens", row=1, col=1)
+    fig.update_xaxes(title_text="cos(ŷ_t, y_t) over sample tokens", row=1, col=2)
+    fig.update_yaxes(autorange="reversed", row=1, col=1)
+    return _layout(fig, "Per-token geometry (box: quartiles, whiskers 5–95 %; 1 is perfect for both)",
+                   height=max(260, 60 + 45 * len(methods)), subplot_titles=True)
 
 
 def inner_products_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
     """Inner products of compensated outputs against the original ones for token pairs."""
+    score = _score_of(analysis)
     fig = go.Figure()
     y = _np(analysis.inner_products_y)
-    keep = _thin(y.size, 600)
+    keep = _thin(y.size, 400)
     for m in methods:
         yhat = _np(analysis.methods[m].inner_products)
-        fig.add_trace(go.Scatter(x=y[keep], y=yhat[keep], mode="markers", name=label(m),
+        fig.add_trace(_scatter(keep.size * len(methods))(x=y[keep], y=yhat[keep], mode="markers", name=label(m, score),
                                  marker={"color": color(m), "size": 4, "opacity": 0.6}))
     if y.size:
         lo, hi = float(np.min(y)), float(np.max(y))
@@ -365,12 +481,21 @@ def inner_products_figure(analysis: SublayerAnalysis, methods: Sequence[str]) ->
 
 def gram_distortion_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
     """Relative Gram distortion ‖Ŷᵀ Ŷ − Yᵀ Y‖_F / ‖Yᵀ Y‖_F per method."""
+    score = _score_of(analysis)
     values = [analysis.methods[m].geometry["gram_distortion"] for m in methods]
-    fig = go.Figure(go.Bar(x=[label(m) for m in methods], y=values, marker_color=[color(m) for m in methods],
+    fig = go.Figure(go.Bar(x=[label(m, score) for m in methods], y=values,
+                           marker_color=[color(m) for m in methods],
                            text=[f"{v:.3f}" for v in values], textposition="outside", name="Gram distortion"))
     fig.update_xaxes(title_text="method")
     fig.update_yaxes(title_text="relative Gram distortion", rangemode="tozero")
     return _layout(fig, "Gram distortion over sample tokens (lower is better)")
+
+
+GEOMETRY_NOTE = (
+    "A rotation keeps every length and every angle between tokens (Qᵀ Q = I), so its norm ratio and "
+    "Gram distortion are exactly those of no compensation (none): it cannot repair them by design. "
+    "What it changes is the direction of each token, the cosine to the original."
+)
 
 
 # ---------------------------------------------------------------------------
@@ -379,10 +504,15 @@ def gram_distortion_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -
 
 
 def error_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
-    """Relative output error on calibration and held-out tokens; the gap is overfitting."""
-    names = ["uncompensated"] + [label(m) for m in methods]
-    calib = [analysis.error_uncompensated["calibration"]] + [analysis.methods[m].error_calibration for m in methods]
-    held = [analysis.error_uncompensated["heldout"]] + [analysis.methods[m].error_heldout for m in methods]
+    """Relative output error on calibration and held-out tokens; the gap is overfitting.
+
+    The pruned outputs come first, once: named after ``none`` when it is selected (same outputs).
+    """
+    score = _score_of(analysis)
+    others = _others(methods)
+    names = [baseline_name(analysis, methods)] + [label(m, score) for m in others]
+    calib = [analysis.error_uncompensated["calibration"]] + [analysis.methods[m].error_calibration for m in others]
+    held = [analysis.error_uncompensated["heldout"]] + [analysis.methods[m].error_heldout for m in others]
     fig = go.Figure()
     fig.add_trace(go.Bar(x=names, y=calib, name="calibration tokens", marker_color="#93c5fd",
                          text=[f"{v:.2f}" for v in calib], textposition="outside", textfont={"size": 10}))
@@ -397,14 +527,15 @@ def error_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figur
 def condition_text(rot: dict) -> str:
     """``cond(M)`` for people: a number, or infinite with the rank when M is rank-deficient."""
     if rot.get("singular_values_M") is None:
-        return "n/a"
+        return "–"
     if rot.get("condition_number_M") is None:
         return f"∞ (rank {rot['rank_M']} of {len(rot['singular_values_M'])})"
-    return f"{rot['condition_number_M']:.3g}"
+    return f"{float(rot['condition_number_M']):.2g}"
 
 
 def singular_values_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Figure:
     """Singular values of M = Y Zᵀ for the rotation methods among ``methods``."""
+    score = _score_of(analysis)
     rotations = [m for m in methods if analysis.methods[m].rotation.get("singular_values_M") is not None]
     title = "Singular values of M = Y Zᵀ"
     if not rotations:
@@ -416,35 +547,45 @@ def singular_values_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -
         fig.add_trace(go.Scatter(
             x=np.arange(1, s.size + 1), y=_positive(s), mode="lines",
             line={"color": color(m), "dash": ("solid", "dash", "dot")[i % 3]},
-            name=f"{label(m)}: cond {condition_text(rot)}, ‖Q − I‖ {rot['distance_from_identity']:.3g}",
+            name=f"{label(m, score)}: cond {condition_text(rot)}, ‖Q − I‖ {rot['distance_from_identity']:.3g}",
         ))
     fig.update_xaxes(title_text="index")
-    fig.update_yaxes(type="log", exponentformat="power", title_text="singular value of M")
+    _log_axis(fig.update_yaxes, title_text="singular value of M")
+    fig.update_layout(showlegend=True)  # one trace too: its name carries cond(M) and ‖Q − I‖
     return _layout(fig, title)
 
 
 def method_table(analysis: SublayerAnalysis, methods: Sequence[str]) -> list[dict]:
-    """One row per method (plus the uncompensated baseline) for a table."""
+    """One row per method, the pruned outputs first and once, numbers as text ("–" where none applies)."""
+    score = _score_of(analysis)
+    unc = analysis.error_uncompensated
+    base = analysis.methods.get("none") if "none" in methods else None
     rows = [{
-        "method": "uncompensated",
-        "error (calibration)": analysis.error_uncompensated["calibration"],
-        "error (held-out)": analysis.error_uncompensated["heldout"],
-        "overfitting gap": analysis.error_uncompensated["heldout"] - analysis.error_uncompensated["calibration"],
+        "method": baseline_name(analysis, methods),
+        "error (calibration)": dash(unc["calibration"]),
+        "error (held-out)": dash(unc["heldout"]),
+        "overfitting gap": dash(unc["heldout"] - unc["calibration"]),
+        "mean cosine": dash(base.geometry["cosine"]["mean"] if base else None),
+        "mean norm ratio": dash(base.geometry["norm_ratio"]["mean"] if base else None),
+        "Gram distortion": dash(base.geometry["gram_distortion"] if base else None),
+        "‖Q − I‖_F": "–",
+        "cond(M)": "–",
+        "seconds": dash(sum(base.seconds.values()) if base else None, ".2f"),
     }]
-    for m in methods:
+    for m in _others(methods):
         res = analysis.methods[m]
         rot = res.rotation
         rows.append({
-            "method": label(m),
-            "error (calibration)": res.error_calibration,
-            "error (held-out)": res.error_heldout,
-            "overfitting gap": res.error_heldout - res.error_calibration,
-            "mean cosine": res.geometry["cosine"]["mean"],
-            "mean norm ratio": res.geometry["norm_ratio"]["mean"],
-            "Gram distortion": res.geometry["gram_distortion"],
-            "‖Q − I‖_F": rot.get("distance_from_identity"),
+            "method": label(m, score),
+            "error (calibration)": dash(res.error_calibration),
+            "error (held-out)": dash(res.error_heldout),
+            "overfitting gap": dash(res.error_heldout - res.error_calibration),
+            "mean cosine": dash(res.geometry["cosine"]["mean"]),
+            "mean norm ratio": dash(res.geometry["norm_ratio"]["mean"]),
+            "Gram distortion": dash(res.geometry["gram_distortion"]),
+            "‖Q − I‖_F": dash(rot.get("distance_from_identity")),
             "cond(M)": condition_text(rot),
-            "seconds": sum(res.seconds.values()),
+            "seconds": dash(sum(res.seconds.values()), ".2f"),
         })
     return rows
 
@@ -454,6 +595,7 @@ def method_table(analysis: SublayerAnalysis, methods: Sequence[str]) -> list[dic
 # ---------------------------------------------------------------------------
 
 TOY_NAMES = ("pruned", "least squares", "rotation")
+SCENE_CAMERA = {"eye": {"x": 1.9, "y": 1.9, "z": 1.2}}  # far enough that axis titles stay inside the chart
 TOY_COLORS = {"original": ORIGINAL, "pruned": UNCOMPENSATED, "least squares": METHOD_COLORS["ls"],
               "rotation": METHOD_COLORS["rotation"]}
 
@@ -502,7 +644,7 @@ def _toy_outputs_3d(example) -> go.Figure:
         fig.add_trace(go.Scatter3d(x=out[0], y=out[1], z=out[2], mode="markers", name=name,
                                    marker={"color": TOY_COLORS[name], "size": 4, "symbol": "diamond"}))
     fig.update_layout(scene={"xaxis_title": "output 1", "yaxis_title": "output 2", "zaxis_title": "output 3",
-                                 "aspectmode": "data"})
+                             "aspectmode": "data", "camera": SCENE_CAMERA})
     return _layout(fig, f"Outputs after removing input dimension {example.removed + 1}", height=520)
 
 
@@ -519,8 +661,12 @@ def toy_columns_figure(example) -> go.Figure:
             fig.add_trace(go.Scatter3d(x=xs, y=ys, z=zs, mode="lines", name=name, line={"color": col, "width": 5}))
         else:
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, line={"color": col, "width": 3}))
-            fig.add_trace(go.Scatter(x=cols[0], y=cols[1], mode="markers+text", showlegend=False,
-                                     text=[f"w{j + 1}" for j in idx], textposition="top center",
+            # Text only on the original arrows: three labels per column overlapped where arrows are close.
+            labelled = name == "original W"
+            fig.add_trace(go.Scatter(x=cols[0], y=cols[1], mode="markers+text" if labelled else "markers",
+                                     showlegend=False, text=[f"w{j + 1}" for j in idx],
+                                     textposition="top center" if labelled else None,
+                                     hovertemplate=name + ": %{text}<extra></extra>",
                                      marker={"color": col, "size": 6}, name=name))
     removed = int(example.removed)
     if w.shape[0] == 2:
@@ -530,7 +676,8 @@ def toy_columns_figure(example) -> go.Figure:
         fig.update_xaxes(title_text="output 1")
         fig.update_yaxes(title_text="output 2", scaleanchor="x")
     else:
-        fig.update_layout(scene={"xaxis_title": "output 1", "yaxis_title": "output 2", "zaxis_title": "output 3"})
+        fig.update_layout(scene={"xaxis_title": "output 1", "yaxis_title": "output 2", "zaxis_title": "output 3",
+                                 "camera": SCENE_CAMERA})
     return _layout(fig, "Weight columns as arrows", height=420)
 
 
@@ -606,32 +753,80 @@ def _lines(points: Sequence[dict], x_key: str) -> list[go.Scatter]:
     return traces
 
 
-def _dense_line(fig: go.Figure, dense: float | None) -> None:
+def _dense_line(fig: go.Figure, dense: float | None, x_range: list[float]) -> None:
+    """The dense model's perplexity as a dotted line across the x range, named in the legend.
+
+    A trace, not ``add_hline`` with an annotation: an annotation's y on a log axis is read as a
+    power of ten (9.26 drew at 10^9.26 and stretched the axis to 1e8).
+    """
     if dense is not None:
-        fig.add_hline(y=dense, line={"color": "black", "dash": "dot"}, annotation_text=f"dense {dense:.2f}",
-                      annotation_position="bottom right")
+        fig.add_trace(go.Scatter(x=x_range, y=[dense, dense], mode="lines", name=f"dense {dense:.2f}",
+                                 line={"color": "black", "dash": "dot", "width": 1.5}, hoverinfo="name"))
 
 
-def _no_points_yet(fig: go.Figure, dense: float | None, x_range: list[float]) -> None:
-    """An empty perplexity chart: a note, and axes that frame the dense line if there is one."""
-    fig.add_annotation(text="No points yet: compute them below.", showarrow=False, x=0.5, y=0.5,
-                       xref="paper", yref="paper")
+def _x_range(values: Sequence[float], pad: float, log: bool = False, default=(0.0, 0.6)) -> list[float]:
+    """An x range that frames ``values`` (one value too) with a margin; log axes in log10 units."""
+    if not values:
+        return list(default)
+    lo, hi = min(values), max(values)
+    if log:
+        lo, hi = math.log10(max(lo, 1e-12)), math.log10(max(hi, 1e-12))
+    span = max(hi - lo, pad)
+    return [lo - 0.15 * span, hi + 0.15 * span]
+
+
+def _y_range(ppl: Sequence[float], dense: float | None) -> tuple[str, list[float]]:
+    """Axis type and range that contain every perplexity and the dense line, with a margin.
+
+    Log only when the values span more than a factor of 20; its range in log10 units.
+    """
+    values = [v for v in list(ppl) + ([dense] if dense is not None else []) if v and math.isfinite(v) and v > 0]
+    if not values:
+        return "linear", [0.0, 1.0]
+    lo, hi = min(values), max(values)
+    if hi / lo > 20:
+        a, b = math.log10(lo), math.log10(hi)
+        margin = 0.06 * (b - a)
+        return "log", [a - margin, b + margin]
+    margin = 0.08 * max(hi - lo, 0.05 * hi)
+    return "linear", [max(0.0, lo - margin), hi + margin]
+
+
+def _no_points_yet(fig: go.Figure, x_range: list[float]) -> None:
+    """An empty perplexity chart: a note above the dense line (not struck through by it)."""
+    fig.add_annotation(text="No points yet: compute them below.", showarrow=False, x=0.5, y=0.85,
+                       xref="paper", yref="paper", bgcolor="white")
     fig.update_xaxes(range=x_range)
-    fig.update_yaxes(type="linear", range=[0, 1] if dense is None else [0, 2 * dense])
+
+
+def _ppl_figure(points: Sequence[dict], dense: float | None, x_key: str, log_x: bool, title: str,
+                x_title: str, default: tuple) -> go.Figure:
+    xs = [p[x_key] for p in points]
+    x_range = _x_range(xs, pad=1.0 if log_x else 0.1, log=log_x, default=default)
+    fig = go.Figure(_lines(points, x_key))
+    line_x = [10 ** v for v in x_range] if log_x else x_range
+    _dense_line(fig, dense, line_x)
+    kind, y_range = _y_range([p["ppl"] for p in points], dense)
+    fig.update_xaxes(title_text=x_title, range=x_range, type="log" if log_x else "linear")
+    fig.update_yaxes(title_text="perplexity", type=kind, range=y_range)
+    if kind == "log":
+        _log_axis(fig.update_yaxes, range=y_range)
+    if not points:
+        _no_points_yet(fig, x_range)
+    fig.update_layout(showlegend=True)
+    return _layout(fig, title, height=440)
 
 
 def ppl_vs_ratio_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
     """Perplexity against pruning ratio, one line per config, the dense model as a reference line.
 
     ``points``: sweep rows (``rcpu.sweep.prune_point``) with ``config``, ``method``, ``ratio``, ``ppl``.
+    Both axes frame the points and the dense line (one ratio too).
     """
-    fig = go.Figure(_lines(points, "ratio"))
-    _dense_line(fig, dense)
-    fig.update_xaxes(title_text="pruning ratio", tickformat=".0%")
-    fig.update_yaxes(title_text="perplexity", type="log")
-    if not points:
-        _no_points_yet(fig, dense, x_range=[0, 0.6])
-    return _layout(fig, "Perplexity against pruning ratio", height=440)
+    fig = _ppl_figure(points, dense, "ratio", False, "Perplexity against pruning ratio", "pruning ratio",
+                      (0.0, 0.6))
+    fig.update_xaxes(tickformat=".0%")
+    return fig
 
 
 def ppl_vs_calibration_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
@@ -639,13 +834,8 @@ def ppl_vs_calibration_figure(points: Sequence[dict], dense: float | None = None
 
     ``points``: sweep rows with ``config``, ``method``, ``calib_samples``, ``ppl``.
     """
-    fig = go.Figure(_lines(points, "calib_samples"))
-    _dense_line(fig, dense)
-    fig.update_xaxes(title_text="calibration samples", type="log")
-    fig.update_yaxes(title_text="perplexity", type="log")
-    if not points:
-        _no_points_yet(fig, dense, x_range=[0, 2.5])
-    return _layout(fig, "Perplexity against calibration size", height=440)
+    return _ppl_figure(points, dense, "calib_samples", True, "Perplexity against calibration size",
+                       "calibration samples", (0.0, 2.5))
 
 
 def footprint_figure(rows: Sequence[dict]) -> go.Figure:

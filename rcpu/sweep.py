@@ -43,9 +43,18 @@ def prune_point(
             progress(done, total, what)
 
     report = prune_and_evaluate(lm, data, cfg, evaluation, progress=stage_progress, only_perplexity=True)
+    return save_point(lm, data, evaluation, cfg, report)
+
+
+def save_point(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig, cfg: PruneConfig, report) -> dict:
+    """Cache a finished ``prune_and_evaluate`` as the sweep point of the same configuration.
+
+    The whole-model page calls this too, so a configuration pruned there shows as cached on the
+    sweep (the pruned weights and perplexity do not depend on the held-out statistics it adds).
+    """
     row = report.to_json()
-    del row["layers"]
-    save_json(path, row)
+    row.pop("layers", None)
+    save_json(point_path(lm, data, evaluation, cfg), row)
     row["cached"] = False
     return row
 

@@ -90,6 +90,8 @@ def test_home_shows_the_model_card():
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Layers"] == "30" and metrics["Heads / KV heads"] == "9 / 3"
     assert len(at.get("page_link")) == 4
+    # the regime note: tokens per input dimension and what to expect (4 x 128 tokens, hidden size 576)
+    assert any("512 calibration tokens for 576 input dimensions" in i.value for i in at.info)
 
 
 def test_home_bad_model_is_an_error_not_a_traceback():
@@ -180,11 +182,18 @@ def test_explorer_methods_and_views():
     at.radio(key="le_view").set_value("📉 Error").run()
     ok(at)
     names = chart(at, "Relative output error")["data"][0]["x"]
-    assert names == ["uncompensated", "none (Wanda-sp)", "bias (FLAP)", "least squares", "rotation (RCPU)"]
+    # the default score is RCPU's: "none" is not Wanda-sp, "bias" not FLAP, and the pruned outputs are one bar
+    assert names == ["none", "bias", "least squares", "rotation (RCPU)"]
+    table = at.dataframe[0].value
+    assert list(table["method"]) == names
+    assert not (table.astype(str) == "None").any().any()  # missing values are "–", not "None"
+    at.selectbox(key="le_score").set_value("wanda_sp").run()
+    ok(at)
+    assert chart(at, "Relative output error")["data"][0]["x"] == [
+        "none (Wanda-sp)", "bias", "least squares", "rotation"]
     at.multiselect(key="le_methods").set_value(["rotation_scale", "ridge"]).run()
     ok(at)
-    assert chart(at, "Relative output error")["data"][0]["x"] == ["uncompensated", "rotation + scale (RCPU)",
-                                                                 "ridge"]
+    assert chart(at, "Relative output error")["data"][0]["x"] == ["uncompensated", "rotation + scale", "ridge"]
     assert len(chart(at, "Singular values of M")["data"]) == 1
     for view in ("🧭 Principal directions", "📐 Geometry"):
         at.radio(key="le_view").set_value(view).run()
@@ -312,17 +321,29 @@ def test_perplexity_sweep_computes_then_reads_the_cache(tiny_model, tmp_cache):
     assert chart(at, "Perplexity against pruning ratio")["data"] == []
     at.button(key="compute_points").click().run()
     ok(at)
-    lines = {t["name"]: t["x"] for t in chart(at, "Perplexity against pruning ratio")["data"]}
+    fig = chart(at, "Perplexity against pruning ratio")
+    lines = {t["name"]: t["x"] for t in fig["data"] if not t["name"].startswith("dense")}
     assert lines == {"rcpu:rotation": [0.1, 0.3], "wanda_sp:none": [0.1, 0.3]}
     assert len(list((tmp_cache / "results").glob("point-*.json"))) == 4
+    # the axes frame every point and the dense line; no stale caption, button or progress after computing
+    ppl = [y for t in fig["data"] for y in t["y"]]
+    lo, hi = fig["layout"]["yaxis"]["range"]
+    if fig["layout"]["yaxis"].get("type") == "log":
+        lo, hi = 10 ** lo, 10 ** hi
+    assert lo <= min(ppl) and max(ppl) <= hi
+    assert not any("points cached" in c.value for c in at.caption)
+    assert not [b for b in at.button if b.key == "compute_points"]
+    assert any("computed and cached" in s.value for s in at.success)
     assert len(at.get("download_button")) == 1
 
     # A new ratio: the four cached points are drawn at once, two are missing.
     at.multiselect(key="pv_ratios").set_value([0.1, 0.2, 0.3]).run()
     ok(at)
-    lines = {t["name"]: t["x"] for t in chart(at, "Perplexity against pruning ratio")["data"]}
+    lines = {t["name"]: t["x"] for t in chart(at, "Perplexity against pruning ratio")["data"]
+             if not t["name"].startswith("dense")}
     assert lines == {"rcpu:rotation": [0.1, 0.3], "wanda_sp:none": [0.1, 0.3]}
     assert "Compute 2 points" in at.button(key="compute_points").label
+    assert not at.success
 
     # The calibration-size view.
     at.radio(key="pv_view").set_value("🧪 Calibration size").run()
@@ -330,4 +351,79 @@ def test_perplexity_sweep_computes_then_reads_the_cache(tiny_model, tmp_cache):
     at.button(key="compute_points").click().run()
     ok(at)
     fig = chart(at, "Perplexity against calibration size")
-    assert {tuple(t["x"]) for t in fig["data"]} == {(2, 4)}
+    assert {tuple(t["x"]) for t in fig["data"] if not t["name"].startswith("dense")} == {(2, 4)}
+
+
+# --- Issue 16: what a lecturer and a researcher ran into ----------------------------
+
+
+def test_explorer_shows_the_effective_ratio_and_the_regime():
+    at = open_page("pages/layer_explorer.py")
+    ok(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Pruned heads (effective ratio)"] == "2 / 9 = 22%"
+    at.slider(key="le_ratio").set_value(0.25).run()  # rounds to the same two heads: says so
+    assert {m.label: m.value for m in at.metric}["Pruned heads (effective ratio)"] == "2 / 9 = 22%"
+    assert any("per dimension" in i.value for i in at.info)
+    at.sidebar.button(key="lecture_preset").click().run()
+    ok(at)
+    from rcpu.regime import LECTURE_PRESET
+
+    assert at.sidebar.number_input(key="calib_samples").value == LECTURE_PRESET["calib_samples"]
+    assert any("few tokens per dimension" in i.value for i in at.info)
+
+
+def test_explorer_principal_directions_and_geometry_say_what_to_look_for():
+    at = open_page("pages/layer_explorer.py")
+    at.radio(key="le_view").set_value("🧭 Principal directions").run()
+    ok(at)
+    fig = chart(at, "Alignment with Y's top")
+    assert [t["name"] for t in fig["data"]] == ["pruned Z = none", "bias", "least squares", "rotation (RCPU)"]
+    assert any("What to look for" in c.value for c in at.caption)
+    at.radio(key="le_view").set_value("📐 Geometry").run()
+    ok(at)
+    assert any("norm ratio and Gram distortion are exactly those of no compensation" in c.value
+               for c in at.caption)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("le_layer", 99, "Layer 99 does not exist: this model has layers 0 to 29"),
+    ("seq_len", 1_000_000, "sequence length must be between"),
+    ("seq_len", 9000, "longer than this model's context"),
+])
+def test_bad_inputs_are_one_line_errors(key, value, message):
+    at = open_page("pages/layer_explorer.py")
+    at.number_input(key=key).set_value(value).run()
+    assert not at.exception
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
+    assert not at.get("plotly_chart")  # not the old result under the error
+
+
+def test_whole_model_run_is_a_sweep_point_and_stop_keeps_partial_results(tiny_model, tmp_cache):
+    at = set_model(open_page("pages/whole_model.py"), tiny_model)
+    at.button(key="run_prune").click().run()
+    ok(at)
+    run = at.session_state["whole_model_run"]
+    cfg, records = run["config"], run["report"].result.layers
+    # accounting per unit kind and per module
+    units = at.dataframe[0].value
+    assert list(units["units"]) == ["attention heads", "KV heads", "MLP channels"]
+    modules = at.dataframe[1].value
+    assert {"q_proj", "o_proj", "down_proj"} <= set(modules["module"])
+    assert "bfloat16" in at.selectbox(key="wm_zip_dtype").options
+
+    # Stop mid-run leaves the records of the layers done: the page shows them with a "stopped" note.
+    at.session_state["whole_model_partial"] = {"config": cfg, "layers": records[:1]}
+    at.run()
+    assert any("Stopped: 1 of 2 layers" in w.value for w in at.warning)
+    partial = [f for f in charts(at) if f["layout"]["title"]["text"].startswith("Relative output error per layer")]
+    assert partial and all(len(t["y"]) == 1 for t in partial[0]["data"])
+
+    # The same configuration on the sweep page: cached, nothing to compute.
+    at.switch_page("pages/perplexity.py").run()
+    at.multiselect(key="pv_configs").set_value([f"{cfg.score}:{cfg.method}"]).run()
+    at.multiselect(key="pv_ratios").set_value([cfg.ratio]).run()
+    ok(at)
+    assert not [b for b in at.button if b.key == "compute_points"]
+    lines = [t for t in chart(at, "Perplexity against pruning ratio")["data"] if not t["name"].startswith("dense")]
+    assert lines and lines[0]["y"] == [pytest.approx(run["report"].pruned["ppl"])]

@@ -82,13 +82,15 @@ def test_sidebar_navigation_and_slider(server, page):
     wait_charts(page, 4)
     wait_idle(page)
     title = page.locator(".gtitle").filter(has_text="Score and variance per input dimension")
-    assert "2 of 9 heads pruned" in title.first.text_content()
+    assert "2 / 9 heads = 22% pruned" in title.first.text_content()
+    metric = page.get_by_test_id("stMetric").filter(has_text="Pruned heads (effective ratio)")
+    assert "2 / 9 = 22%" in metric.first.inner_text()
     slider = page.locator('[data-testid="stSlider"] input[type="range"]').first
     slider.focus()
     for _ in range(2):
         page.keyboard.press("ArrowRight")
     page.locator('[data-testid="stSliderThumbValue"]').filter(has_text="0.30").wait_for()
-    page.locator(".gtitle").filter(has_text="3 of 9 heads pruned").first.wait_for(timeout=60_000)
+    page.locator(".gtitle").filter(has_text="3 / 9 heads = 33% pruned").first.wait_for(timeout=60_000)
     wait_idle(page)
     no_exceptions(page)
 
@@ -106,5 +108,6 @@ def test_whole_model_run_on_a_tiny_model(server, page, tmp_path_factory):
     page.get_by_text("Perplexity after").wait_for(timeout=120_000)
     wait_idle(page)
     no_exceptions(page)
-    assert page.get_by_role("button", name="Pruned model (zip)").count() == 1
+    assert page.get_by_role("button", name="Pruned model (zip,").count() == 1
+    assert page.get_by_text("What was removed").count() == 1
     full_screenshot(page, ARTIFACTS / "whole_model-run.png")

@@ -100,7 +100,8 @@ def test_unit_score_figure_has_one_bar_per_unit(analysis):
     sel = analysis.selection
     assert sum(len(t.x) for t in fig.data) == sel.unit_scores.numel()
     assert len(fig.data[1].x) == len(sel.pruned_units)
-    assert fig.layout.xaxis.title.text in ("head", "unit")
+    assert fig.layout.xaxis.title.text in ("head", "channel")
+    assert fig.layout.yaxis.type != "log"  # bars on a log axis make a small head look like zero
     assert fig.layout.yaxis.title.text
 
 
@@ -128,13 +129,57 @@ def test_mean_variance_figure(analysis):
     assert "mean" in fig.layout.xaxis.title.text and "variance" in fig.layout.yaxis.title.text
 
 
+def lab(analysis, method: str) -> str:
+    return figures.label(method, analysis.selection.score)
+
+
+def test_labels_name_a_paper_only_for_its_score():
+    assert figures.label("none", "wanda_sp") == "none (Wanda-sp)"
+    assert figures.label("none", "rcpu") == "none" and figures.label("none") == "none"
+    assert figures.label("rotation", "rcpu") == "rotation (RCPU)"
+    assert figures.label("rotation", "wanda_sp") == "rotation"
+    assert figures.label("rotation_scale", "rcpu") == "rotation + scale"  # only the paper's method is RCPU
+    assert figures.label("bias", "fluctuation") == "bias (FLAP)" and figures.label("bias", "rcpu") == "bias"
+
+
+def test_effective_ratio_text(analysis):
+    sel = analysis.selection
+    text = figures.effective_ratio_text(sel)
+    what = "heads" if sel.unit_size > 1 else "channels"
+    assert text == f"{len(sel.pruned_units)} / {sel.unit_scores.numel()} {what} = " \
+                   f"{len(sel.pruned_units) / sel.unit_scores.numel():.0%}"
+
+
+def no_duplicate_series(fig) -> None:
+    names = [t.name for t in fig.data if t.name and t.showlegend is not False]
+    assert len(names) == len(set(names)), names
+
+
 def test_spectra_figure(analysis):
     methods = ["none", "ls", "rotation"]
     fig = figures.spectra_figure(analysis, methods)
-    assert [t.name for t in fig.data] == ["original Y", "pruned Z"] + [figures.label(m) for m in methods]
+    # "none" is the pruned Z itself: one series for both, named after both
+    assert [t.name for t in fig.data] == ["original Y", "pruned Z = none"] + [lab(analysis, m) for m in methods[1:]]
+    no_duplicate_series(fig)
     assert all(len(t.y) == min(64, D_OUT) for t in fig.data)
-    assert fig.layout.yaxis.type == "log"
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick == 1  # no minor labels read as values
     assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+
+
+def test_directions_figure_shows_alignment_with_y(analysis):
+    methods = ["none", "ls", "rotation"]
+    fig = figures.directions_figure(analysis, methods)
+    assert all(isinstance(t, go.Heatmap) for t in fig.data)
+    assert [t.name for t in fig.data] == ["pruned Z = none", lab(analysis, "ls"), lab(analysis, "rotation")]
+    rot = np.asarray(fig.data[2].z)
+    expected = figures.direction_cosines(analysis.basis.top, analysis.methods["rotation"].top_directions)
+    np.testing.assert_allclose(rot, expected)
+    assert rot.shape == (analysis.basis.top.shape[1],) * 2 and (rot >= 0).all() and (rot <= 1 + 1e-9).all()
+    # Y's own directions against themselves: the identity
+    np.testing.assert_allclose(figures.direction_cosines(analysis.basis.top, analysis.basis.top),
+                               np.eye(rot.shape[0]), atol=1e-9)
+    # a rotation's directions are Q times Z's: the cosines differ from Z's although the spectrum is the same
+    assert not np.allclose(rot, np.asarray(fig.data[0].z))
 
 
 def test_projection_figure_one_panel_per_method(analysis):
@@ -142,10 +187,12 @@ def test_projection_figure_one_panel_per_method(analysis):
     fig = figures.projection_figure(analysis, methods)
     assert len(fig.data) == 2 * (1 + len(methods))  # original + approximation per panel
     titles = [a.text for a in fig.layout.annotations]
-    assert titles[0].startswith("pruned Z") and titles[1:] == [figures.label(m) for m in methods]
+    assert titles[0] == "pruned Z" and titles[1:] == [lab(analysis, m) for m in methods]
     assert "PC1" in fig.layout.xaxis.title.text and "PC2" in fig.layout.yaxis.title.text
     m = analysis.projection_y.shape[1]
-    assert len(fig.data[0].x) == min(m, figures.MAX_POINTS)
+    assert len(fig.data[0].x) == min(m, figures.PROJECTION_POINTS)
+    with_none = figures.projection_figure(analysis, ["none", "rotation"])
+    assert [a.text for a in with_none.layout.annotations] == ["pruned Z = none", lab(analysis, "rotation")]
 
 
 def test_principal_angles_figure(analysis):
@@ -155,19 +202,23 @@ def test_principal_angles_figure(analysis):
     assert "degrees" in fig.layout.yaxis.title.text
 
 
-def test_geometry_figure_histograms_per_method(analysis):
-    methods = ["none", "rotation"]
+def test_geometry_figure_boxes_per_method(analysis):
+    methods = ["none", "rotation", "ls"]
     fig = figures.geometry_figure(analysis, methods)
     assert len(fig.data) == 2 * len(methods)
-    assert all(isinstance(t, go.Histogram) for t in fig.data)
-    rot = [t for t in fig.data if t.name == figures.label("rotation")]
-    np.testing.assert_allclose(rot[0].x, analysis.methods["rotation"].geometry["norm_ratio_values"].numpy())
+    assert all(isinstance(t, go.Box) for t in fig.data)  # side by side, not overlaid histograms
+    rot = [t for t in fig.data if t.name == lab(analysis, "rotation")]
+    values = analysis.methods["rotation"].geometry["norm_ratio_values"].numpy()
+    assert rot[0].median[0] == pytest.approx(float(np.median(values)))
     assert fig.layout.xaxis.title.text and fig.layout.xaxis2.title.text
+    # a rotation keeps lengths: its norm ratios are those of no compensation (the page says why)
+    none = [t for t in fig.data if t.name == lab(analysis, "none")]
+    assert rot[0].median[0] == pytest.approx(none[0].median[0])
 
 
 def test_inner_products_figure(analysis):
     fig = figures.inner_products_figure(analysis, ["rotation", "ls"])
-    assert [t.name for t in fig.data][:2] == [figures.label("rotation"), figures.label("ls")]
+    assert [t.name for t in fig.data][:2] == [lab(analysis, "rotation"), lab(analysis, "ls")]
     assert fig.data[-1].name == "ŷ = y"
     assert len(fig.data[0].x) == len(fig.data[0].y) > 0
     assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
@@ -175,18 +226,21 @@ def test_inner_products_figure(analysis):
 
 def test_gram_distortion_figure_values(analysis):
     fig = figures.gram_distortion_figure(analysis, ALL)
-    assert list(fig.data[0].x) == [figures.label(m) for m in ALL]
+    assert list(fig.data[0].x) == [lab(analysis, m) for m in ALL]
     np.testing.assert_allclose(fig.data[0].y, [analysis.methods[m].geometry["gram_distortion"] for m in ALL])
 
 
-def test_error_figure_includes_uncompensated(analysis):
+def test_error_figure_includes_uncompensated_once(analysis):
     methods = ["ls", "rotation"]
     fig = figures.error_figure(analysis, methods)
     assert [t.name for t in fig.data] == ["calibration tokens", "held-out tokens"]
-    assert list(fig.data[0].x) == ["uncompensated", figures.label("ls"), figures.label("rotation")]
+    assert list(fig.data[0].x) == ["uncompensated", lab(analysis, "ls"), lab(analysis, "rotation")]
     assert fig.data[1].y[0] == pytest.approx(analysis.error_uncompensated["heldout"])
     assert fig.data[0].y[1] == pytest.approx(analysis.methods["ls"].error_calibration)
     assert fig.layout.yaxis.title.text
+    # with "none" selected, the pruned outputs are one bar named after it, not two identical bars
+    fig = figures.error_figure(analysis, ["none", "rotation"])
+    assert list(fig.data[0].x) == [lab(analysis, "none"), lab(analysis, "rotation")]
 
 
 def test_singular_values_figure_only_rotations(analysis):
@@ -194,14 +248,63 @@ def test_singular_values_figure_only_rotations(analysis):
     assert len(fig.data) == 2
     assert all(len(t.y) == D_OUT for t in fig.data)
     assert fig.layout.yaxis.type == "log"
+    one = figures.singular_values_figure(analysis, ["rotation"])
+    assert one.layout.showlegend is True  # the legend carries cond(M)
     empty = figures.singular_values_figure(analysis, ["ls", "none"])
     assert len(empty.data) == 0 and "rotation" in empty.layout.annotations[0].text
 
 
+def test_condition_text_is_short():
+    assert figures.condition_text({"singular_values_M": [1.0], "condition_number_M": 123456789012345678901}) \
+        == "1.2e+20"
+    assert figures.condition_text({}) == "–"
+
+
 def test_method_table(analysis):
     rows = figures.method_table(analysis, ["none", "rotation"])
-    assert [r["method"] for r in rows] == ["uncompensated", figures.label("none"), figures.label("rotation")]
-    assert rows[2]["‖Q − I‖_F"] is not None and rows[1]["‖Q − I‖_F"] is None
+    assert [r["method"] for r in rows] == [lab(analysis, "none"), lab(analysis, "rotation")]
+    assert rows[1]["‖Q − I‖_F"] != "–" and rows[0]["‖Q − I‖_F"] == "–"
+    rows = figures.method_table(analysis, ["ls", "rotation"])
+    assert rows[0]["method"] == "uncompensated"
+    for row in rows:  # every row has every column, and no cell says None
+        assert list(row) == list(rows[-1])
+        assert all(v is not None and v != "None" for v in row.values())
+
+
+def test_ppl_figure_axes_contain_the_points_and_the_dense_line():
+    points = [{"config": "rcpu:rotation", "method": "rotation", "ratio": r, "ppl": p}
+              for r, p in ((0.1, 11.0), (0.2, 14.5), (0.3, 30.0))]
+    fig = figures.ppl_vs_ratio_figure(points, dense=9.26)
+    lo, hi = fig.layout.yaxis.range
+    assert fig.layout.yaxis.type == "linear" and lo <= 9.26 and hi >= 30.0 and hi < 40
+    x0, x1 = fig.layout.xaxis.range
+    assert x0 < 0.1 and x1 > 0.3 and x0 > -0.2 and x1 < 0.5
+    dense = [t for t in fig.data if t.name == "dense 9.26"]
+    assert dense and list(dense[0].y) == [9.26, 9.26] and not fig.layout.annotations
+    no_duplicate_series(fig)
+    one = figures.ppl_vs_ratio_figure(points[:1], dense=9.26)  # one ratio: a narrow range around it
+    x0, x1 = one.layout.xaxis.range
+    assert 0.0 <= x0 < 0.1 < x1 <= 0.2
+    wide = figures.ppl_vs_ratio_figure(points + [{**points[0], "ratio": 0.6, "ppl": 900.0}], dense=9.26)
+    lo, hi = wide.layout.yaxis.range  # log10 units on a log axis
+    assert wide.layout.yaxis.type == "log" and 10 ** lo <= 9.26 and 900 <= 10 ** hi < 2000
+    empty = figures.ppl_vs_ratio_figure([], dense=9.26)
+    note = empty.layout.annotations[0]
+    assert note.y > 0.6  # above the dense line (which lies mid-axis), not struck through by it
+
+
+def test_ppl_vs_calibration_log_x_range():
+    points = [{"config": "rcpu:rotation", "method": "rotation", "calib_samples": n, "ppl": 12.0} for n in (4, 32)]
+    fig = figures.ppl_vs_calibration_figure(points, dense=10.0)
+    x0, x1 = fig.layout.xaxis.range
+    assert fig.layout.xaxis.type == "log" and 10 ** x0 < 4 and 10 ** x1 > 32
+
+
+def test_regime_note():
+    from rcpu.regime import regime_note
+
+    assert "fewer tokens than dimensions" in regime_note(256, 576)
+    assert "least squares" in regime_note(16384, 576) and "28.4 per dimension" in regime_note(16384, 576)
 
 
 def test_figures_serialise(analysis):
@@ -224,3 +327,49 @@ def test_toy_figures(dims):
     errors = figures.toy_error_figure(example)
     assert len(errors.data) == 2 and list(errors.data[0].x) == list(figures.TOY_NAMES)
     assert errors.data[1].y[2] == pytest.approx(example.errors["rotation"]["heldout"])
+
+
+def test_stage_text_counts_layers_and_estimates_time_left():
+    from rcpu.eta import StageText, duration_text
+
+    now = [0.0]
+    text = StageText(clock=lambda: now[0])
+    assert text("prune", 0, 30, "layer 0") == (0.0, "Pruning: layer 1 of 30")  # no pace yet: no estimate
+    now[0] = 10.0
+    fraction, line = text("prune", 2, 30, "layer 2")
+    assert fraction == pytest.approx(2 / 30) and line == "Pruning: layer 3 of 30 · about 2 min left"  # 5 s a layer
+    assert text("prune", 30, 30, "done")[1] == "Pruning: all 30 layers done"
+    assert "computed once" in text("dense", 4, 44, "perplexity")[1]
+    assert duration_text(45) == "45 s" and duration_text(3725) == "1 h 02 min"
+
+
+def test_accounting_rows():
+    from torch import nn
+
+    from rcpu.accounting import module_rows, params_by_module, unit_rows
+
+    rows = unit_rows({"heads": [270, 210], "kv_heads": [90, 90], "channels": [46080, 36864]})
+    assert [r["units"] for r in rows] == ["attention heads", "KV heads", "MLP channels"]
+    assert rows[0]["removed"] == 60 and rows[1]["removed"] == 0 and rows[0]["removed (%)"] == "22.2%"
+
+    def model(d: int) -> nn.Module:
+        m = nn.Module()
+        m.layers = nn.ModuleList([nn.Module()])
+        m.layers[0].q_proj = nn.Linear(4, d, bias=False)
+        m.layers[0].o_proj = nn.Linear(d, 4, bias=False)
+        return m
+
+    before, after = params_by_module(model(8)), params_by_module(model(6))
+    assert before == {"q_proj": 32, "o_proj": 32}
+    assert module_rows(before, after)[0] == {"module": "q_proj", "parameters before": 32, "parameters after": 24,
+                                             "saved": 8, "saved (%)": "25.0%"}
+
+
+def test_messages_in_the_apps_words():
+    from ui.common import for_the_page
+
+    assert for_the_page("pass its local directory (--model /path/to/model), or use 'embedded'") == \
+        "pass its local directory (type the folder into the sidebar's Model field), or use 'embedded'"
+    assert for_the_page("too short for --seq-len 512") == "too short for Sequence length 512"
+    assert for_the_page("cannot read /srv/cache/uploads/" + "ab" * 32 + ".txt: binary") == \
+        "cannot read the uploaded file: binary"

@@ -10,6 +10,7 @@ messages, never tracebacks.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,8 +20,10 @@ import streamlit as st
 
 from rcpu.config import PROTOCOLS, DataConfig, EvalConfig, LayerConfig
 from rcpu.errors import RcpuError
+from rcpu.eta import StageText, duration_text
 from rcpu.explorer import LayerExplorer
 from rcpu.models import LoadedModel, load_model
+from rcpu.regime import LECTURE_PRESET
 from rcpu.reports import LayerReport
 from rcpu.text import load_text, save_upload
 from ui.defaults import AppDefaults, app_defaults
@@ -61,13 +64,32 @@ def init(key: str, default) -> None:
         st.session_state[key] = default
 
 
+# The library's messages name command-line options; on a page the user sees fields.
+CLI_WORDS = (
+    ("(--model /path/to/model)", "(type the folder into the sidebar's Model field)"),
+    ("--calib-samples", "Calibration samples"), ("--seq-len", "Sequence length"),
+    ("--heldout-samples", "Held-out windows"), ("--eval-windows", "Evaluation windows"),
+    ("--trust-remote-code", "trusting remote code (not offered by the app)"), ("--model", "the Model field"),
+    ("--ratios", "Pruning ratios"), ("--lambdas", "λ of LS + ridge"), ("--overwrite", "another folder"),
+)
+
+
+def for_the_page(message: str, uploaded: str | None = None) -> str:
+    """A library message in the app's words: field names for options, no server paths of uploads."""
+    for cli, field in CLI_WORDS:
+        message = message.replace(cli, field)
+    if uploaded:
+        message = message.replace(str(uploaded), "the uploaded file")
+    return re.sub(r"\S*/uploads/[0-9a-f]{16,}\.txt", "the uploaded file", message)
+
+
 @contextmanager
 def guarded(stop: bool = True) -> Iterator[None]:
     """Show ``RcpuError`` (and unexpected errors) as ``st.error``; stop the page after it."""
     try:
         yield
     except RcpuError as exc:
-        st.error(str(exc), icon="⚠️")
+        st.error(for_the_page(str(exc), st.session_state.get(UPLOADED)), icon="⚠️")
         if stop:
             st.stop()
     except Exception as exc:  # a bug: one readable line here, the traceback in the server log
@@ -116,6 +138,12 @@ def _paper_protocol() -> None:
         st.session_state[key] = preset[key]
 
 
+def _lecture_preset() -> None:
+    """Few calibration tokens per input dimension: the regime where the paper's effect shows."""
+    for key, value in LECTURE_PRESET.items():
+        st.session_state[key] = value
+
+
 def rounding() -> str:
     """The sidebar's unit rounding (``nearest`` or ``truncate``)."""
     return st.session_state.get("rounding", LayerConfig.rounding)
@@ -133,10 +161,12 @@ def sidebar() -> DataConfig:
         model_name = st.text_input("Model", key="model", help=MODEL_HELP).strip()
         data = _text_source()
         c1, c2 = st.columns(2)
-        calib = c1.number_input("Calibration samples", 1, 4096, key="calib_samples",
+        calib = c1.number_input("Calibration samples", 1, None, key="calib_samples",
                                 help="Random windows of the calibration text used for statistics.")
-        seq_len = c2.number_input("Sequence length", 16, 8192, step=64, key="seq_len",
-                                  help="Tokens per calibration window.")
+        # No max on the widgets: out of range they only turn red and keep the old value; the
+        # sampling check below says in one line what is allowed.
+        seq_len = c2.number_input("Sequence length", 1, None, step=64, key="seq_len",
+                                  help="Tokens per calibration window (at most the model's context).")
         seed = st.number_input("Seed", 0, 2**31 - 1, key="seed")
         with st.expander("More settings"):
             heldout = st.number_input("Held-out windows", 1, 1024, key="heldout_samples",
@@ -147,12 +177,26 @@ def sidebar() -> DataConfig:
         st.button("Use the paper's protocol", key="paper_protocol", on_click=_paper_protocol,
                   help="128 calibration windows of 128 tokens, perplexity in 128-token windows, "
                        "int(ratio · units) units removed (the authors' released code).")
+        st.button("Lecture preset (few calibration tokens)", key="lecture_preset", on_click=_lecture_preset,
+                  help=f"{LECTURE_PRESET['calib_samples']} windows of {LECTURE_PRESET['seq_len']} tokens: few "
+                       "calibration tokens per input dimension, where least squares overfits and rotation "
+                       "does better on held-out tokens (the paper's effect; see docs/app.md).")
     config = DataConfig(
         model=model_name or "embedded", data=data, calib_samples=int(calib), seq_len=int(seq_len),
         seed=int(seed), heldout_samples=int(heldout),
     )
     st.session_state["data_config"] = config
+    with guarded():  # one line, before anything is computed on a value out of range
+        config.sampling.check()
     return config
+
+
+def check_context(lm: LoadedModel, config: DataConfig) -> None:
+    """A sequence length longer than the model's context is refused before a long statistics pass."""
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if limit and config.seq_len > limit:
+        raise RcpuError(f"Sequence length {config.seq_len} is longer than this model's context ({limit} tokens): "
+                        f"choose at most {limit}.")
 
 
 def data_config() -> DataConfig:
@@ -170,6 +214,7 @@ def model(stop: bool = True) -> LoadedModel | None:
     with guarded(stop=stop):
         lm = _load(cfg.model)
         load_text(cfg.data)  # a missing or unreadable text fails here, early and readably
+        check_context(lm, cfg)
         return lm
     return None
 
@@ -225,15 +270,21 @@ def explore(lm: LoadedModel, data: DataConfig, cfg: LayerConfig, methods: list[s
     """``LayerExplorer.explore`` with a progress bar while statistics are computed (one session
     at a time on the shared model) and a note once they are cached."""
     bar = None
+    clock = StageText()
 
     def report(done: int, total: int, what: str) -> None:
         nonlocal bar
         bar = bar or st.progress(0.0, text=f"Statistics of layer {cfg.layer}…")
-        bar.progress(min(done / max(total, 1), 1.0), text=f"Statistics of layer {cfg.layer}: {what}")
+        left = clock.left("statistics", done, total)
+        eta = "" if left is None else f" · about {duration_text(left)} left"
+        bar.progress(min(done / max(total, 1), 1.0), text=f"Statistics of layer {cfg.layer}: {what}{eta}")
 
-    result = explorer().explore(lm, data, cfg, methods, progress=report, guard=model_in_use)
+    try:
+        result = explorer().explore(lm, data, cfg, methods, progress=report, guard=model_in_use)
+    finally:
+        if bar is not None:  # no stale empty bar above an error
+            bar.empty()
     if bar is not None:
-        bar.empty()
         st.toast(f"Statistics of layer {cfg.layer} computed in {result.stats.seconds:.1f} s and cached")
     return result
 
