@@ -157,7 +157,7 @@ def record_inputs(
         def hook(mod, args):
             x = args[0]
             if name not in accumulators:
-                accumulators[name] = StatsAccumulator(x.shape[-1], sample_size=sample_size, seed=seed)
+                accumulators[name] = StatsAccumulator(x.shape[-1], sample_size=sample_size, seed=seed, device=x.device)
             accumulators[name].add(x)
             if name == stop_after:
                 raise _Stop

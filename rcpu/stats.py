@@ -82,13 +82,13 @@ class LayerStats:
 
     def to_arrays(self) -> dict:
         arrays = {
-            "gram": self.gram.numpy(),
-            "total": self.total.numpy(),
+            "gram": self.gram.cpu().numpy(),
+            "total": self.total.cpu().numpy(),
             "count": torch.tensor(self.count).numpy(),
-            "sample": self.sample.numpy(),
+            "sample": self.sample.cpu().numpy(),
         }
         if self.abs_total is not None:
-            arrays["abs_total"] = self.abs_total.numpy()
+            arrays["abs_total"] = self.abs_total.cpu().numpy()
         return arrays
 
     @classmethod
@@ -116,12 +116,14 @@ class StatsAccumulator:
     depend on how tokens are split into batches.
     """
 
-    def __init__(self, d_in: int, sample_size: int = 1024, seed: int = 0, float32_from: float = FLOAT32_FROM):
+    def __init__(self, d_in: int, sample_size: int = 1024, seed: int = 0, float32_from: float = FLOAT32_FROM,
+                 device: torch.device | str = "cpu"):
         self.float32_from = float32_from  # math.inf: every product in float64 (the reference for float32's error)
-        self.gram = torch.zeros(d_in, d_in, dtype=torch.float64)
-        self.squares = torch.zeros(d_in, dtype=torch.float64)  # the exact diagonal of G
-        self.total = torch.zeros(d_in, dtype=torch.float64)
-        self.abs_total = torch.zeros(d_in, dtype=torch.float64)
+        # The sums live where the inputs are (a CUDA model: products on the GPU); the sample on the CPU.
+        self.gram = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+        self.squares = torch.zeros(d_in, dtype=torch.float64, device=device)  # the exact diagonal of G
+        self.total = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.abs_total = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.count = 0
         self.sample_size = sample_size
         self._gen = torch.Generator().manual_seed(seed)
@@ -150,7 +152,7 @@ class StatsAccumulator:
         start = self.count
         self.count += x.shape[0]
         if self.sample_size:
-            self._reservoir(rows.to(torch.float32), start)
+            self._reservoir(rows.to("cpu", torch.float32), start)
 
     def _reservoir(self, rows: Tensor, start: int) -> None:
         n = rows.shape[0]

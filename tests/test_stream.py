@@ -140,3 +140,45 @@ def test_stream_refuses_an_existing_output_and_a_folder_without_safetensors(tmp_
     (empty / "config.json").write_text((source / "config.json").read_text())
     with pytest.raises(RcpuError, match="no .safetensors"):
         stream_prune(empty, tmp_path / "out2", data, PruneConfig(0.2), tokens=random_tokens())
+
+
+def test_cli_stream_with_device_cpu_saves_a_loadable_folder(tiny_model_dir, tmp_path, tmp_cache, capsys):
+    from rcpu.cli import main
+
+    out = tmp_path / "streamed"
+    code = main(["prune", "--model", str(tiny_model_dir), "--stream", "--device", "cpu", "--out", str(out),
+                 "--calib-samples", "4", "--seq-len", "32", "--heldout-samples", "0", "--ratio", "0.25",
+                 "--json", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    assert "saved to" in capsys.readouterr().out
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert len(record["layers"]) == 2 and record["params_after"] < record["params_before"]
+    model = load_pruned(out)
+    assert sum(p.numel() for p in model.parameters()) == record["params_after"]
+
+
+def test_cli_stream_needs_out(tiny_model_dir, tmp_cache, capsys):
+    from rcpu.cli import main
+
+    assert main(["prune", "--model", str(tiny_model_dir), "--stream", "--calib-samples", "4", "--seq-len", "32"]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
+@pytest.mark.parametrize("command", [["prune"], ["eval"], ["layer"]])
+def test_device_cuda_without_cuda_fails_with_one_line(command, tmp_cache, capsys):
+    from rcpu.cli import main
+
+    assert main([*command, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA is not available" in err and "--device cpu" in err
+
+
+def test_device_names_checked():
+    from rcpu.config import check_device
+
+    check_device("cpu")
+    with pytest.raises(RcpuError, match="unknown device"):
+        check_device("gpu0")
+    with pytest.raises(RcpuError, match="not supported"):
+        check_device("meta")
