@@ -107,7 +107,10 @@ def layer_stats(
         flow.advance_to(layer, report)
         splits[split] = layer_input_stats(flow, layer, SAMPLE_TOKENS, sampling.seed + offset)
     result = LayerData(layer, splits["calibration"], splits["heldout"])
-    save_arrays(path, _to_arrays(result), meta={"layer": layer, "model": lm.name, "data": data})
+    arrays = _to_arrays(result)
+    save_arrays(path, arrays, meta={"layer": layer, "model": lm.name, "data": data})
+    if lm.adapter.attention_output(layer).weight.device.type != "cpu":  # the explorer's numbers on the CPU
+        result = _from_arrays(layer, arrays)
     result.seconds = time.perf_counter() - start
     return result
 

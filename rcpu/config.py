@@ -49,15 +49,35 @@ class DataConfig:
     seed: int = Sampling.seed
     heldout_samples: int = Sampling.heldout_samples
     trust_remote_code: bool = False
+    device: str = "cpu"  # where the model, statistics, compensation and evaluation run ("cuda", "cuda:1")
 
     @property
     def sampling(self) -> Sampling:
         return Sampling(self.calib_samples, self.seq_len, self.seed, self.heldout_samples)
 
     def check(self) -> None:
-        """Sampling sizes in range and the text readable (before the model loads)."""
+        """Sampling sizes in range, the device present and the text readable (before the model loads)."""
         self.sampling.check()
+        check_device(self.device)
         load_text(self.data)
+
+
+def check_device(device: str) -> None:
+    """A device torch has here: ``cpu``, or ``cuda``/``cuda:N`` when CUDA is available (one line otherwise)."""
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RcpuError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if kind.type == "cpu":
+        return
+    if kind.type != "cuda":
+        raise RcpuError(f"device {device!r} is not supported; use 'cpu' or 'cuda' (or 'cuda:N')")
+    if not torch.cuda.is_available():
+        raise RcpuError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise RcpuError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ rotary position embeddings, mask) are captured once by stopping the forward
 pass at layer 0. After that each layer runs on the cached states, so gathering
 statistics for layer ``l`` costs layers ``0..l`` only (no later layers, no LM
 head), and a sequential prune costs about one pass over the calibration tokens.
+
+A prune runs each layer twice: dense for its statistics, then pruned for the next
+layer's inputs. The second run reuses what pruning does not change: the kept heads'
+attention output (the ``o_proj`` input recorded by the first run, ``keep_attention``)
+feeds the pruned ``o_proj`` directly, so the pruned run costs ``o_proj`` and the MLP.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class LayerFlow:
         self.adapter = adapter
         self.next_layer = 0
         self.batches: list[tuple[Tensor, list[dict]]] = []  # (hidden states, keyword arguments per layer)
+        self.attention: list[Tensor] | None = None  # o_proj inputs of layer next_layer per batch (dense run)
         device = next(adapter.model.parameters()).device
         for start in range(0, len(windows), batch_size):
             ids = windows[start : start + batch_size].to(device)
@@ -95,6 +101,37 @@ class LayerFlow:
                     self.batches[i] = (out, kwargs)
         if update:
             self.next_layer += 1
+            self.attention = None
+
+    def run_layer_reusing_attention(self, index: int, kept_columns: Tensor | None) -> None:
+        """Run layer ``index`` (pruned) with its attention replaced by the recorded ``o_proj`` inputs of its
+        dense run, restricted to the kept columns (the kept heads' outputs, unchanged by pruning): the
+        pruned ``o_proj``, the residual and the MLP run; queries, keys, values and attention do not."""
+        if index != self.next_layer or self.attention is None:
+            raise RuntimeError(f"no recorded attention outputs of layer {index}")
+        layer = self.adapter.layers[index]
+        attention = self.adapter.attention_module(index)
+        o_proj = self.adapter.attention_output(index)
+        own = attention.__dict__.get("forward")
+        try:
+            with torch.no_grad():
+                for i, (hidden, kwargs) in enumerate(self.batches):
+                    inputs = self.attention[i] if kept_columns is None else self.attention[i][..., kept_columns]
+
+                    def forward(*args, _inputs=inputs, **kw):
+                        return o_proj(_inputs), None
+
+                    attention.forward = forward
+                    out = layer(hidden, **kwargs[index])
+                    out = out[0] if isinstance(out, tuple) else out
+                    self.batches[i] = (out, kwargs)
+        finally:
+            if own is None:
+                del attention.forward
+            else:
+                attention.forward = own
+        self.next_layer += 1
+        self.attention = None
 
     def advance_to(self, index: int, progress: Progress | None = None) -> None:
         """Run layers until the states are the inputs of layer ``index``."""
@@ -120,7 +157,7 @@ def record_inputs(
         def hook(mod, args):
             x = args[0]
             if name not in accumulators:
-                accumulators[name] = StatsAccumulator(x.shape[-1], sample_size=sample_size, seed=seed)
+                accumulators[name] = StatsAccumulator(x.shape[-1], sample_size=sample_size, seed=seed, device=x.device)
             accumulators[name].add(x)
             if name == stop_after:
                 raise _Stop
@@ -136,13 +173,31 @@ def record_inputs(
             h.remove()
 
 
-def layer_input_stats(flow: LayerFlow, index: int, sample_size: int, seed: int, update: bool = False):
-    """Statistics of the ``o_proj`` and ``down_proj`` inputs of layer ``index`` on a flow."""
+def layer_input_stats(flow: LayerFlow, index: int, sample_size: int, seed: int, update: bool = False,
+                      sublayers: tuple[str, ...] = SUBLAYERS, keep_attention: bool = False):
+    """Statistics of the ``sublayers`` inputs (default ``o_proj`` and ``down_proj``) of layer ``index``.
+
+    Without ``update`` the run stops once the last of them is recorded (nothing reads the rest).
+    ``keep_attention`` keeps each batch's ``o_proj`` input in ``flow.attention`` for
+    ``LayerFlow.run_layer_reusing_attention``."""
     adapter = flow.adapter
-    modules = {name: adapter.sublayer(index, name) for name in SUBLAYERS}
-    stop_after = None if update else "down_proj"  # the layer's last matmul; its output is unused
-    with record_inputs(modules, sample_size, seed, stop_after) as accumulators:
-        flow.run_layer(index, update=update)
+    modules = {name: adapter.sublayer(index, name) for name in SUBLAYERS if name in sublayers}
+    stop_after = None if update else ("down_proj" if "down_proj" in modules else "o_proj")
+    if keep_attention and not update:
+        kept: list[Tensor] = []
+        flow.attention = kept
+        handle = adapter.attention_output(index).register_forward_pre_hook(
+            lambda mod, args: kept.append(args[0].detach()))
+        if "down_proj" not in modules:  # the attention output is recorded: the MLP is not needed
+            stop_after = "o_proj"
+    else:
+        handle = None
+    try:
+        with record_inputs(modules, sample_size, seed, stop_after) as accumulators:
+            flow.run_layer(index, update=update)
+    finally:
+        if handle is not None:
+            handle.remove()
     for name, acc in accumulators.items():
         if acc.nonfinite_tokens:
             log.warning(

@@ -84,17 +84,27 @@ class KeptProblem:
         """``W' G[K, K]`` (d_out, k): shared by the error and the covariance of ``W' X_K``."""
         return new_weight @ self.gram_kk
 
+    @cached_property
+    def kept_own(self) -> float:
+        """``||W_K X_K||_F^2 = tr(W_K G[K,K] W_K^T)``."""
+        return float(torch.sum(self.weight_gram(self.w_kept) * self.w_kept))
+
     def error(
-        self, new_weight: Tensor, bias: Tensor | None = None, weight_gram: Tensor | None = None
+        self, new_weight: Tensor, bias: Tensor | None = None, weight_gram: Tensor | None = None,
+        own: float | None = None,
     ) -> tuple[float, float]:
         """(``||Y - Yhat||_F^2``, ``||Y||_F^2``) for ``Yhat = W' X_K + b``, from G, s and n alone.
 
         ``||Y - Yhat||^2 = tr(W G W^T) - 2 tr(W' G[K,:] W^T) + tr(W' G[K,K] W'^T)
         - 2 b^T (W s - W' s_K) + n ||b||^2``.
+        ``own`` (``tr(W' G[K,K] W'^T)``) may be passed when known without a product.
         """
-        wg_kk = self.weight_gram(new_weight) if weight_gram is None else weight_gram
+        if new_weight is self.w_kept and own is None and weight_gram is None:
+            own = self.kept_own
+        if own is None:
+            wg_kk = self.weight_gram(new_weight) if weight_gram is None else weight_gram
+            own = float(torch.sum(wg_kk * new_weight))
         cross = torch.sum(self.target * new_weight)
-        own = torch.sum(wg_kk * new_weight)
         err = self.reference - 2 * float(cross) + float(own)
         if bias is not None:
             residual_total = self.count * (self.output_mean - new_weight @ self.mean_kept)  # W s - W' s_K
@@ -102,10 +112,11 @@ class KeptProblem:
         return max(err, 0.0), self.reference
 
     def relative_error(
-        self, new_weight: Tensor, bias: Tensor | None = None, weight_gram: Tensor | None = None
+        self, new_weight: Tensor, bias: Tensor | None = None, weight_gram: Tensor | None = None,
+        own: float | None = None,
     ) -> float:
         """``||Y - Yhat||_F / ||Y||_F`` (0 when ``Y`` is 0)."""
-        err, ref = self.error(new_weight, bias, weight_gram)
+        err, ref = self.error(new_weight, bias, weight_gram, own)
         return math.sqrt(err / ref) if ref > 0 else 0.0
 
 

@@ -70,7 +70,6 @@ def prune_model(
     tokens = tokens or prepare_tokens(lm, data.data, data.sampling)
     model = copy.deepcopy(lm.model)
     adapter = adapter_for(model)
-    sublayers = cfg.sublayers
 
     flows = {"calibration": LayerFlow(adapter, tokens.calibration, batch_size)}
     if len(tokens.heldout):
@@ -82,43 +81,7 @@ def prune_model(
     for index in range(n_layers):
         if progress:
             progress(index, n_layers, f"layer {index}")
-        t0 = time.perf_counter()
-        stats = {split: layer_input_stats(flow, index, 0, data.seed) for split, flow in flows.items()}
-        t1 = time.perf_counter()
-        layer_plans: dict[str, SublayerPlan] = {}
-        record: dict = {"layer": index}
-        for sub in sublayers:
-            linear = adapter.sublayer(index, sub)
-            calib = stats["calibration"][sub]
-            sel = select(
-                linear.weight, calib, cfg.score, cfg.ratio, adapter.unit_size(sub), unit_seed(data.seed, index, sub),
-                adapter.unit_name(sub), cfg.rounding,
-                group=cfg.head_group(adapter, index) if sub == "o_proj" else None,
-            )
-            # One problem per split: compensation and the errors share W G and G[K,K].
-            problems = {split: KeptProblem(linear.weight, st[sub], sel.kept) for split, st in stats.items()}
-            if len(sel.pruned) == 0:
-                comp = _identity(linear.weight, sel.kept)  # nothing removed: nothing to compensate
-            else:
-                comp = compensate_problem(cfg.method, problems["calibration"], cfg.alpha, cfg.lam)
-            plan = SublayerPlan(sub, sel.kept_units, sel.kept, comp)
-            layer_plans[sub] = plan
-            record[sub] = _errors(problems, comp)
-            record[sub]["kept_units"] = len(sel.kept_units)
-            record[sub]["pruned_units"] = len(sel.pruned_units)
-            record[sub]["calibration_tokens_per_input_dim"] = calib.count / calib.d_in
-        t2 = time.perf_counter()
-        for plan in layer_plans.values():
-            apply_plan(adapter, index, plan)
-        record["shape"] = {  # what the layer holds now against the source model
-            what: [count(lm.adapter, index), count(adapter, index)] for what, count in SHAPE_COUNTS.items()
-        }
-        for flow in flows.values():
-            flow.run_layer(index)
-        t3 = time.perf_counter()
-        timing["statistics"] += t1 - t0
-        timing["compensation"] += t2 - t1
-        timing["recompute"] += t3 - t2
+        layer_plans, record = prune_layer(adapter, index, flows, cfg, data.seed, timing)
         plans.append(layer_plans)
         records.append(record)
         if on_layer:
@@ -138,11 +101,63 @@ def prune_model(
     )
 
 
+def prune_layer(adapter, index: int, flows: dict[str, LayerFlow], cfg: PruneConfig, seed: int,
+                timing: dict[str, float]) -> tuple[dict[str, SublayerPlan], dict]:
+    """Prune layer ``index`` of ``adapter``'s model in place and move every flow past it.
+
+    The dense run records only the statistics the targets read (and stops after the last of
+    them) and keeps the attention output; the pruned run reuses it (``rcpu.flow``). Adds the
+    seconds of each part to ``timing``; returns the layer's plans and its record."""
+    sublayers = cfg.sublayers
+    t0 = time.perf_counter()
+    stats = {split: layer_input_stats(flow, index, 0, seed, sublayers=tuple(sublayers), keep_attention=True)
+             for split, flow in flows.items()}
+    t1 = time.perf_counter()
+    before = {what: count(adapter, index) for what, count in SHAPE_COUNTS.items()}
+    layer_plans: dict[str, SublayerPlan] = {}
+    record: dict = {"layer": index}
+    for sub in sublayers:
+        linear = adapter.sublayer(index, sub)
+        calib = stats["calibration"][sub]
+        sel = select(
+            linear.weight, calib, cfg.score, cfg.ratio, adapter.unit_size(sub), unit_seed(seed, index, sub),
+            adapter.unit_name(sub), cfg.rounding,
+            group=cfg.head_group(adapter, index) if sub == "o_proj" else None,
+        )
+        # One problem per split: compensation and the errors share W G and G[K,K].
+        problems = {split: KeptProblem(linear.weight, st[sub], sel.kept) for split, st in stats.items()}
+        if len(sel.pruned) == 0:
+            comp = _identity(linear.weight, sel.kept)  # nothing removed: nothing to compensate
+        else:
+            comp = compensate_problem(cfg.method, problems["calibration"], cfg.alpha, cfg.lam)
+        plan = SublayerPlan(sub, sel.kept_units, sel.kept, comp)
+        layer_plans[sub] = plan
+        record[sub] = _errors(problems, comp)
+        record[sub]["kept_units"] = len(sel.kept_units)
+        record[sub]["pruned_units"] = len(sel.pruned_units)
+        record[sub]["calibration_tokens_per_input_dim"] = calib.count / calib.d_in
+    t2 = time.perf_counter()
+    for plan in layer_plans.values():
+        apply_plan(adapter, index, plan)
+    record["shape"] = {  # what the layer holds now against the source model
+        what: [before[what], count(adapter, index)] for what, count in SHAPE_COUNTS.items()
+    }
+    kept_columns = layer_plans["o_proj"].kept if "o_proj" in layer_plans else None
+    for flow in flows.values():
+        flow.run_layer_reusing_attention(index, kept_columns)
+    t3 = time.perf_counter()
+    timing["statistics"] += t1 - t0
+    timing["compensation"] += t2 - t1
+    timing["recompute"] += t3 - t2
+    return layer_plans, record
+
+
 def _errors(problems: dict[str, KeptProblem], comp: Compensation) -> dict:
     """Relative output errors, compensated and not, on each split's statistics."""
     out = {}
     for split, problem in problems.items():
-        for key, (weight, bias) in ((f"error_{split}", (comp.weight, comp.bias)),
-                                    (f"error_uncompensated_{split}", (problem.w_kept, None))):
-            out[key] = problem.relative_error(weight, bias)
+        out[f"error_uncompensated_{split}"] = problem.relative_error(problem.w_kept)
+        # A rotated, scaled W'_K = s Q W_K has ||W'_K X_K||^2 = s^2 ||W_K X_K||^2 (Q orthogonal): no new product.
+        own = None if comp.kept_scale is None or comp.rotation is None else comp.kept_scale**2 * problem.kept_own
+        out[f"error_{split}"] = problem.relative_error(comp.weight, comp.bias, own=own)
     return out

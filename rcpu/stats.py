@@ -4,6 +4,14 @@ Everything the method needs is a function of the Gram matrix ``G = X X^T``, the
 sum ``s = X 1``, the sum of absolute values ``a = |X| 1`` (the authors' score) and
 the count ``n``, accumulated in float64 without keeping ``X``. A small seeded
 subsample of tokens is kept only for pictures.
+
+Speed: each batch's Gram product is computed in the inputs' own float32 (half the
+cost of float64, and only the blocks on and above the diagonal: about 2/3 of a full
+product at d_in = 1536) and summed into the float64 total; the diagonal, the sums and
+the count stay exact float64. Float64 inputs, and batches too small for it to matter
+(``FLOAT32_FROM``), keep a float64 product. The error
+against an all-float64 Gram on the embedded model is measured by
+``python -m benchmarks floor`` (``docs/benchmarks.md``, section 1).
 """
 
 from __future__ import annotations
@@ -13,6 +21,27 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+GRAM_BLOCK = 512  # columns per block of the triangular Gram product
+# Batches whose product has fewer multiply-adds (tokens x d_in^2) than this stay all-float64: cheap
+# anyway (tiny models, tests), and exact. The embedded model's batches (4096 x 576^2) are 80x above it.
+FLOAT32_FROM = 2**24
+
+
+def batch_gram(x: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """``X^T X`` (d, d) of rows ``x`` (N, d) in ``x``'s dtype, computing only the blocks on and above
+    the diagonal (the rest is their transpose): (b+1)/(2b) of the full product for b blocks."""
+    d = x.shape[1]
+    blocks = max(1, math.ceil(d / block))
+    if blocks == 1:
+        return x.T @ x
+    size = math.ceil(d / blocks)
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    for start in range(0, d, size):
+        strip = x[:, start : start + size].T @ x[:, start:]  # (size, d - start)
+        out[start : start + size, start:] = strip
+        out[start + size :, start : start + size] = strip[:, size:].T
+    return out
 
 
 @dataclass
@@ -53,13 +82,13 @@ class LayerStats:
 
     def to_arrays(self) -> dict:
         arrays = {
-            "gram": self.gram.numpy(),
-            "total": self.total.numpy(),
+            "gram": self.gram.cpu().numpy(),
+            "total": self.total.cpu().numpy(),
             "count": torch.tensor(self.count).numpy(),
-            "sample": self.sample.numpy(),
+            "sample": self.sample.cpu().numpy(),
         }
         if self.abs_total is not None:
-            arrays["abs_total"] = self.abs_total.numpy()
+            arrays["abs_total"] = self.abs_total.cpu().numpy()
         return arrays
 
     @classmethod
@@ -87,10 +116,14 @@ class StatsAccumulator:
     depend on how tokens are split into batches.
     """
 
-    def __init__(self, d_in: int, sample_size: int = 1024, seed: int = 0):
-        self.gram = torch.zeros(d_in, d_in, dtype=torch.float64)
-        self.total = torch.zeros(d_in, dtype=torch.float64)
-        self.abs_total = torch.zeros(d_in, dtype=torch.float64)
+    def __init__(self, d_in: int, sample_size: int = 1024, seed: int = 0, float32_from: float = FLOAT32_FROM,
+                 device: torch.device | str = "cpu"):
+        self.float32_from = float32_from  # math.inf: every product in float64 (the reference for float32's error)
+        # The sums live where the inputs are (a CUDA model: products on the GPU); the sample on the CPU.
+        self.gram = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+        self.squares = torch.zeros(d_in, dtype=torch.float64, device=device)  # the exact diagonal of G
+        self.total = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.abs_total = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.count = 0
         self.sample_size = sample_size
         self._gen = torch.Generator().manual_seed(seed)
@@ -101,19 +134,25 @@ class StatsAccumulator:
     def add(self, rows: Tensor) -> None:
         """Add tokens given as rows, shape (..., d_in)."""
         rows = rows.reshape(-1, rows.shape[-1]).detach()
+        if rows.device != self.gram.device:
+            rows = rows.to(self.gram.device)
         x = rows.to(torch.float64)
         if not bool(torch.isfinite(x.sum())):  # cheap check; the row mask only when needed
             finite = torch.isfinite(x).all(dim=1)
             self._nonfinite += int((~finite).sum())
             x = x[finite]
             rows = rows[finite]
-        self.gram.addmm_(x.T, x)
+        if rows.dtype == torch.float64 or x.shape[0] * x.shape[1] ** 2 < self.float32_from:
+            self.gram.addmm_(x.T, x)
+        else:  # one float32 product per batch, summed in float64
+            self.gram += batch_gram(rows.to(torch.float32))
+        self.squares += (x * x).sum(dim=0)
         self.total += x.sum(dim=0)
         self.abs_total += x.abs().sum(dim=0)
         start = self.count
         self.count += x.shape[0]
         if self.sample_size:
-            self._reservoir(rows.to(torch.float32), start)
+            self._reservoir(rows.to("cpu", torch.float32), start)
 
     def _reservoir(self, rows: Tensor, start: int) -> None:
         n = rows.shape[0]
@@ -135,6 +174,7 @@ class StatsAccumulator:
         return self._nonfinite
 
     def finish(self) -> LayerStats:
+        self.gram.diagonal().copy_(self.squares)  # exact: variances of near-constant inputs stay 0
         return LayerStats(
             gram=self.gram,
             total=self.total,

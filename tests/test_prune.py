@@ -129,7 +129,9 @@ def test_sequential_statistics_come_from_pruned_prefix():
     assert torch.equal(sel.kept, plan.kept)
     expected = compensate("ls", weight, expected_stats, plan.kept).weight
     from_dense = compensate("ls", weight, dense_stats, plan.kept).weight
-    torch.testing.assert_close(plan.compensation.weight, expected, rtol=1e-6, atol=1e-8)
+    # The prune's layer-0 run reuses the dense run's kept-head attention outputs: the same numbers as this
+    # recomputation up to float32 rounding (attention over fewer heads sums in another order).
+    torch.testing.assert_close(plan.compensation.weight, expected, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(plan.compensation.weight, from_dense, rtol=1e-3, atol=1e-5)
 
 

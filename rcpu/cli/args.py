@@ -25,12 +25,18 @@ def add_data_options(p: argparse.ArgumentParser, calib_samples: bool = True) -> 
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--heldout-samples", type=int, default=d.heldout_samples,
                    help="held-out windows for held-out statistics")
+    add_device_option(p)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub model's own code to run (off by default)")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default=None,
                    help="a preset of settings; 'paper': 128 x 128 calibration tokens, 128-token perplexity windows, "
                         "int(ratio * units) units, both targets, WikiText-2 test for --data wikitext2 "
                         "(options given explicitly still win)")
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=DataConfig.device,
+                   help="where the model, statistics, compensation and evaluation run: cpu (default) or cuda[:N]")
 
 
 def add_method_options(p: argparse.ArgumentParser, defaults, ratio: bool = True) -> None:
@@ -77,6 +83,7 @@ def data_config(args: argparse.Namespace, **overrides) -> DataConfig:
         "seed": args.seed,
         "heldout_samples": args.heldout_samples,
         "trust_remote_code": args.trust_remote_code,
+        "device": getattr(args, "device", DataConfig.device),
     }
     return DataConfig(**{**fields, **overrides})
 
@@ -173,4 +180,4 @@ class StageBars:
 def load(data: DataConfig) -> LoadedModel:
     from ..models import load_model
 
-    return load_model(data.model, trust_remote_code=data.trust_remote_code)
+    return load_model(data.model, trust_remote_code=data.trust_remote_code, device=data.device)

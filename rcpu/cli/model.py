@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import DataConfig, EvalConfig, PruneConfig, SweepConfig, parse_configs
+from ..config import DataConfig, EvalConfig, PruneConfig, SweepConfig, check_device, parse_configs
 from ..errors import RcpuError
 from . import args as common
 
@@ -24,6 +24,9 @@ def add_commands(sub) -> None:
     p.add_argument("--out", help="save the pruned model to this new directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", help="write the result to this file")
+    p.add_argument("--stream", action="store_true",
+                   help="models larger than memory: read one layer at a time from the --model folder's safetensors "
+                        "and write each pruned layer to --out as it finishes (no evaluation; run 'rcpu eval' after)")
     p.set_defaults(func=run_prune)
 
     p = sub.add_parser("eval", help="perplexity of a model (dense, or a pruned directory)")
@@ -33,6 +36,7 @@ def add_commands(sub) -> None:
     p.add_argument("--seq-len", type=int, default=DataConfig.seq_len)
     p.add_argument("--eval-windows", type=int, default=EvalConfig.eval_windows)
     p.add_argument("--trust-remote-code", action="store_true")
+    common.add_device_option(p)
     p.add_argument("--json", help="write the result to this file")
     p.set_defaults(func=run_eval)
 
@@ -69,6 +73,8 @@ def run_prune(args: argparse.Namespace) -> int:
         check_output_dir(out, args.overwrite)
     json_out = common.check_output(args.json)
     data.check()
+    if getattr(args, "stream", False):
+        return _run_stream(data, cfg, out, json_out, args.overwrite)
     evaluation.check()
     lm = common.load(data)
     bars = common.StageBars()
@@ -99,6 +105,25 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_stream(data: DataConfig, cfg: PruneConfig, out: Path | None, json_out: Path | None, overwrite: bool) -> int:
+    from ..stream import stream_prune
+
+    if out is None:
+        raise RcpuError("--stream writes each pruned layer as it finishes: give the folder with --out")
+    bar = common.progress_bar("prune (streamed)")
+    result = stream_prune(data.model, out, data, cfg, progress=bar, overwrite=overwrite, device=data.device,
+                          record={"config": cfg.label, "model": data.model, "data": data.data,
+                                  "calib_samples": data.calib_samples, "seq_len": data.seq_len, "seed": data.seed})
+    payload = {"out": str(out), "config": cfg.label, "ratio": cfg.ratio, "targets": cfg.targets,
+               "params_before": result.params_before, "params_after": result.params_after,
+               "layers": result.layers, "timing_s": result.timing_s}
+    print(f"pruned {cfg.ratio:.0%} of heads/channels ({cfg.targets}) by {cfg.label}, one layer at a time; params "
+          f"{result.params_before:,} -> {result.params_after:,}; took {result.timing_s['total']:.1f} s\n"
+          f"saved to {out} (rcpu layout: 'rcpu eval --model {out}' or rcpu.load_pruned loads it)")
+    common.write_json(json_out, payload)
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from ..evaluate import evaluation_windows, perplexity
     from ..models import count_parameters
@@ -106,9 +131,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     explicit = args.data is not None
     data = DataConfig(model=args.model, data=args.data or DataConfig.data, seq_len=args.seq_len,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, device=args.device)
     evaluation = EvalConfig(data.data if explicit else None, args.eval_windows)
     data.sampling.check()
+    check_device(data.device)
     evaluation.check()
     json_out = common.check_output(args.json)
     load_text(data.data, split="test" if explicit else "train")
