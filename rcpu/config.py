@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .adapters import SUBLAYERS
+from .allocate import check_allocation
 from .compensate import DEFAULT_ALPHA, DEFAULT_LAMBDA, LAMBDA_METHODS, check_alpha, check_lambda, check_method
 from .errors import RcpuError
 from .scores import check_keeps_some, check_ratio, check_rounding, check_score
@@ -136,6 +137,7 @@ class PruneConfig:
     lam: float = DEFAULT_LAMBDA  # ls_ridge: absolute strength (--lambda)
     rounding: str = "nearest"  # or "truncate", the authors' int(ratio * units)
     gqa_balanced: bool = False  # the same number of query heads from every KV group (stays stock-loadable)
+    allocation: str = "uniform"  # or "greedy": per-layer counts, same total (rcpu/allocate.py)
 
     @property
     def sublayers(self) -> tuple[str, ...]:
@@ -151,13 +153,15 @@ class PruneConfig:
     def label(self) -> str:
         """``score:method``, with the strength for a method whose result depends on lambda."""
         name = f"{self.score}:{self.method}"
-        return f"{name} λ={self.lam:g}" if self.method in LAMBDA_METHODS else name
+        name = f"{name} λ={self.lam:g}" if self.method in LAMBDA_METHODS else name
+        return name if self.allocation == "uniform" else f"{name} [{self.allocation}]"
 
     def check(self, lm: LoadedModel | None = None) -> None:
         """With ``lm``: also refuse a ratio that would leave some layer nothing, before any work."""
         if self.targets not in TARGETS:
             raise RcpuError(f"unknown targets {self.targets!r}; choose one of: {', '.join(TARGETS)}")
         _check_choices(self)
+        check_allocation(self.allocation)
         if lm is not None:
             adapter = lm.adapter
             for sub in self.sublayers:

@@ -106,12 +106,13 @@ class LayerFlow:
 
 @contextmanager
 def record_inputs(
-    modules: dict[str, nn.Module], sample_size: int, seed: int, stop_after: str | None = None
+    modules: dict[str, nn.Module], sample_size: int, seed: int, stop_after: str | None = None, folds: int = 0
 ) -> Iterator[dict]:
     """Accumulate input statistics of each named module while the context is open.
 
     With ``stop_after``, the forward pass is cut short once that module's input is
-    recorded (its own matmul and everything after it are not needed).
+    recorded (its own matmul and everything after it are not needed). With ``folds``, each
+    window goes to one of that many fold statistics (``LayerStats.folds``).
     """
     accumulators: dict[str, StatsAccumulator] = {}
     handles = []
@@ -120,7 +121,8 @@ def record_inputs(
         def hook(mod, args):
             x = args[0]
             if name not in accumulators:
-                accumulators[name] = StatsAccumulator(x.shape[-1], sample_size=sample_size, seed=seed)
+                accumulators[name] = StatsAccumulator(x.shape[-1], sample_size=sample_size, seed=seed,
+                                                      folds=folds)
             accumulators[name].add(x)
             if name == stop_after:
                 raise _Stop
@@ -136,12 +138,13 @@ def record_inputs(
             h.remove()
 
 
-def layer_input_stats(flow: LayerFlow, index: int, sample_size: int, seed: int, update: bool = False):
+def layer_input_stats(flow: LayerFlow, index: int, sample_size: int, seed: int, update: bool = False,
+                      folds: int = 0):
     """Statistics of the ``o_proj`` and ``down_proj`` inputs of layer ``index`` on a flow."""
     adapter = flow.adapter
     modules = {name: adapter.sublayer(index, name) for name in SUBLAYERS}
     stop_after = None if update else "down_proj"  # the layer's last matmul; its output is unused
-    with record_inputs(modules, sample_size, seed, stop_after) as accumulators:
+    with record_inputs(modules, sample_size, seed, stop_after, folds) as accumulators:
         flow.run_layer(index, update=update)
     for name, acc in accumulators.items():
         if acc.nonfinite_tokens:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import adapter_for
+from .allocate import FOLDS, allocate
 from .calibration import TokenSet, prepare_tokens
 from .compensate import Compensation, compensate_problem
 from .config import DataConfig, PruneConfig
@@ -36,6 +37,7 @@ class PruneResult:
     params_before: int
     params_after: int
     timing_s: dict = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)  # units removed per sublayer kind and layer, and uniform's
 
 
 LayerCallback = Callable[[dict], None]
@@ -72,10 +74,14 @@ def prune_model(
     adapter = adapter_for(model)
     sublayers = cfg.sublayers
 
+    t_alloc = time.perf_counter()
+    allocated = allocate(lm, tokens, cfg, data.seed, batch_size, progress)
+    allocation = _allocation_summary(cfg, allocated, adapter.num_layers)
+    folds = FOLDS if cfg.method == "auto" else 0  # a Gram per calibration fold, summing to the full one
     flows = {"calibration": LayerFlow(adapter, tokens.calibration, batch_size)}
     if len(tokens.heldout):
         flows["heldout"] = LayerFlow(adapter, tokens.heldout, batch_size)
-    timing = {"statistics": 0.0, "compensation": 0.0, "recompute": 0.0}
+    timing = {"allocation": time.perf_counter() - t_alloc, "statistics": 0.0, "compensation": 0.0, "recompute": 0.0}
     plans: list[dict[str, SublayerPlan]] = []
     records: list[dict] = []
     n_layers = adapter.num_layers
@@ -83,16 +89,20 @@ def prune_model(
         if progress:
             progress(index, n_layers, f"layer {index}")
         t0 = time.perf_counter()
-        stats = {split: layer_input_stats(flow, index, 0, data.seed) for split, flow in flows.items()}
+        stats = {split: layer_input_stats(flow, index, 0, data.seed, folds=folds if split == "calibration" else 0)
+                 for split, flow in flows.items()}
         t1 = time.perf_counter()
         layer_plans: dict[str, SublayerPlan] = {}
         record: dict = {"layer": index}
         for sub in sublayers:
             linear = adapter.sublayer(index, sub)
             calib = stats["calibration"][sub]
+            n_units = adapter.num_units(index, sub)
+            ratio, rounding = (cfg.ratio, cfg.rounding) if cfg.allocation == "uniform" else (
+                allocated["counts"][index, sub] / n_units, "nearest")  # exactly the allocated count
             sel = select(
-                linear.weight, calib, cfg.score, cfg.ratio, adapter.unit_size(sub), unit_seed(data.seed, index, sub),
-                adapter.unit_name(sub), cfg.rounding,
+                linear.weight, calib, cfg.score, ratio, adapter.unit_size(sub), unit_seed(data.seed, index, sub),
+                adapter.unit_name(sub), rounding,
                 group=cfg.head_group(adapter, index) if sub == "o_proj" else None,
             )
             # One problem per split: compensation and the errors share W G and G[K,K].
@@ -107,6 +117,9 @@ def prune_model(
             record[sub]["kept_units"] = len(sel.kept_units)
             record[sub]["pruned_units"] = len(sel.pruned_units)
             record[sub]["calibration_tokens_per_input_dim"] = calib.count / calib.d_in
+            record[sub]["ratio"] = len(sel.pruned_units) / n_units
+            if comp.choice is not None:
+                record[sub]["auto"] = comp.choice
         t2 = time.perf_counter()
         for plan in layer_plans.values():
             apply_plan(adapter, index, plan)
@@ -135,7 +148,19 @@ def prune_model(
         params_before=count_parameters(lm.model),
         params_after=count_parameters(model),
         timing_s=timing,
+        allocation=allocation,
     )
+
+
+def _allocation_summary(cfg: PruneConfig, plan: dict, n_layers: int) -> dict:
+    """Units removed per sublayer kind, per layer and in total, against the uniform ratio's."""
+    out: dict = {"rule": cfg.allocation}
+    for sub in cfg.sublayers:
+        counts = [plan["counts"][i, sub] for i in range(n_layers)]
+        uniform = [plan["uniform"][i, sub] for i in range(n_layers)]
+        out[sub] = {"removed": counts, "units": [plan["units"][i, sub] for i in range(n_layers)],
+                    "total_removed": sum(counts), "uniform_total_removed": sum(uniform)}
+    return out
 
 
 def _errors(problems: dict[str, KeptProblem], comp: Compensation) -> dict:
