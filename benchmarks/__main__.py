@@ -1,4 +1,4 @@
-"""``python -m benchmarks all|floor|explorer|memory|eval|quality|report [--quick|--tiny]``."""
+"""``python -m benchmarks all|floor|explorer|memory|eval|quality|size|auto|report [--quick|--tiny]``."""
 
 from __future__ import annotations
 
@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     from .common import load_lm
 
     lm = load_lm(settings) if set(names) - {"memory"} else None
-    from . import evalspeed, explorer, floor, memory, quality, size
+    from . import auto, evalspeed, explorer, floor, memory, quality, size
 
     modules = {"floor": floor, "explorer": explorer, "memory": memory, "eval": evalspeed, "quality": quality,
-               "size": size}
+               "size": size, "auto": auto}
     total = time.perf_counter()
     for name in names:
         started = time.perf_counter()

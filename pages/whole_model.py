@@ -8,6 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from rcpu import figures
+from rcpu.allocate import ALLOCATIONS
 from rcpu.compensate import LAMBDA_METHODS, METHODS
 from rcpu.config import EvalConfig, PruneConfig
 from rcpu.export import save_pruned, zip_pruned
@@ -32,19 +33,23 @@ n_layers = lm.adapter.num_layers
 
 start = PruneConfig()
 for key, value in (("wm_ratio", start.ratio), ("wm_targets", start.targets), ("wm_score", start.score),
-                   ("wm_method", start.method), ("wm_lambda", start.lam)):
+                   ("wm_method", start.method), ("wm_lambda", start.lam), ("wm_allocation", start.allocation)):
     common.init(key, value)
 c = st.columns([1.3, 1.6, 1, 1.3])
 ratio = c[0].slider("Pruning ratio", 0.0, 0.8, step=0.05, key="wm_ratio")
 targets = c[1].radio("Targets", list(TARGET_LABELS), format_func=TARGET_LABELS.get, key="wm_targets")
 score = c[2].selectbox("Score", list(SCORES), key="wm_score")
 method = c[3].selectbox("Compensation", list(METHODS), format_func=figures.label, key="wm_method")
+allocation = st.radio("Ratios per layer", list(ALLOCATIONS), horizontal=True, key="wm_allocation",
+                      help="uniform: the ratio in every layer. greedy: the same total per module, placed where "
+                           "the error on a held-back part of the calibration windows rises least (layers then "
+                           "differ in shape: not stock-loadable, rcpu.load_pruned loads it).")
 eval_data, eval_windows = common.evaluation_settings("wm", data)
 lam = start.lam
 if method in LAMBDA_METHODS:
     lam = st.number_input("λ of LS + ridge (absolute, toward W_K)", 0.0, 1e8, format="%.1e", key="wm_lambda")
 cfg = PruneConfig(ratio=float(ratio), targets=targets, score=score, method=method, lam=float(lam),
-                  rounding=common.rounding())
+                  rounding=common.rounding(), allocation=allocation)
 evaluation = EvalConfig(eval_data, eval_windows)
 
 b1, b2 = st.columns([1.6, 4])
@@ -100,8 +105,19 @@ st.caption(f"Perplexity on {summary['eval_tokens']} tokens of {summary['eval_dat
            f"dimension: {per_dim} (few favour rotation, many favour least squares).")
 st.plotly_chart(figures.layer_errors_figure(result.layers, n_layers, result.config.sublayers),
                 key="fig_layers")
+if result.config.method == "auto":
+    st.plotly_chart(figures.auto_choice_figure(result.layers, result.config.sublayers), key="fig_auto")
+    st.caption("Each sublayer's compensation was chosen by its error on one half of the calibration windows "
+               "after fitting on the other half (both ways), then refitted on all of them; the evaluation "
+               "text is read only after the pruned model exists.")
+st.plotly_chart(figures.allocation_heatmap(result.layers, result.config.sublayers), key="fig_allocation")
+if result.config.allocation != "uniform":
+    totals = ", ".join(f"`{sub}` {a['total_removed']} units (uniform: {a['uniform_total_removed']})"
+                       for sub, a in summary["allocated"].items() if isinstance(a, dict))
+    st.caption(f"Removed in total: {totals}.")
 with st.expander("Per-layer table"):
-    rows = [{"layer": r["layer"], "sublayer": sub, **r[sub],
+    rows = [{"layer": r["layer"], "sublayer": sub, **{k: v for k, v in r[sub].items() if k != "auto"},
+             **({"auto choice": r[sub]["auto"]["candidate"]} if "auto" in r[sub] else {}),
              **{f"{what} (before → after)": f"{a} → {b}" for what, (a, b) in r["shape"].items()}}
             for r in result.layers for sub in result.config.sublayers]
     st.dataframe(rows, hide_index=True)

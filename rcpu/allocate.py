@@ -42,11 +42,11 @@ def check_allocation(name: str) -> None:
 
 
 def curve_candidates(method: str, gram_kk: torch.Tensor, lam: float) -> list[tuple[str, float, str]]:
-    """The fits whose best validation error is a sublayer's cost: the method itself, or for ``auto``
-    two cheap stand-ins for its candidate set (rotation_bias and a mid-grid ls_ridge)."""
+    """The fit whose validation error is a sublayer's cost: the method itself, or for ``auto`` one
+    cheap stand-in for its candidate set (ls_ridge in the middle of its grid)."""
     if method == "auto":
         a = AUTO_RIDGE_GRID[len(AUTO_RIDGE_GRID) // 2]
-        return [("rotation_bias", lam, "rotation_bias"), ("ls_ridge", ridge_lambda(gram_kk, a), "ls_ridge")]
+        return [("ls_ridge", ridge_lambda(gram_kk, a), "ls_ridge")]
     return [(method, lam, method)]
 
 
@@ -126,6 +126,8 @@ def allocate(lm, tokens, cfg, seed: int, batch_size: int = 8, progress=None) -> 
         for sub in cfg.sublayers:
             key = (index, sub)
             linear = adapter.sublayer(index, sub)
+            weight = linear.weight.detach().to(torch.float64)
+            fold_wg = [weight @ fold.gram for fold in stats[sub].folds]  # shared by every pruning level
             points = []
             for count in grid_counts(uniform[key], units[key], steps[key]):
                 if count == 0:
@@ -134,9 +136,9 @@ def allocate(lm, tokens, cfg, seed: int, batch_size: int = 8, progress=None) -> 
                 group = cfg.head_group(adapter, index) if sub == "o_proj" else None
                 sel = select(linear.weight, stats[sub], cfg.score, count / units[key], adapter.unit_size(sub),
                              unit_seed(seed, index, sub), adapter.unit_name(sub), "nearest", group=group)
-                problem = KeptProblem(linear.weight, stats[sub], sel.kept)
+                problem = KeptProblem(weight, stats[sub], sel.kept, sum(fold_wg))
                 errors = validation_errors(problem, Regularisation(cfg.alpha, cfg.lam),
-                                           lambda g: curve_candidates(cfg.method, g, cfg.lam))
+                                           lambda g: curve_candidates(cfg.method, g, cfg.lam), fold_wg)
                 points.append((count, min(errors.values()) ** 2 * problem.reference / max(residual, 1e-300)))
             costs[key] = points
     totals: dict[str, int] = {}

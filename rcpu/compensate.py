@@ -206,15 +206,17 @@ def auto_candidates(gram_kk: Tensor) -> list[tuple[str, float, str]]:
 Candidates = Callable[[Tensor], list[tuple[str, float, str]]]  # G[K,K] of the fit -> (method, lambda, name)
 
 
-def validation_errors(p: KeptProblem, reg: Regularisation, candidates: Candidates | None = None) -> dict[str, float]:
+def validation_errors(p: KeptProblem, reg: Regularisation, candidates: Candidates | None = None,
+                      fold_wg: list[Tensor] | None = None) -> dict[str, float]:
     """Each candidate fitted on one calibration fold and measured on the others, summed over folds:
     ``sqrt(sum ||Y - Yhat||^2 / sum ||Y||^2)`` on the held-back folds, from their Grams alone.
-    ``candidates`` defaults to ``auto``'s."""
+    ``candidates`` defaults to ``auto``'s; ``fold_wg`` (``W G`` per fold) may be shared across kept sets."""
     candidates = candidates or auto_candidates
     folds = p.stats.folds
     if not folds or len(folds) < 2:
         raise RcpuError("method 'auto' needs calibration statistics split into folds (a whole-model prune)")
-    problems = [KeptProblem(p.w, fold, p.kept) for fold in folds]
+    fold_wg = fold_wg or [None] * len(folds)
+    problems = [KeptProblem(p.w, fold, p.kept, wg) for fold, wg in zip(folds, fold_wg, strict=True)]
     errors: dict[str, float] = {}
     reference: dict[str, float] = {}
     for i, train in enumerate(problems):

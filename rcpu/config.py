@@ -203,6 +203,7 @@ class SweepConfig:
     lambdas: tuple[float, ...] = (DEFAULT_LAMBDA,)
     rounding: str = PruneConfig.rounding
     gqa_balanced: bool = PruneConfig.gqa_balanced
+    allocations: tuple[str, ...] = (PruneConfig.allocation,)  # an axis, like lambdas
 
     @property
     def configs_text(self) -> str:
@@ -212,11 +213,12 @@ class SweepConfig:
         sizes = self.calib_samples or (data.calib_samples,)
         return [
             (replace(data, calib_samples=n),
-             PruneConfig(r, self.targets, s, m, self.alpha, lam, self.rounding, self.gqa_balanced))
+             PruneConfig(r, self.targets, s, m, self.alpha, lam, self.rounding, self.gqa_balanced, allocation))
             for n in sizes
             for r in self.ratios
             for s, m in self.configs
             for lam in (self.lambdas if m in LAMBDA_METHODS else (DEFAULT_LAMBDA,))
+            for allocation in self.allocations
         ]
 
     def check(self, data: DataConfig | None = None) -> None:
@@ -224,6 +226,8 @@ class SweepConfig:
             raise RcpuError("no ratios given; e.g. --ratios 0.1,0.2")
         if not self.lambdas:
             raise RcpuError("no lambdas given; e.g. --lambdas 1e-4,1e-2")
+        if not self.allocations:
+            raise RcpuError("no allocations given; e.g. --allocations uniform,greedy")
         for data_point, cfg in self.points(data or DataConfig()):
             cfg.check()
             data_point.sampling.check()

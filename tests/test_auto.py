@@ -177,3 +177,28 @@ def test_evaluation_windows_are_never_read_before_the_pruned_model_exists(monkey
     assert events[done:].count("perplexity") == 2  # dense and pruned, both after
     assert flow_windows and all(not bool((w[:, None] == eval_windows[None]).all(-1).any()) for w in flow_windows)
     assert math.isfinite(report.pruned["ppl"])
+
+
+def test_greedy_prune_figures_and_what_it_costs_in_stock_loadability(one_thread):
+    """The app's charts are built from the records alone; a non-uniform allocation gives layers different
+    shapes, which no stock config holds (uniform MHA stays stock-loadable)."""
+    from rcpu import figures
+    from rcpu.export import stock_verdict
+
+    model = make_tiny_llama(heads=4, kv_heads=4, layers=3, intermediate=48)
+    lm = _lm(model)
+    tokens = _tokens(n=8)
+    uniform = prune_model(lm, DataConfig(), PruneConfig(ratio=0.25, method="auto"), tokens=tokens)
+    greedy = prune_model(lm, DataConfig(), PruneConfig(ratio=0.25, method="auto", allocation="greedy"),
+                         tokens=tokens)
+    heat = figures.allocation_heatmap(greedy.layers)
+    assert [list(row) for row in heat.data[0].z] == [
+        [r[sub]["pruned_units"] / (r[sub]["pruned_units"] + r[sub]["kept_units"]) for r in greedy.layers]
+        for sub in ("o_proj", "down_proj")]
+    bars = figures.auto_choice_figure(greedy.layers)
+    assert sum(len(t.x) for t in bars.data) == 2 * len(greedy.layers)  # one bar per layer and sublayer
+    assert all(y >= 0 for t in bars.data for y in t.y)
+    assert "auto" in figures.auto_choice_figure([]).layout.annotations[0].text
+    assert stock_verdict(uniform.model).loadable
+    shapes_differ = any(len({r[sub]["pruned_units"] for r in greedy.layers}) > 1 for sub in ("o_proj", "down_proj"))
+    assert stock_verdict(greedy.model).loadable is not shapes_differ
