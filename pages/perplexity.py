@@ -6,7 +6,7 @@ import streamlit as st
 
 from rcpu import figures
 from rcpu.allocate import ALLOCATIONS
-from rcpu.compensate import LAMBDA_METHODS, METHODS
+from rcpu.compensate import LAMBDA_METHODS, PRUNE_METHODS
 from rcpu.config import EvalConfig, PruneConfig, SweepConfig, parse_configs
 from rcpu.scores import SCORES
 from rcpu.sweep import run_sweep, to_csv
@@ -14,7 +14,7 @@ from ui import common
 
 RATIOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6]
 LAMBDAS = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e2, 1e3, 1e4, 1e5]  # the paper's Fig. 5 range
-CONFIGS = [f"{s}:{m}" for s in SCORES for m in METHODS]
+CONFIGS = [f"{s}:{m}" for s in SCORES for m in PRUNE_METHODS]
 TARGET_LABELS = {"both": "both", "attn": "o_proj only", "mlp": "down_proj only"}
 VIEWS = ["📈 Perplexity vs ratio", "🧪 Calibration size"]
 

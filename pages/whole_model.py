@@ -9,7 +9,7 @@ import streamlit as st
 
 from rcpu import figures
 from rcpu.allocate import ALLOCATIONS
-from rcpu.compensate import LAMBDA_METHODS, METHODS
+from rcpu.compensate import LAMBDA_METHODS, PRUNE_METHODS
 from rcpu.config import EvalConfig, PruneConfig
 from rcpu.export import save_pruned, zip_pruned
 from rcpu.pipeline import prune_and_evaluate
@@ -39,7 +39,7 @@ c = st.columns([1.3, 1.6, 1, 1.3])
 ratio = c[0].slider("Pruning ratio", 0.0, 0.8, step=0.05, key="wm_ratio")
 targets = c[1].radio("Targets", list(TARGET_LABELS), format_func=TARGET_LABELS.get, key="wm_targets")
 score = c[2].selectbox("Score", list(SCORES), key="wm_score")
-method = c[3].selectbox("Compensation", list(METHODS), format_func=figures.label, key="wm_method")
+method = c[3].selectbox("Compensation", list(PRUNE_METHODS), format_func=figures.label, key="wm_method")
 allocation = st.radio("Ratios per layer", list(ALLOCATIONS), horizontal=True, key="wm_allocation",
                       help="uniform: the ratio in every layer. greedy: the same total per module, placed where "
                            "the error on a held-back part of the calibration windows rises least (layers then "

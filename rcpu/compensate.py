@@ -266,9 +266,13 @@ METHODS: dict[str, MethodFn] = {
     "rotation_so": _rotation_so,
     "rotation_bias": _rotation_bias,
     "rotation_diag": _rotation_diag,
-    "ls_ridge": _ls_ridge,  # the registry's order gives the figures' colours
-    "auto": _auto,  # chosen per sublayer by validation error on calibration folds
+    "ls_ridge": _ls_ridge,  # last: the registry's order gives the figures' colours
 }
+
+# Methods that choose among the others; they need calibration folds (``LayerStats.folds``), which a
+# whole-model prune gathers, so they are offered where a whole model is pruned (prune, sweeps).
+SELECTORS: dict[str, MethodFn] = {"auto": _auto}
+PRUNE_METHODS = (*METHODS, *SELECTORS)
 
 
 LAMBDA_METHODS = ("ls_ridge",)  # the methods whose result depends on lambda
@@ -284,9 +288,10 @@ def check_lambda(lam: float) -> None:
     check_alpha(lam, "lambda")
 
 
-def check_method(name: str) -> None:
-    if name not in METHODS:
-        raise RcpuError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+def check_method(name: str, choices=METHODS) -> None:
+    if name not in choices:
+        extra = " ('auto' only for a whole-model prune)" if name in SELECTORS else ""
+        raise RcpuError(f"unknown method {name!r}{extra}; choose one of: {', '.join(choices)}")
 
 
 def _complement(kept: Tensor, d_in: int) -> Tensor:
@@ -307,7 +312,7 @@ def compensate_problem(
     method: str, problem: KeptProblem, alpha: float = DEFAULT_ALPHA, lam: float = DEFAULT_LAMBDA
 ) -> Compensation:
     """``compensate`` on a ``KeptProblem``, whose shared products other methods reuse."""
-    check_method(method)
+    check_method(method, PRUNE_METHODS)
     check_alpha(alpha)
     check_lambda(lam)
     if not problem.inputs_finite:
@@ -315,7 +320,7 @@ def compensate_problem(
             f"compensation {method!r} cannot use non-finite weights or statistics (inf/NaN)"
         )
     try:
-        result = METHODS[method](problem, Regularisation(alpha, lam))
+        result = (METHODS.get(method) or SELECTORS[method])(problem, Regularisation(alpha, lam))
     except torch.linalg.LinAlgError as exc:
         raise RcpuError(f"compensation {method!r} failed: {str(exc).splitlines()[0]}") from None
     parts = [result.weight] + ([result.bias] if result.bias is not None else [])

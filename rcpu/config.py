@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING
 
 from .adapters import SUBLAYERS
 from .allocate import check_allocation
-from .compensate import DEFAULT_ALPHA, DEFAULT_LAMBDA, LAMBDA_METHODS, check_alpha, check_lambda, check_method
+from .compensate import (
+    DEFAULT_ALPHA,
+    DEFAULT_LAMBDA,
+    LAMBDA_METHODS,
+    METHODS,
+    PRUNE_METHODS,
+    check_alpha,
+    check_lambda,
+    check_method,
+)
 from .errors import RcpuError
 from .scores import check_keeps_some, check_ratio, check_rounding, check_score
 from .text import Sampling, load_text
@@ -91,7 +100,7 @@ class EvalConfig:
 def _check_choices(cfg: LayerConfig | PruneConfig) -> None:
     check_ratio(cfg.ratio)
     check_score(cfg.score)
-    check_method(cfg.method)
+    check_method(cfg.method, PRUNE_METHODS if isinstance(cfg, PruneConfig) else METHODS)
     check_alpha(cfg.alpha)
     check_lambda(cfg.lam)
     check_rounding(cfg.rounding)
@@ -180,7 +189,7 @@ def parse_configs(text: str) -> tuple[tuple[str, str], ...]:
         if not sep:
             raise RcpuError(f"config {item!r} must be SCORE:METHOD, e.g. rcpu:rotation")
         check_score(score)
-        check_method(method)
+        check_method(method, PRUNE_METHODS)
         pairs.append((score, method))
     if not pairs:
         raise RcpuError("no configs given")

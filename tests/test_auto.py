@@ -127,8 +127,12 @@ def test_prune_with_auto_and_greedy_allocation_removes_the_uniform_total(kv_head
         assert [r[sub]["pruned_units"] for r in greedy.layers] == greedy.allocation[sub]["removed"]
         for record in uniform.layers:
             assert record[sub]["auto"]["candidate"] in record[sub]["auto"]["validation_errors"]
-    if kv_heads == 4:  # MHA, same shapes in every layer: exactly the same parameters removed
-        assert greedy.params_after == uniform.params_after
+    if kv_heads == 4:  # MHA, same shapes in every layer: exactly the same weights removed (the compensation
+        # may add an output bias to a sublayer, d_out parameters, wherever bias or rotation_bias wins)
+        def weights(model):
+            return sum(p.numel() for name, p in model.named_parameters() if not name.endswith(".bias"))
+
+        assert weights(greedy.model) == weights(uniform.model) < weights(model)
 
 
 def test_evaluation_windows_are_never_read_before_the_pruned_model_exists(monkeypatch, tmp_path, one_thread):

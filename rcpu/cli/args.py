@@ -39,7 +39,8 @@ def add_method_options(p: argparse.ArgumentParser, defaults, ratio: bool = True)
     if ratio:
         p.add_argument("--ratio", type=float, default=defaults.ratio)
     p.add_argument("--score", default=defaults.score, help=f"one of {', '.join(SCORES)}")
-    p.add_argument("--method", default=defaults.method, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", default=defaults.method, help=f"one of {', '.join(METHODS)}; a whole-model prune "
+                   "also takes 'auto' (chosen per sublayer on calibration folds)")
     add_alpha_option(p, defaults.alpha)
     p.add_argument("--lambda", dest="lam", type=float, default=defaults.lam,
                    help=f"strength of {', '.join(LAMBDA_METHODS)} (absolute, on the summed Gram)")
