@@ -206,3 +206,22 @@ def test_greedy_prune_figures_and_what_it_costs_in_stock_loadability(one_thread)
     assert stock_verdict(uniform.model).loadable
     shapes_differ = any(len({r[sub]["pruned_units"] for r in greedy.layers}) > 1 for sub in ("o_proj", "down_proj"))
     assert stock_verdict(greedy.model).loadable is not shapes_differ
+
+
+def test_sweeps_and_configs_take_auto_and_allocations_like_any_other_setting():
+    from rcpu.config import LayerConfig, SweepConfig, parse_configs
+    from rcpu.errors import RcpuError
+
+    spec = SweepConfig(ratios=(0.1, 0.3), configs=parse_configs("rcpu:auto,rcpu:rotation"),
+                       allocations=("uniform", "greedy"))
+    points = spec.points(DataConfig())
+    assert len(points) == 2 * 2 * 2
+    assert {(cfg.method, cfg.allocation) for _, cfg in points} == {
+        (m, a) for m in ("auto", "rotation") for a in ("uniform", "greedy")}
+    spec.check()
+    assert PruneConfig(method="auto", allocation="greedy").label == "rcpu:auto [greedy]"
+    assert PruneConfig(method="auto").label == "rcpu:auto"
+    with pytest.raises(RcpuError, match="allocation"):
+        PruneConfig(allocation="flap").check()
+    with pytest.raises(RcpuError, match="whole-model"):
+        LayerConfig(method="auto").check()  # one sublayer's statistics have no calibration folds
