@@ -61,7 +61,9 @@ def _goals(rows: list[dict], label: str) -> list[dict]:
     return goals
 
 
-def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = False) -> dict:
+def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = False,
+        cached_only: bool = False) -> dict:
+    """``cached_only``: tabulate the points already cached, compute none (the rest are listed as missing)."""
     from rcpu.config import DataConfig, EvalConfig, SweepConfig
     from rcpu.sweep import run_sweep
 
@@ -75,21 +77,22 @@ def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = F
                  SweepConfig(ratios=ratios, configs=tuple(("rcpu", m) for m in FIXED))]
         say(f"auto ({regime.name}): {regime.calib_samples} x {regime.seq_len} calibration tokens, ratios "
             f"{list(ratios)}, {regime.eval_windows} evaluation windows")
-        points, dense = [], None
+        points, dense, missing = [], None, 0
 
         def on_point(done: int, total: int, row: dict, name=regime.name) -> None:
             where = "cached" if row.get("cached") else f"{row['timing_s']['total']:.0f} s"
             say(f"  [{name} {done}/{total}] {row['config']} ratio {row['ratio']}: ppl {row['ppl']:.3f} ({where})")
 
         for spec in specs:
-            result = run_sweep(lm, data, spec, evaluation, on_point=on_point)
-            dense = result["dense"]
+            result = run_sweep(lm, data, spec, evaluation, on_point=on_point, compute=not cached_only)
+            dense = result["dense"] or dense
             points += result["points"]
+            missing += result["missing"]
         rows = _rows(points)
         tokens_per_dim = regime.calib_samples * regime.seq_len / lm.adapter.num_units(0, "down_proj")
         tables[regime.name] = {"calib_samples": regime.calib_samples, "seq_len": regime.seq_len,
                                "tokens_per_down_proj_input": tokens_per_dim, "eval_windows": regime.eval_windows,
-                               "dense": dense, "rows": rows}
+                               "dense": dense, "rows": rows, "missing_points": missing}
         goals += _goals(rows, regime.name)
     for g in goals:
         say("  " + format_goal(g))

@@ -319,7 +319,7 @@ def _auto(r: dict) -> list[str]:
     ]
     for name, table in r["tables"].items():
         rows = table["rows"]
-        ratios = sorted({row["ratio"] for row in rows})
+        ratios = sorted({*r.get("ratios", []), *(row["ratio"] for row in rows)})
         dense = table["dense"]["ppl"] if table.get("dense") else None
         lines += [
             (f"**{name}**: {table['calib_samples']} x {table['seq_len']} calibration tokens "
@@ -336,6 +336,9 @@ def _auto(r: dict) -> list[str]:
                 row = by.get((config, x))
                 cells.append(_num(row["ppl"]) if row else "")
             lines.append(f"| {config} | " + " | ".join(cells) + " |")
+        if table.get("missing_points"):
+            lines.append(f"{table['missing_points']} point(s) of this table were not measured in this run "
+                         "(`--cached-only` tabulates the points already computed; empty cells).")
         lines.append("")
         for x in ratios:
             auto_row = by.get(("rcpu:auto", x))
