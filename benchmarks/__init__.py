@@ -9,10 +9,11 @@ SVG plots in ``docs/img/``) from those files. Individual benchmarks:
 - ``memory``: peak RSS of whole-model prunes with a small and a large calibration set
 - ``eval``: ``rcpu.evaluate.perplexity`` throughput against a plain transformers loop
 - ``quality``: the perplexity table and calibration-size curve (cached sweep points)
+- ``auto``: ``--method auto`` and ``--allocation greedy`` against every fixed compensation
 - ``size``: parameters, size on disk, KV cache and tokens/s, dense against pruned (embedded and 7B layer shapes)
 
 Modes: full (default), ``--quick`` (under 10 minutes on 2 cores), and ``--tiny``
 (a tiny random LLaMA and small shapes, only to keep this code from rotting).
 """
 
-BENCHMARKS = ("floor", "explorer", "memory", "eval", "quality", "size")
+BENCHMARKS = ("floor", "explorer", "memory", "eval", "quality", "size", "auto")

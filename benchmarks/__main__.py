@@ -1,4 +1,4 @@
-"""``python -m benchmarks all|floor|explorer|memory|eval|quality|report [--quick|--tiny]``."""
+"""``python -m benchmarks all|floor|explorer|memory|eval|quality|size|auto|report [--quick|--tiny]``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", type=Path, default=DOCS_PATH, help="the Markdown summary (plots go to its img/)")
     p.add_argument("--eval-data", action="append", default=[],
                    help="quality: also evaluate on this text (a .txt file or folder); repeatable")
+    p.add_argument("--cached-only", action="store_true",
+                   help="auto: tabulate only the sweep points already cached (compute none)")
     p.add_argument("--profile", action="store_true", help="cProfile the timed work; top functions go in the JSON")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for this run (default: torch's choice)")
     p.add_argument("--samples", type=int, help=argparse.SUPPRESS)  # memory-worker
@@ -60,14 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     from .common import load_lm
 
     lm = load_lm(settings) if set(names) - {"memory"} else None
-    from . import evalspeed, explorer, floor, memory, quality, size
+    from . import auto, evalspeed, explorer, floor, memory, quality, size
 
     modules = {"floor": floor, "explorer": explorer, "memory": memory, "eval": evalspeed, "quality": quality,
-               "size": size}
+               "size": size, "auto": auto}
     total = time.perf_counter()
     for name in names:
         started = time.perf_counter()
         extra = {"eval_data": args.eval_data} if name == "quality" else {}
+        if name == "auto":
+            extra = {"cached_only": args.cached_only}
         modules[name].run(lm, settings, args.results_dir, started, profile=args.profile, **extra)
         say(f"  ({name}: {time.perf_counter() - started:.0f} s)")
         write_docs(args.results_dir, args.docs, command)

@@ -303,6 +303,66 @@ def _size_note(q: dict) -> str:
             f"{q['size_new_tokens']} generated tokens; best of {q['size_repeats']} repeat(s)")
 
 
+def _auto(r: dict) -> list[str]:
+    """Section 7: auto and the greedy allocation against every fixed compensation."""
+    lines = [
+        "## 7. Auto compensation and greedy allocation", "", _provenance(r), "",
+        f"Measured by `python -m benchmarks auto{'' if r['mode'] == 'full' else ' --' + r['mode']}`.", "",
+        ("Every row is score `rcpu` (the same units removed), both targets; only the compensation differs. "
+         "`auto` fits each candidate (rotation, rotation_scale, rotation_bias, bias, ls, ls_ridge at "
+         "lambda = a * trace(G[K,K]) / k for a in 1e-4..1e-1) on one half of the calibration windows, measures "
+         "it on the other half (both ways), and refits the winner on all of them. `greedy` removes exactly the "
+         "uniform ratio's number of heads and of channels, placed where that fold error (relative to the "
+         "residual stream's energy) rises least on the dense model. Perplexity is on the held-out part of the "
+         "embedded text, read only after the pruned model exists. A greedy model's layers differ in shape, so "
+         "no stock config holds it (`rcpu.export.stock_verdict`); `rcpu.load_pruned` loads it. With the "
+         "embedded model's GQA (9 query heads on 3 KV heads) uniform pruning is stock-loadable only with "
+         "`--gqa-balanced`; greedy never is."), "",
+    ]
+    for name, table in r["tables"].items():
+        rows = table["rows"]
+        ratios = sorted({*r.get("ratios", []), *(row["ratio"] for row in rows)})
+        dense = table["dense"]["ppl"] if table.get("dense") else None
+        lines += [
+            (f"**{name}**: {table['calib_samples']} x {table['seq_len']} calibration tokens "
+             f"({table['tokens_per_down_proj_input']:.2f} per `down_proj` input), {table['eval_windows']} "
+             f"evaluation windows; dense perplexity {_num(dense)}."), "",
+            "| config | " + " | ".join(f"ppl at {x:g}" for x in ratios) + " |",
+            "|---|" + "---|" * len(ratios),
+        ]
+        configs = list(dict.fromkeys(row["config"] for row in rows))
+        by = {(row["config"], row["ratio"]): row for row in rows}
+        for config in configs:
+            cells = []
+            for x in ratios:
+                row = by.get((config, x))
+                cells.append(_num(row["ppl"]) if row else "")
+            lines.append(f"| {config} | " + " | ".join(cells) + " |")
+        if table.get("missing_points"):
+            lines.append(f"{table['missing_points']} point(s) of this table were not measured in this run "
+                         "(`--cached-only` tabulates the points already computed; empty cells).")
+        lines.append("")
+        for x in ratios:
+            auto_row = by.get(("rcpu:auto", x))
+            greedy = next((row for row in rows if row["ratio"] == x and row.get("allocation") == "greedy"), None)
+            parts = []
+            if auto_row and auto_row.get("auto_wins"):
+                wins = "; ".join(f"`{sub}`: " + ", ".join(f"{c} {n}" for c, n in sorted(w.items(), key=lambda i: -i[1]))
+                                 for sub, w in auto_row["auto_wins"].items())
+                parts.append(f"auto's choices (layers won) {wins}")
+            if auto_row and greedy:
+                alloc = greedy.get("allocated") or {}
+                totals = ", ".join(f"`{sub}` {a['total_removed']} units (uniform {a['uniform_total_removed']}), "
+                                   f"per layer {min(a['removed'])}-{max(a['removed'])}"
+                                   for sub, a in alloc.items() if isinstance(a, dict))
+                parts.append(f"greedy removed {totals}; parameters after: greedy {_num(greedy['params_after'])}, "
+                             f"uniform {_num(auto_row['params_after'])}")
+            if parts:
+                lines.append(f"- ratio {x:g}: " + "; ".join(parts) + ".")
+        lines.append("")
+    return lines + _goal_rows(r["goals"]) + [""]
+
+
 def _reduced(results: dict[str, dict]) -> list[str]:
     """One line per benchmark that ran in a reduced mode, from its own recorded settings."""
     notes = []
@@ -312,6 +372,11 @@ def _reduced(results: dict[str, dict]) -> list[str]:
         q = r["settings"]
         if name == "size":  # its settings are not in the result files written before it existed
             notes.append(f"size ({r['mode']}): {_size_note(q)}")
+            continue
+        if name == "auto":
+            sizes = "; ".join(f"{k} {t['calib_samples']} x {t['seq_len']} calibration tokens, {t['eval_windows']} "
+                              "evaluation windows" for k, t in r["tables"].items())
+            notes.append(f"auto ({r['mode']}): {sizes}")
             continue
         text = {
             "floor": f"{q['floor_samples']} calibration samples of {q['seq_len']} tokens, best of "
@@ -352,7 +417,8 @@ def write_docs(results_dir: Path, docs_path: Path, command: str) -> Path:
     if notes:
         lines += [("Reduced settings of the sections run with `--quick` or `--tiny` (the full run uses "
                   "the sizes the issue asks for):"), ""] + [f"- {n}" for n in notes] + [""]
-    sections = {"floor": _floor, "explorer": _explorer, "memory": _memory, "eval": _eval, "size": _size}
+    sections = {"floor": _floor, "explorer": _explorer, "memory": _memory, "eval": _eval, "size": _size,
+                "auto": _auto}
     for name, r in results.items():
         if name == "quality":
             lines += _quality(r, img_dir, docs_dir)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from rcpu import figures
-from rcpu.compensate import LAMBDA_METHODS, METHODS
+from rcpu.allocate import ALLOCATIONS
+from rcpu.compensate import LAMBDA_METHODS, PRUNE_METHODS
 from rcpu.config import EvalConfig, PruneConfig, SweepConfig, parse_configs
 from rcpu.eta import StageText
 from rcpu.scores import SCORES
@@ -14,7 +15,7 @@ from ui import common
 
 RATIOS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6]
 LAMBDAS = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e2, 1e3, 1e4, 1e5]  # the paper's Fig. 5 range
-CONFIGS = [f"{s}:{m}" for s in SCORES for m in METHODS]
+CONFIGS = [f"{s}:{m}" for s in SCORES for m in PRUNE_METHODS]
 TARGET_LABELS = {"both": "both", "attn": "o_proj only", "mlp": "down_proj only"}
 VIEWS = ["📈 Perplexity vs ratio", "🧪 Calibration size"]
 
@@ -31,7 +32,8 @@ sizes = sorted({max(1, d.calib_samples // 4), max(1, d.calib_samples // 2), d.ca
 start = SweepConfig()
 for key, value in (("pv_ratios", list(start.ratios)), ("pv_configs", start.configs_text.split(",")),
                    ("pv_targets", start.targets), ("pv_view", VIEWS[0]), ("pv_sizes", sizes),
-                   ("pv_size_ratio", PruneConfig.ratio), ("pv_lambdas", list(start.lambdas))):
+                   ("pv_size_ratio", PruneConfig.ratio), ("pv_lambdas", list(start.lambdas)),
+                   ("pv_allocations", list(start.allocations))):
     common.init(key, value)
 
 c = st.columns([2, 3, 1.2])
@@ -50,16 +52,20 @@ lambdas = start.lambdas
 if any(c.split(":")[1] in LAMBDA_METHODS for c in configs):
     lambdas = tuple(sorted(st.multiselect("λ of LS + ridge (each is a point)", LAMBDAS, key="pv_lambdas",
                                           format_func=lambda v: f"{v:g}"))) or start.lambdas
+allocations = tuple(st.multiselect(
+    "Ratios per layer (each is a line)", list(ALLOCATIONS), key="pv_allocations",
+    help="uniform: the ratio in every layer; greedy: the same total per module, placed by calibration-fold "
+         "error (method 'auto' chooses each sublayer's compensation the same way)")) or start.allocations
 eval_data, eval_windows = common.evaluation_settings("pv", data)
 
 with common.guarded():
     pairs = parse_configs(",".join(configs)) if configs else ()
     if view == VIEWS[0]:
         spec = SweepConfig(ratios=tuple(sorted(ratios)), configs=pairs, targets=targets, lambdas=lambdas,
-                           rounding=common.rounding())
+                           rounding=common.rounding(), allocations=allocations)
     else:
         spec = SweepConfig(ratios=(float(size_ratio),), configs=pairs, calib_samples=tuple(sorted(calib_sizes)),
-                           targets=targets, lambdas=lambdas, rounding=common.rounding())
+                           targets=targets, lambdas=lambdas, rounding=common.rounding(), allocations=allocations)
     evaluation = EvalConfig(eval_data, eval_windows)
     cached = run_sweep(lm, data, spec, evaluation, compute=False)
 
@@ -127,8 +133,9 @@ if done_note and not missing:
 
 rows = cached["points"]
 if rows:
-    st.dataframe([{k: r.get(k) for k in ("config", "ratio", "calib_samples", "targets", "ppl", "ppl_dense",
-                                          "params_after", "cached")} for r in rows], hide_index=True)
+    columns = ("config", "allocation", "ratio", "calib_samples", "targets", "ppl", "ppl_dense", "params_after",
+               "cached")
+    st.dataframe([{k: r.get(k) for k in columns} for r in rows], hide_index=True)
     st.download_button("⬇️ Table (CSV)", to_csv(rows), file_name="rcpu-perplexity.csv", mime="text/csv",
                        on_click="ignore", key="download_csv")
 common.model_status()

@@ -11,7 +11,8 @@ import torch
 
 from rcpu import figures
 from rcpu.accounting import module_rows, params_by_module, unit_rows
-from rcpu.compensate import LAMBDA_METHODS, METHODS
+from rcpu.allocate import ALLOCATIONS
+from rcpu.compensate import LAMBDA_METHODS, PRUNE_METHODS
 from rcpu.config import EvalConfig, PruneConfig
 from rcpu.eta import StageText
 from rcpu.export import save_pruned, zip_pruned
@@ -40,20 +41,24 @@ n_layers = lm.adapter.num_layers
 
 start = PruneConfig()
 for key, value in (("wm_ratio", start.ratio), ("wm_targets", start.targets), ("wm_score", start.score),
-                   ("wm_method", start.method), ("wm_lambda", start.lam)):
+                   ("wm_method", start.method), ("wm_lambda", start.lam), ("wm_allocation", start.allocation)):
     common.init(key, value)
 c = st.columns([1.3, 1.6, 1, 1.3])
 ratio = c[0].slider("Pruning ratio", 0.0, 0.8, step=0.05, key="wm_ratio")
 targets = c[1].radio("Targets", list(TARGET_LABELS), format_func=TARGET_LABELS.get, key="wm_targets")
 score = c[2].selectbox("Score", list(SCORES), key="wm_score")
-method = c[3].selectbox("Compensation", list(METHODS), format_func=lambda m: figures.label(m, score),
+method = c[3].selectbox("Compensation", list(PRUNE_METHODS), format_func=lambda m: figures.label(m, score),
                         key="wm_method")
+allocation = st.radio("Ratios per layer", list(ALLOCATIONS), horizontal=True, key="wm_allocation",
+                      help="uniform: the ratio in every layer. greedy: the same total per module, placed where "
+                           "the error on a held-back part of the calibration windows rises least (layers then "
+                           "differ in shape: not stock-loadable, rcpu.load_pruned loads it).")
 eval_data, eval_windows = common.evaluation_settings("wm", data)
 lam = start.lam
 if method in LAMBDA_METHODS:
     lam = st.number_input("λ of LS + ridge (absolute, toward W_K)", 0.0, 1e8, format="%.1e", key="wm_lambda")
 cfg = PruneConfig(ratio=round(float(ratio), 4), targets=targets, score=score, method=method, lam=float(lam),
-                  rounding=common.rounding())
+                  rounding=common.rounding(), allocation=allocation)
 evaluation = EvalConfig(eval_data, eval_windows)
 
 b1, b2 = st.columns([1.6, 4])
@@ -141,8 +146,19 @@ with right:
                  width="stretch")
 st.caption("Units and parameters summed over all layers, per module. A module whose parameters are not "
            "saved keeps its size although units were removed from another module's inputs.")
+if result.config.method == "auto":
+    st.plotly_chart(figures.auto_choice_figure(result.layers, result.config.sublayers), key="fig_auto")
+    st.caption("Each sublayer's compensation was chosen by its error on one half of the calibration windows "
+               "after fitting on the other half (both ways), then refitted on all of them; the evaluation "
+               "text is read only after the pruned model exists.")
+st.plotly_chart(figures.allocation_heatmap(result.layers, result.config.sublayers), key="fig_allocation")
+if result.config.allocation != "uniform":
+    totals = ", ".join(f"`{sub}` {a['total_removed']} units (uniform: {a['uniform_total_removed']})"
+                       for sub, a in summary["allocated"].items() if isinstance(a, dict))
+    st.caption(f"Removed in total: {totals}.")
 with st.expander("Per-layer table"):
-    rows = [{"layer": r["layer"], "sublayer": sub, **r[sub],
+    rows = [{"layer": r["layer"], "sublayer": sub, **{k: v for k, v in r[sub].items() if k != "auto"},
+             **({"auto choice": r[sub]["auto"]["candidate"]} if "auto" in r[sub] else {}),
              **{f"{what} (before → after)": f"{a} → {b}" for what, (a, b) in r["shape"].items()}}
             for r in result.layers for sub in result.config.sublayers]
     st.dataframe(rows, hide_index=True)

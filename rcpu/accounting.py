@@ -14,7 +14,7 @@ UNIT_NAMES = {"heads": "attention heads", "kv_heads": "KV heads", "channels": "M
 
 
 def params_by_module(model: nn.Module) -> dict[str, int]:
-    """Parameters per kind of linear module (``q_proj``, ``down_proj``...) summed over layers."""
+    """Parameters per kind of linear module (its attribute name in the layer) summed over layers."""
     counts: dict[str, int] = defaultdict(int)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and ".layers." in f".{name}":

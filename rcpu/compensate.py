@@ -45,6 +45,7 @@ class Compensation:
     singular_values: Tensor | None = None  # (d_out,) of M, descending
     kept_scale: float | None = None  # set when weight == kept_scale * Q @ W_K (a rotated, scaled Z)
     rank: int | None = None  # numerical rank of M (rotation methods)
+    choice: dict | None = None  # ``auto``: the winner and every candidate's validation error
 
 
 def numerical_rank(singular_values: Tensor) -> int:
@@ -189,6 +190,70 @@ def _rotation_diag(p: KeptProblem, reg: Regularisation) -> Compensation:
     return _rotated(p, q, s, scale=None, weight=scale[:, None] * rotated)
 
 
+# ``auto``'s candidates; ls_ridge is tried at each strength of AUTO_RIDGE_GRID, given relative to
+# trace(G[K,K]) / k so that a fold's fit (about half the tokens) and the refit on all tokens use
+# the same strength per token.
+AUTO_CANDIDATES = ("rotation", "rotation_scale", "rotation_bias", "bias", "ls")
+AUTO_RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def auto_candidates(gram_kk: Tensor) -> list[tuple[str, float, str]]:
+    """(method, absolute lambda on ``gram_kk``, name) for every candidate of ``auto``."""
+    fixed = [(m, DEFAULT_LAMBDA, m) for m in AUTO_CANDIDATES]
+    return fixed + [("ls_ridge", ridge_lambda(gram_kk, a), f"ls_ridge@{a:g}") for a in AUTO_RIDGE_GRID]
+
+
+Candidates = Callable[[Tensor], list[tuple[str, float, str]]]  # G[K,K] of the fit -> (method, lambda, name)
+
+
+def validation_errors(p: KeptProblem, reg: Regularisation, candidates: Candidates | None = None,
+                      fold_wg: list[Tensor] | None = None) -> dict[str, float]:
+    """Each candidate fitted on one calibration fold and measured on the others, summed over folds:
+    ``sqrt(sum ||Y - Yhat||^2 / sum ||Y||^2)`` on the held-back folds, from their Grams alone.
+    ``candidates`` defaults to ``auto``'s; ``fold_wg`` (``W G`` per fold) may be shared across kept sets."""
+    candidates = candidates or auto_candidates
+    folds = p.stats.folds
+    if not folds or len(folds) < 2:
+        raise RcpuError("method 'auto' needs calibration statistics split into folds (a whole-model prune)")
+    fold_wg = fold_wg or [None] * len(folds)
+    problems = [KeptProblem(p.w, fold, p.kept, wg) for fold, wg in zip(folds, fold_wg, strict=True)]
+    errors: dict[str, float] = {}
+    reference: dict[str, float] = {}
+    for i, train in enumerate(problems):
+        rest = [q for j, q in enumerate(problems) if j != i]
+        # the held-back folds together: their Grams add up
+        held = rest[0] if len(rest) == 1 else KeptProblem(p.w, _sum_stats([q.stats for q in rest]), p.kept)
+        for method, lam, name in candidates(train.gram_kk):
+            comp = METHODS[method](train, Regularisation(reg.alpha, lam))
+            err, ref = held.error(comp.weight, comp.bias)
+            errors[name] = errors.get(name, 0.0) + err
+            reference[name] = reference.get(name, 0.0) + ref
+    return {name: math.sqrt(err / reference[name]) if reference[name] > 0 else 0.0 for name, err in errors.items()}
+
+
+def _sum_stats(parts: list[LayerStats]) -> LayerStats:
+    return LayerStats(gram=sum(s.gram for s in parts), total=sum(s.total for s in parts),
+                      count=sum(s.count for s in parts), sample=parts[0].sample)
+
+
+def _auto(p: KeptProblem, reg: Regularisation) -> Compensation:
+    """The candidate with the lowest validation error across calibration folds, refitted on all
+    calibration tokens (the evaluation text is never seen: folds split calibration windows)."""
+    errors = validation_errors(p, reg)
+    ranked = sorted(errors, key=errors.get)
+    winner = ranked[0]
+    method, lam, _ = next(c for c in auto_candidates(p.gram_kk) if c[2] == winner)
+    result = METHODS[method](p, Regularisation(reg.alpha, lam))
+    runner_up = errors[ranked[1]] if len(ranked) > 1 else errors[winner]
+    result.choice = {
+        "method": method, "candidate": winner, "lambda": lam if method in LAMBDA_METHODS else None,
+        "validation_error": errors[winner], "runner_up": ranked[1] if len(ranked) > 1 else None,
+        "margin": runner_up - errors[winner],  # how much the winner beat the next candidate by
+        "validation_errors": errors,
+    }
+    return result
+
+
 MethodFn = Callable[[KeptProblem, Regularisation], Compensation]
 
 METHODS: dict[str, MethodFn] = {
@@ -204,6 +269,11 @@ METHODS: dict[str, MethodFn] = {
     "ls_ridge": _ls_ridge,  # last: the registry's order gives the figures' colours
 }
 
+# Methods that choose among the others; they need calibration folds (``LayerStats.folds``), which a
+# whole-model prune gathers, so they are offered where a whole model is pruned (prune, sweeps).
+SELECTORS: dict[str, MethodFn] = {"auto": _auto}
+PRUNE_METHODS = (*METHODS, *SELECTORS)
+
 
 LAMBDA_METHODS = ("ls_ridge",)  # the methods whose result depends on lambda
 
@@ -218,9 +288,10 @@ def check_lambda(lam: float) -> None:
     check_alpha(lam, "lambda")
 
 
-def check_method(name: str) -> None:
-    if name not in METHODS:
-        raise RcpuError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+def check_method(name: str, choices=METHODS) -> None:
+    if name not in choices:
+        extra = " ('auto' only for a whole-model prune)" if name in SELECTORS else ""
+        raise RcpuError(f"unknown method {name!r}{extra}; choose one of: {', '.join(choices)}")
 
 
 def _complement(kept: Tensor, d_in: int) -> Tensor:
@@ -241,7 +312,7 @@ def compensate_problem(
     method: str, problem: KeptProblem, alpha: float = DEFAULT_ALPHA, lam: float = DEFAULT_LAMBDA
 ) -> Compensation:
     """``compensate`` on a ``KeptProblem``, whose shared products other methods reuse."""
-    check_method(method)
+    check_method(method, PRUNE_METHODS)
     check_alpha(alpha)
     check_lambda(lam)
     if not problem.inputs_finite:
@@ -249,7 +320,7 @@ def compensate_problem(
             f"compensation {method!r} cannot use non-finite weights or statistics (inf/NaN)"
         )
     try:
-        result = METHODS[method](problem, Regularisation(alpha, lam))
+        result = (METHODS.get(method) or SELECTORS[method])(problem, Regularisation(alpha, lam))
     except torch.linalg.LinAlgError as exc:
         raise RcpuError(f"compensation {method!r} failed: {str(exc).splitlines()[0]}") from None
     parts = [result.weight] + ([result.bias] if result.bias is not None else [])

@@ -13,7 +13,17 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .adapters import SUBLAYERS
-from .compensate import DEFAULT_ALPHA, DEFAULT_LAMBDA, LAMBDA_METHODS, check_alpha, check_lambda, check_method
+from .allocate import check_allocation
+from .compensate import (
+    DEFAULT_ALPHA,
+    DEFAULT_LAMBDA,
+    LAMBDA_METHODS,
+    METHODS,
+    PRUNE_METHODS,
+    check_alpha,
+    check_lambda,
+    check_method,
+)
 from .errors import RcpuError
 from .scores import check_keeps_some, check_ratio, check_rounding, check_score
 from .text import Sampling, load_text
@@ -110,7 +120,7 @@ class EvalConfig:
 def _check_choices(cfg: LayerConfig | PruneConfig) -> None:
     check_ratio(cfg.ratio)
     check_score(cfg.score)
-    check_method(cfg.method)
+    check_method(cfg.method, PRUNE_METHODS if isinstance(cfg, PruneConfig) else METHODS)
     check_alpha(cfg.alpha)
     check_lambda(cfg.lam)
     check_rounding(cfg.rounding)
@@ -156,6 +166,7 @@ class PruneConfig:
     lam: float = DEFAULT_LAMBDA  # ls_ridge: absolute strength (--lambda)
     rounding: str = "nearest"  # or "truncate", the authors' int(ratio * units)
     gqa_balanced: bool = False  # the same number of query heads from every KV group (stays stock-loadable)
+    allocation: str = "uniform"  # or "greedy": per-layer counts, same total (rcpu/allocate.py)
 
     @property
     def sublayers(self) -> tuple[str, ...]:
@@ -171,13 +182,15 @@ class PruneConfig:
     def label(self) -> str:
         """``score:method``, with the strength for a method whose result depends on lambda."""
         name = f"{self.score}:{self.method}"
-        return f"{name} λ={self.lam:g}" if self.method in LAMBDA_METHODS else name
+        name = f"{name} λ={self.lam:g}" if self.method in LAMBDA_METHODS else name
+        return name if self.allocation == "uniform" else f"{name} [{self.allocation}]"
 
     def check(self, lm: LoadedModel | None = None) -> None:
         """With ``lm``: also refuse a ratio that would leave some layer nothing, before any work."""
         if self.targets not in TARGETS:
             raise RcpuError(f"unknown targets {self.targets!r}; choose one of: {', '.join(TARGETS)}")
         _check_choices(self)
+        check_allocation(self.allocation)
         if lm is not None:
             adapter = lm.adapter
             for sub in self.sublayers:
@@ -196,7 +209,7 @@ def parse_configs(text: str) -> tuple[tuple[str, str], ...]:
         if not sep:
             raise RcpuError(f"config {item!r} must be SCORE:METHOD, e.g. rcpu:rotation")
         check_score(score)
-        check_method(method)
+        check_method(method, PRUNE_METHODS)
         pairs.append((score, method))
     if not pairs:
         raise RcpuError("no configs given")
@@ -219,6 +232,7 @@ class SweepConfig:
     lambdas: tuple[float, ...] = (DEFAULT_LAMBDA,)
     rounding: str = PruneConfig.rounding
     gqa_balanced: bool = PruneConfig.gqa_balanced
+    allocations: tuple[str, ...] = (PruneConfig.allocation,)  # an axis, like lambdas
 
     @property
     def configs_text(self) -> str:
@@ -228,11 +242,12 @@ class SweepConfig:
         sizes = self.calib_samples or (data.calib_samples,)
         return [
             (replace(data, calib_samples=n),
-             PruneConfig(r, self.targets, s, m, self.alpha, lam, self.rounding, self.gqa_balanced))
+             PruneConfig(r, self.targets, s, m, self.alpha, lam, self.rounding, self.gqa_balanced, allocation))
             for n in sizes
             for r in self.ratios
             for s, m in self.configs
             for lam in (self.lambdas if m in LAMBDA_METHODS else (DEFAULT_LAMBDA,))
+            for allocation in self.allocations
         ]
 
     def check(self, data: DataConfig | None = None) -> None:
@@ -240,6 +255,8 @@ class SweepConfig:
             raise RcpuError("no ratios given; e.g. --ratios 0.1,0.2")
         if not self.lambdas:
             raise RcpuError("no lambdas given; e.g. --lambdas 1e-4,1e-2")
+        if not self.allocations:
+            raise RcpuError("no allocations given; e.g. --allocations uniform,greedy")
         for data_point, cfg in self.points(data or DataConfig()):
             cfg.check()
             data_point.sampling.check()

@@ -37,6 +37,7 @@ _PALETTE = (
     "#0d9488",  # rotation_diag
 )
 METHOD_COLORS = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(METHODS)}
+METHOD_COLORS["auto"] = "#111827"  # near black: a choice among the others, not one more of them
 METHOD_LABELS = {
     "none": "none",
     "bias": "bias",
@@ -48,6 +49,7 @@ METHOD_LABELS = {
     "rotation_bias": "rotation + bias",
     "rotation_diag": "rotation + diagonal",
     "ls_ridge": "LS + ridge (paper)",
+    "auto": "auto (chosen per sublayer)",
 }
 MAX_POINTS = 1000  # per scatter trace; keeps figures light in the browser
 WEBGL_ABOVE = 300
@@ -738,6 +740,56 @@ def layer_errors_figure(layers: Sequence[dict], num_layers: int | None = None,
         fig.add_annotation(text="Run the prune to see each layer's error as it goes.", showarrow=False,
                            x=0.5, y=0.5, xref="paper", yref="paper")
     return _layout(fig, title, height=400, subplot_titles=True)
+
+
+def auto_choice_figure(layers: Sequence[dict], sublayers: Sequence[str] = ("o_proj", "down_proj")) -> go.Figure:
+    """Which candidate ``auto`` chose in each layer and by how much it beat the runner-up.
+
+    ``layers``: ``PruneResult.layers`` records whose sublayers carry ``"auto"`` (the choice);
+    the bar is the runner-up's validation error over the winner's, minus 1, in percent.
+    """
+    title = "Auto: the compensation chosen per layer (bar: how far the runner-up was behind)"
+    present = [s for s in sublayers if any("auto" in r.get(s, {}) for r in layers)]
+    if not present:
+        return _empty(title, "Prune with the method 'auto' to see its choices.")
+    fig = make_subplots(rows=1, cols=len(present), subplot_titles=present, shared_yaxes=True,
+                        horizontal_spacing=0.05)
+    shown: set[str] = set()
+    for c, sub in enumerate(present, start=1):
+        rows = sorted((r for r in layers if "auto" in r.get(sub, {})), key=lambda r: r["layer"])
+        for method in dict.fromkeys(r[sub]["auto"]["method"] for r in rows):
+            mine = [r for r in rows if r[sub]["auto"]["method"] == method]
+            choices = [r[sub]["auto"] for r in mine]
+            fig.add_trace(go.Bar(
+                x=[r["layer"] for r in mine],
+                y=[100 * ch["margin"] / ch["validation_error"] if ch["validation_error"] > 0 else 0.0
+                   for ch in choices],
+                name=label(method), legendgroup=method, showlegend=method not in shown,
+                marker_color=color(method),
+                customdata=[[ch["candidate"], ch["validation_error"], ch["runner_up"]] for ch in choices],
+                hovertemplate="layer %{x}: %{customdata[0]}<br>validation error %{customdata[1]:.4f}<br>"
+                              "runner-up %{customdata[2]}, %{y:.2f}% worse<extra></extra>",
+            ), row=1, col=c)
+            shown.add(method)
+        fig.update_xaxes(title_text="layer", row=1, col=c)
+    fig.update_yaxes(title_text="runner-up worse by (%)", rangemode="tozero", row=1, col=1)
+    return _layout(fig, title, height=360, subplot_titles=True)
+
+
+def allocation_heatmap(layers: Sequence[dict], sublayers: Sequence[str] = ("o_proj", "down_proj")) -> go.Figure:
+    """The share of units removed in each layer (x) and sublayer (y) of a prune."""
+    title = "Ratio removed per layer and module"
+    present = [s for s in sublayers if any("ratio" in r.get(s, {}) for r in layers)]
+    if not present:
+        return _empty(title, "Run the prune to see the ratio removed per layer.")
+    rows = sorted(layers, key=lambda r: r["layer"])
+    z = [[r[sub]["ratio"] if sub in r else None for r in rows] for sub in present]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[r["layer"] for r in rows], y=list(present), colorscale="Reds", zmin=0,
+        colorbar={"title": "ratio"}, hovertemplate="layer %{x}, %{y}: %{z:.1%} removed<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="layer")
+    return _layout(fig, title, height=220 + 40 * len(present))
 
 
 def _lines(points: Sequence[dict], x_key: str) -> list[go.Scatter]:

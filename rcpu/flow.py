@@ -143,12 +143,13 @@ class LayerFlow:
 
 @contextmanager
 def record_inputs(
-    modules: dict[str, nn.Module], sample_size: int, seed: int, stop_after: str | None = None
+    modules: dict[str, nn.Module], sample_size: int, seed: int, stop_after: str | None = None, folds: int = 0
 ) -> Iterator[dict]:
     """Accumulate input statistics of each named module while the context is open.
 
     With ``stop_after``, the forward pass is cut short once that module's input is
-    recorded (its own matmul and everything after it are not needed).
+    recorded (its own matmul and everything after it are not needed). With ``folds``, each
+    window goes to one of that many fold statistics (``LayerStats.folds``).
     """
     accumulators: dict[str, StatsAccumulator] = {}
     handles = []
@@ -157,7 +158,8 @@ def record_inputs(
         def hook(mod, args):
             x = args[0]
             if name not in accumulators:
-                accumulators[name] = StatsAccumulator(x.shape[-1], sample_size=sample_size, seed=seed, device=x.device)
+                accumulators[name] = StatsAccumulator(x.shape[-1], sample_size=sample_size, seed=seed,
+                                                      device=x.device, folds=folds)
             accumulators[name].add(x)
             if name == stop_after:
                 raise _Stop
@@ -174,12 +176,12 @@ def record_inputs(
 
 
 def layer_input_stats(flow: LayerFlow, index: int, sample_size: int, seed: int, update: bool = False,
-                      sublayers: tuple[str, ...] = SUBLAYERS, keep_attention: bool = False):
+                      sublayers: tuple[str, ...] = SUBLAYERS, keep_attention: bool = False, folds: int = 0):
     """Statistics of the ``sublayers`` inputs (default ``o_proj`` and ``down_proj``) of layer ``index``.
 
     Without ``update`` the run stops once the last of them is recorded (nothing reads the rest).
     ``keep_attention`` keeps each batch's ``o_proj`` input in ``flow.attention`` for
-    ``LayerFlow.run_layer_reusing_attention``."""
+    ``LayerFlow.run_layer_reusing_attention``. With ``folds``, one Gram per calibration fold too."""
     adapter = flow.adapter
     modules = {name: adapter.sublayer(index, name) for name in SUBLAYERS if name in sublayers}
     stop_after = None if update else ("down_proj" if "down_proj" in modules else "o_proj")
@@ -193,7 +195,7 @@ def layer_input_stats(flow: LayerFlow, index: int, sample_size: int, seed: int, 
     else:
         handle = None
     try:
-        with record_inputs(modules, sample_size, seed, stop_after) as accumulators:
+        with record_inputs(modules, sample_size, seed, stop_after, folds) as accumulators:
             flow.run_layer(index, update=update)
     finally:
         if handle is not None:

@@ -98,10 +98,13 @@ def prune_and_evaluate(
     """
     start = time.perf_counter()
     evaluation = (evaluation or EvalConfig()).against(data)
-    windows = check_before_work(lm, [(data, cfg)], evaluation)
-    dense = dense_perplexity(lm, data, evaluation, progress=_stage(progress, "dense"))
+    check_before_work(lm, [(data, cfg)], evaluation)  # refuses a too-short evaluation text; windows unused
     prune_data = replace(data, heldout_samples=0) if only_perplexity else data
     result = prune_model(lm, prune_data, cfg, progress=_stage(progress, "prune"), on_layer=on_layer)
+    # Only now, with the pruned model built, are the evaluation windows read (tests/test_auto.py):
+    # nothing in the pruning (auto's choices, the allocation) can depend on them.
+    windows = evaluation_windows(lm, data, evaluation)
+    dense = dense_perplexity(lm, data, evaluation, progress=_stage(progress, "dense"))
     pruned = perplexity(result.model, windows, progress=_stage(progress, "eval"))
     stock = {}
     if not only_perplexity:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import adapter_for
+from .allocate import FOLDS, allocate
 from .calibration import TokenSet, prepare_tokens
 from .compensate import Compensation, compensate_problem
 from .config import DataConfig, PruneConfig
@@ -36,6 +37,7 @@ class PruneResult:
     params_before: int
     params_after: int
     timing_s: dict = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)  # units removed per sublayer kind and layer, and uniform's
 
 
 LayerCallback = Callable[[dict], None]
@@ -71,17 +73,23 @@ def prune_model(
     model = copy.deepcopy(lm.model)
     adapter = adapter_for(model)
 
+    t_alloc = time.perf_counter()
+    allocated = allocate(lm, tokens, cfg, data.seed, batch_size, progress)
+    allocation = _allocation_summary(cfg, allocated, adapter.num_layers)
+    folds = FOLDS if cfg.method == "auto" else 0  # a Gram per calibration fold, summing to the full one
     flows = {"calibration": LayerFlow(adapter, tokens.calibration, batch_size)}
     if len(tokens.heldout):
         flows["heldout"] = LayerFlow(adapter, tokens.heldout, batch_size)
-    timing = {"statistics": 0.0, "compensation": 0.0, "recompute": 0.0}
+    timing = {"allocation": time.perf_counter() - t_alloc, "statistics": 0.0, "compensation": 0.0, "recompute": 0.0}
     plans: list[dict[str, SublayerPlan]] = []
     records: list[dict] = []
     n_layers = adapter.num_layers
     for index in range(n_layers):
         if progress:
             progress(index, n_layers, f"layer {index}")
-        layer_plans, record = prune_layer(adapter, index, flows, cfg, data.seed, timing)
+        counts = None if cfg.allocation == "uniform" else {
+            sub: allocated["counts"][index, sub] for sub in cfg.sublayers}
+        layer_plans, record = prune_layer(adapter, index, flows, cfg, data.seed, timing, folds=folds, counts=counts)
         plans.append(layer_plans)
         records.append(record)
         if on_layer:
@@ -98,19 +106,24 @@ def prune_model(
         params_before=count_parameters(lm.model),
         params_after=count_parameters(model),
         timing_s=timing,
+        allocation=allocation,
     )
 
 
 def prune_layer(adapter, index: int, flows: dict[str, LayerFlow], cfg: PruneConfig, seed: int,
-                timing: dict[str, float]) -> tuple[dict[str, SublayerPlan], dict]:
+                timing: dict[str, float], folds: int = 0,
+                counts: dict[str, int] | None = None) -> tuple[dict[str, SublayerPlan], dict]:
     """Prune layer ``index`` of ``adapter``'s model in place and move every flow past it.
 
     The dense run records only the statistics the targets read (and stops after the last of
-    them) and keeps the attention output; the pruned run reuses it (``rcpu.flow``). Adds the
-    seconds of each part to ``timing``; returns the layer's plans and its record."""
+    them) and keeps the attention output; the pruned run reuses it (``rcpu.flow``). ``folds``:
+    a Gram per calibration fold (``auto``); ``counts``: units to remove per sublayer (an
+    allocation) instead of ``cfg.ratio``. Adds the seconds of each part to ``timing``; returns
+    the layer's plans and its record."""
     sublayers = cfg.sublayers
     t0 = time.perf_counter()
-    stats = {split: layer_input_stats(flow, index, 0, seed, sublayers=tuple(sublayers), keep_attention=True)
+    stats = {split: layer_input_stats(flow, index, 0, seed, sublayers=tuple(sublayers), keep_attention=True,
+                                      folds=folds if split == "calibration" else 0)
              for split, flow in flows.items()}
     t1 = time.perf_counter()
     before = {what: count(adapter, index) for what, count in SHAPE_COUNTS.items()}
@@ -119,9 +132,12 @@ def prune_layer(adapter, index: int, flows: dict[str, LayerFlow], cfg: PruneConf
     for sub in sublayers:
         linear = adapter.sublayer(index, sub)
         calib = stats["calibration"][sub]
+        n_units = adapter.num_units(index, sub)
+        ratio, rounding = (cfg.ratio, cfg.rounding) if counts is None else (
+            counts[sub] / n_units, "nearest")  # exactly the allocated count
         sel = select(
-            linear.weight, calib, cfg.score, cfg.ratio, adapter.unit_size(sub), unit_seed(seed, index, sub),
-            adapter.unit_name(sub), cfg.rounding,
+            linear.weight, calib, cfg.score, ratio, adapter.unit_size(sub), unit_seed(seed, index, sub),
+            adapter.unit_name(sub), rounding,
             group=cfg.head_group(adapter, index) if sub == "o_proj" else None,
         )
         # One problem per split: compensation and the errors share W G and G[K,K].
@@ -136,6 +152,9 @@ def prune_layer(adapter, index: int, flows: dict[str, LayerFlow], cfg: PruneConf
         record[sub]["kept_units"] = len(sel.kept_units)
         record[sub]["pruned_units"] = len(sel.pruned_units)
         record[sub]["calibration_tokens_per_input_dim"] = calib.count / calib.d_in
+        record[sub]["ratio"] = len(sel.pruned_units) / n_units
+        if comp.choice is not None:
+            record[sub]["auto"] = comp.choice
     t2 = time.perf_counter()
     for plan in layer_plans.values():
         apply_plan(adapter, index, plan)
@@ -150,6 +169,17 @@ def prune_layer(adapter, index: int, flows: dict[str, LayerFlow], cfg: PruneConf
     timing["compensation"] += t2 - t1
     timing["recompute"] += t3 - t2
     return layer_plans, record
+
+
+def _allocation_summary(cfg: PruneConfig, plan: dict, n_layers: int) -> dict:
+    """Units removed per sublayer kind, per layer and in total, against the uniform ratio's."""
+    out: dict = {"rule": cfg.allocation}
+    for sub in cfg.sublayers:
+        counts = [plan["counts"][i, sub] for i in range(n_layers)]
+        uniform = [plan["uniform"][i, sub] for i in range(n_layers)]
+        out[sub] = {"removed": counts, "units": [plan["units"][i, sub] for i in range(n_layers)],
+                    "total_removed": sum(counts), "uniform_total_removed": sum(uniform)}
+    return out
 
 
 def _errors(problems: dict[str, KeptProblem], comp: Compensation) -> dict:

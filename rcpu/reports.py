@@ -124,6 +124,17 @@ def units_removed_text(summary: dict) -> str:
                      for s in summary["units_pruned"])
 
 
+def auto_wins(layers: list[dict], sublayers: tuple[str, ...]) -> dict:
+    """How many layers each ``auto`` candidate won, per sublayer."""
+    wins: dict = {}
+    for sub in sublayers:
+        for layer in layers:
+            if "auto" in layer.get(sub, {}):
+                name = layer[sub]["auto"]["candidate"]
+                wins.setdefault(sub, {})[name] = wins.get(sub, {}).get(name, 0) + 1
+    return wins
+
+
 @dataclass
 class PruneReport:
     """A whole-model prune and the perplexity of the dense and the pruned model on the same windows."""
@@ -167,6 +178,9 @@ class PruneReport:
             # [before, after] summed over layers: what the pruned model really holds
             "shape": {what: [sum(layer["shape"][what][k] for layer in r.layers) for k in (0, 1)]
                       for what in first["shape"]},
+            # units removed per layer and in total against the uniform ratio's (same totals, exactly)
+            "allocated": r.allocation,
+            **({"auto_wins": auto_wins(r.layers, r.config.sublayers)} if r.config.method == "auto" else {}),
             **self.stock,
         }
 

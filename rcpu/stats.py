@@ -51,6 +51,7 @@ class LayerStats:
     count: int  # number of tokens N
     sample: Tensor  # (d_in, m) float32, seeded token subsample for pictures
     abs_total: Tensor | None = None  # (d_in,) float64, sum of |inputs| over tokens
+    folds: list[LayerStats] | None = None  # statistics of each calibration fold (whole windows); they sum to these
 
     @property
     def d_in(self) -> int:
@@ -117,7 +118,7 @@ class StatsAccumulator:
     """
 
     def __init__(self, d_in: int, sample_size: int = 1024, seed: int = 0, float32_from: float = FLOAT32_FROM,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", folds: int = 0):
         self.float32_from = float32_from  # math.inf: every product in float64 (the reference for float32's error)
         # The sums live where the inputs are (a CUDA model: products on the GPU); the sample on the CPU.
         self.gram = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
@@ -125,6 +126,10 @@ class StatsAccumulator:
         self.total = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.abs_total = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.count = 0
+        # With ``folds``, window w goes to fold ``w % folds`` (windows counted in the order they
+        # arrive); one Gram per fold, the full one their sum, so folds cost no extra products.
+        self._folds = [StatsAccumulator(d_in, 0, seed, float32_from, device) for _ in range(folds)] if folds > 1 else []
+        self._windows = 0
         self.sample_size = sample_size
         self._gen = torch.Generator().manual_seed(seed)
         self._sample = torch.zeros(sample_size, d_in, dtype=torch.float32)
@@ -132,7 +137,18 @@ class StatsAccumulator:
         self._nonfinite = 0
 
     def add(self, rows: Tensor) -> None:
-        """Add tokens given as rows, shape (..., d_in)."""
+        """Add tokens given as rows, shape (..., d_in); with folds, (windows, tokens, d_in)."""
+        if self._folds:
+            windows = rows.reshape(-1, *rows.shape[-2:]) if rows.dim() >= 3 else rows[None]
+            for window in windows:
+                self._folds[self._windows % len(self._folds)].add(window)
+                self._windows += 1
+            flat = windows.reshape(-1, windows.shape[-1]).detach()
+            start = self.count
+            self.count += flat.shape[0]
+            if self.sample_size:
+                self._reservoir(flat.to("cpu", torch.float32), start)
+            return
         rows = rows.reshape(-1, rows.shape[-1]).detach()
         if rows.device != self.gram.device:
             rows = rows.to(self.gram.device)
@@ -171,9 +187,16 @@ class StatsAccumulator:
 
     @property
     def nonfinite_tokens(self) -> int:
-        return self._nonfinite
+        return self._nonfinite + sum(f.nonfinite_tokens for f in self._folds)
 
     def finish(self) -> LayerStats:
+        if self._folds:
+            folds = [f.finish() for f in self._folds]
+            return LayerStats(
+                gram=sum(f.gram for f in folds), total=sum(f.total for f in folds), count=sum(f.count for f in folds),
+                sample=self._sample[: self._filled].T.contiguous(), abs_total=sum(f.abs_total for f in folds),
+                folds=folds,
+            )
         self.gram.diagonal().copy_(self.squares)  # exact: variances of near-constant inputs stay 0
         return LayerStats(
             gram=self.gram,

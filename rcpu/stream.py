@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .adapters import adapter_for
+from .allocate import FOLDS
 from .calibration import TokenSet, prepare_tokens
 from .config import DataConfig, PruneConfig
 from .errors import RcpuError
@@ -153,6 +154,9 @@ def stream_prune(
         tokenizer = AutoTokenizer.from_pretrained(source)
     lm = LoadedModel(skeleton, tokenizer, adapter, str(model), fingerprint)
     cfg.check(lm)
+    if cfg.allocation != "uniform":  # an allocation scores every layer of the dense model first
+        raise RcpuError(f"allocation {cfg.allocation!r} needs the whole model in memory; a streamed prune "
+                        "uses the uniform ratio")
     tokens = tokens or prepare_tokens(lm, data.data, data.sampling)
 
     _remove_stale_temporaries(out)
@@ -175,7 +179,8 @@ def stream_prune(
                 _set(skeleton, name, files.read(name, dtype).to(device))
             params_before += sum(p.numel() for p in layer.parameters())
             timing["read"] += time.perf_counter() - t0
-            _, layer_record = prune_layer(adapter, index, flows, cfg, data.seed, timing)
+            _, layer_record = prune_layer(adapter, index, flows, cfg, data.seed, timing,
+                                          folds=FOLDS if cfg.method == "auto" else 0)
             t1 = time.perf_counter()
             state = {prefixes[index] + k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
             params_after += sum(p.numel() for p in layer.parameters())

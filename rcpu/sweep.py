@@ -20,9 +20,11 @@ from .pipeline import dense_perplexity, eval_fields, prune_and_evaluate, result_
 
 
 def point_path(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig, cfg: PruneConfig) -> Path:
-    return result_path(
-        "point", {**eval_fields(lm, data, evaluation), "sampling": asdict(data.sampling), "prune": asdict(cfg)}
-    )
+    prune = asdict(cfg)
+    if prune["allocation"] == "uniform":
+        del prune["allocation"]  # the key points cached before allocations existed had
+    fields = {**eval_fields(lm, data, evaluation), "sampling": asdict(data.sampling), "prune": prune}
+    return result_path("point", fields)
 
 
 def prune_point(
@@ -81,7 +83,7 @@ def run_sweep(
 
 
 CSV_COLUMNS = ("config", "score", "method", "lambda", "ratio", "rounding", "targets", "calib_samples", "ppl",
-               "ppl_dense", "params_before", "params_after", "eval_tokens", "cached")
+               "ppl_dense", "params_before", "params_after", "eval_tokens", "cached", "allocation")
 
 
 def to_csv(rows: list[dict]) -> str:

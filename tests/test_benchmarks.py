@@ -38,6 +38,9 @@ def test_all_tiny_writes_results_and_docs(tmp_cache, tmp_path, capsys):
         assert len(sub["views"]) == 4 and all(len(v["changes"]) == 6 for v in sub["views"].values())
     quality = json.loads((results / "quality.json").read_text())
     assert {r["config"] for r in quality["curve"]["rows"]} == {"rcpu:rotation", "rcpu:ls"}
+    auto = json.loads((results / "auto.json").read_text())
+    for table in auto["tables"].values():  # every fixed method, auto and auto + greedy at every ratio
+        assert len(table["rows"]) == 8 * 3
     size = json.loads((results / "size.json").read_text())
     for m in size["models"].values():  # dense and every ratio, with the shapes the prune records
         dense, rows = m["rows"]["dense"], m["rows"]
@@ -53,7 +56,7 @@ def test_all_tiny_writes_results_and_docs(tmp_cache, tmp_path, capsys):
 
     text = docs.read_text()
     for heading in ("Pruning cost", "Explorer latency", "Layer explorer page", "Peak memory", "Evaluation throughput",
-                    "Quality", "What pruning buys"):
+                    "Quality", "What pruning buys", "Auto compensation and greedy allocation"):
         assert heading in text
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert images and all((docs.parent / image).is_file() for image in images)

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..allocate import ALLOCATIONS
 from ..compensate import LAMBDA_METHODS, METHODS
 from ..config import PROTOCOLS, TARGETS, DataConfig, EvalConfig, PruneConfig
 from ..errors import RcpuError
@@ -44,7 +45,8 @@ def add_method_options(p: argparse.ArgumentParser, defaults, ratio: bool = True)
     if ratio:
         p.add_argument("--ratio", type=float, default=defaults.ratio)
     p.add_argument("--score", default=defaults.score, help=f"one of {', '.join(SCORES)}")
-    p.add_argument("--method", default=defaults.method, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", default=defaults.method, help=f"one of {', '.join(METHODS)}; a whole-model prune "
+                   "also takes 'auto' (chosen per sublayer on calibration folds)")
     add_alpha_option(p, defaults.alpha)
     p.add_argument("--lambda", dest="lam", type=float, default=defaults.lam,
                    help=f"strength of {', '.join(LAMBDA_METHODS)} (absolute, on the summed Gram)")
@@ -65,6 +67,17 @@ def add_targets_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gqa-balanced", action="store_true", default=PruneConfig.gqa_balanced,
                    help="remove the same number of query heads from every KV group, so that the pruned "
                         "model stays loadable by stock transformers")
+
+
+def add_allocation_option(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """--allocation (prune) or --allocations (sweep: comma-separated, an axis)."""
+    what = ("units removed per layer: 'uniform' (the ratio in every layer) or 'greedy' (the same total per "
+            "sublayer kind, placed where the calibration-fold error rises least; layers then differ in shape, "
+            "so the model is no longer stock-loadable, only by rcpu.load_pruned)")
+    if sweep:
+        p.add_argument("--allocations", default=PruneConfig.allocation, help=f"comma-separated; {what}")
+    else:
+        p.add_argument("--allocation", choices=list(ALLOCATIONS), default=PruneConfig.allocation, help=what)
 
 
 def add_eval_options(p: argparse.ArgumentParser) -> None:

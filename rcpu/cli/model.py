@@ -20,6 +20,7 @@ def add_commands(sub) -> None:
     common.add_data_options(p)
     common.add_targets_option(p)
     common.add_method_options(p, PruneConfig)
+    common.add_allocation_option(p)
     common.add_eval_options(p)
     p.add_argument("--out", help="save the pruned model to this new directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -49,6 +50,7 @@ def add_commands(sub) -> None:
     common.add_rounding_option(p, SweepConfig.rounding)
     p.add_argument("--ratios", default=",".join(f"{r:g}" for r in SweepConfig.ratios))
     p.add_argument("--configs", default=SweepConfig().configs_text)
+    common.add_allocation_option(p, sweep=True)
     p.add_argument("--calib-samples", dest="calib_samples", default=None,
                    help=f"comma-separated calibration sizes to sweep (default {DataConfig.calib_samples})")
     common.add_eval_options(p)
@@ -64,7 +66,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     data = common.data_config(args)
     cfg = PruneConfig(args.ratio, args.targets, args.score, args.method, args.alpha, args.lam, args.rounding,
-                      args.gqa_balanced)
+                      args.gqa_balanced, args.allocation)
     evaluation = common.eval_config(args)
     cfg.check()
     data.sampling.check()
@@ -199,8 +201,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise RcpuError(f"no ratios given in --ratios {args.ratios!r}; e.g. --ratios 0.1,0.2")
     sizes = _numbers(args.calib_samples, int, "integers") if args.calib_samples else None
     lambdas = _numbers(args.lambdas, float, "numbers")
+    allocations = tuple(filter(None, (a.strip() for a in args.allocations.split(","))))
     spec = SweepConfig(ratios, parse_configs(args.configs), sizes, args.targets, args.alpha, lambdas, args.rounding,
-                       args.gqa_balanced)
+                       args.gqa_balanced, allocations)
     data = common.data_config(args, calib_samples=(sizes or (DataConfig.calib_samples,))[0])
     evaluation = common.eval_config(args)
     spec.check(data)

@@ -1,0 +1,100 @@
+"""Auto: ``--method auto`` and ``--allocation greedy`` against every fixed compensation.
+
+Every config is ``rcpu:<method>`` (the same selection, only the compensation differs) at each
+ratio, on two calibration sizes: the default of the mode, and the paper's tokens-per-dimension
+regime (about 1.5 calibration tokens per ``down_proj`` input, 128-token windows, as 128 x 128
+tokens are for LLaMA-7B's 11008 inputs). Perplexity is on the held-out part of the embedded
+text, which neither the choice nor the allocation reads (they split the calibration windows
+into folds). Points are cached sweep points: a re-run computes nothing new.
+
+Goals: ``auto`` within 2% of the best fixed method at every ratio, and ``auto`` with the
+greedy allocation below uniform ``auto`` at the largest ratio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .common import Settings, format_goal, goal, say, write_result
+
+FIXED = ("rotation", "rotation_scale", "rotation_bias", "bias", "ls", "ls_ridge")
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    calib_samples: int
+    seq_len: int
+    eval_windows: int
+
+
+def regimes(settings: Settings) -> list[Regime]:
+    """The default calibration of the mode, and ~1.5 tokens per down_proj input (1536 in the embedded model)."""
+    if settings.mode == "tiny":
+        return [Regime("default", 4, 32, 2), Regime("paper tokens per dimension", 2, 32, 2)]
+    if settings.mode == "quick":  # one regime: a prune of the embedded model takes minutes on a shared 2-core machine
+        return [Regime("paper tokens per dimension", 18, 128, 16)]
+    return [Regime("default", 32, 512, 8), Regime("paper tokens per dimension", 18, 128, 32)]
+
+
+def _rows(points: list[dict]) -> list[dict]:
+    keep = ("config", "method", "allocation", "ratio", "calib_samples", "seq_len", "ppl", "ppl_dense",
+            "params_before", "params_after", "eval_tokens", "allocated", "auto_wins", "cached")
+    return [{k: p.get(k) for k in keep} for p in points]
+
+
+def _goals(rows: list[dict], label: str) -> list[dict]:
+    goals = []
+    ratios = sorted({r["ratio"] for r in rows})
+    for ratio in ratios:
+        at = [r for r in rows if r["ratio"] == ratio]
+        fixed = [r["ppl"] for r in at if r["method"] in FIXED and r["allocation"] == "uniform"]
+        auto = [r["ppl"] for r in at if r["method"] == "auto" and r["allocation"] == "uniform"]
+        if fixed and auto:
+            goals.append(goal(f"{label} ratio {ratio}: ppl auto / best fixed", auto[0] / min(fixed), "<=", 1.02))
+    last = [r for r in rows if r["ratio"] == ratios[-1] and r["method"] == "auto"] if ratios else []
+    by = {r["allocation"]: r["ppl"] for r in last}
+    if {"uniform", "greedy"} <= set(by):
+        goals.append(goal(f"{label} ratio {ratios[-1]}: ppl auto greedy / auto uniform",
+                          by["greedy"] / by["uniform"], "<", 1.0))
+    return goals
+
+
+def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = False,
+        cached_only: bool = False) -> dict:
+    """``cached_only``: tabulate the points already cached, compute none (the rest are listed as missing)."""
+    from rcpu.config import DataConfig, EvalConfig, SweepConfig
+    from rcpu.sweep import run_sweep
+
+    ratios = tuple(settings.size_ratios)
+    tables, goals = {}, []
+    for regime in regimes(settings):
+        data = DataConfig(model=settings.model, calib_samples=regime.calib_samples, seq_len=regime.seq_len,
+                          heldout_samples=0)
+        evaluation = EvalConfig(None, regime.eval_windows)
+        specs = [SweepConfig(ratios=ratios, configs=(("rcpu", "auto"),), allocations=("uniform", "greedy")),
+                 SweepConfig(ratios=ratios, configs=tuple(("rcpu", m) for m in FIXED))]
+        say(f"auto ({regime.name}): {regime.calib_samples} x {regime.seq_len} calibration tokens, ratios "
+            f"{list(ratios)}, {regime.eval_windows} evaluation windows")
+        points, dense, missing = [], None, 0
+
+        def on_point(done: int, total: int, row: dict, name=regime.name) -> None:
+            where = "cached" if row.get("cached") else f"{row['timing_s']['total']:.0f} s"
+            say(f"  [{name} {done}/{total}] {row['config']} ratio {row['ratio']}: ppl {row['ppl']:.3f} ({where})")
+
+        for spec in specs:
+            result = run_sweep(lm, data, spec, evaluation, on_point=on_point, compute=not cached_only)
+            dense = result["dense"] or dense
+            points += result["points"]
+            missing += result["missing"]
+        rows = _rows(points)
+        tokens_per_dim = regime.calib_samples * regime.seq_len / lm.adapter.num_units(0, "down_proj")
+        tables[regime.name] = {"calib_samples": regime.calib_samples, "seq_len": regime.seq_len,
+                               "tokens_per_down_proj_input": tokens_per_dim, "eval_windows": regime.eval_windows,
+                               "dense": dense, "rows": rows, "missing_points": missing}
+        goals += _goals(rows, regime.name)
+    for g in goals:
+        say("  " + format_goal(g))
+    return write_result(out_dir, "auto", settings, {"ratios": list(ratios), "score": "rcpu", "tables": tables,
+                                                    "goals": goals}, started)

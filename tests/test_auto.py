@@ -1,0 +1,227 @@
+"""``--method auto`` (per-sublayer choice on calibration folds) and ``--allocation greedy``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from conftest import random_tokens as _tokens
+from conftest import tiny_lm as _lm
+
+from rcpu.allocate import greedy_counts, grid_counts
+from rcpu.compensate import (
+    AUTO_CANDIDATES,
+    AUTO_RIDGE_GRID,
+    METHODS,
+    Regularisation,
+    compensate_problem,
+    validation_errors,
+)
+from rcpu.config import DataConfig, PruneConfig
+from rcpu.problem import KeptProblem
+from rcpu.prune import prune_model
+from rcpu.stats import LayerStats, StatsAccumulator
+
+
+def _fold_stats(windows: torch.Tensor, folds: int = 2, batch: int = 3) -> LayerStats:
+    acc = StatsAccumulator(windows.shape[-1], sample_size=0, folds=folds)
+    for start in range(0, len(windows), batch):  # batches of windows, as the hooks see them
+        acc.add(windows[start : start + batch])
+    return acc.finish()
+
+
+def test_folds_are_whole_windows_alternating_and_sum_to_the_full_statistics():
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randn(7, 5, 6, generator=gen, dtype=torch.float64)  # (windows, tokens, d_in)
+    stats = _fold_stats(windows)
+    full = LayerStats.from_inputs(windows.reshape(-1, 6).T, sample_size=0)
+    for i, fold in enumerate(stats.folds):
+        own = windows[i::2].reshape(-1, 6)  # window w goes to fold w % 2, across batches
+        torch.testing.assert_close(fold.gram, own.T @ own)
+        assert fold.count == own.shape[0]
+    torch.testing.assert_close(stats.gram, full.gram)
+    torch.testing.assert_close(stats.total, full.total)
+    assert stats.count == full.count == 35
+
+
+def _problem(tokens: int, d_in: int = 12, d_out: int = 5, seed: int = 0, kept: int = 8):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=gen, dtype=torch.float64)
+    windows = (torch.randn(tokens // 4, 4, d_in, generator=gen, dtype=torch.float64) @ mix) + 0.5
+    weight = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    return KeptProblem(weight, _fold_stats(windows), torch.arange(kept)), weight, mix
+
+
+def test_validation_error_is_the_held_out_fold_error_of_a_fit_on_the_other_fold():
+    problem, weight, _ = _problem(64)
+    errors = validation_errors(problem, Regularisation())
+    assert set(errors) == set(AUTO_CANDIDATES) | {f"ls_ridge@{a:g}" for a in AUTO_RIDGE_GRID}
+    a, b = (KeptProblem(weight, f, problem.kept) for f in problem.stats.folds)
+    expect = 0.0
+    for train, held in ((a, b), (b, a)):
+        comp = METHODS["ls"](train, Regularisation())
+        expect += held.error(comp.weight, comp.bias)[0]
+    assert errors["ls"] == pytest.approx(math.sqrt(expect / problem.reference), rel=1e-9)
+
+
+def test_auto_refits_the_lowest_validation_error_on_all_calibration_tokens():
+    problem, _, _ = _problem(64)
+    comp = compensate_problem("auto", problem)
+    errors = comp.choice["validation_errors"]
+    assert comp.choice["candidate"] == min(errors, key=errors.get)
+    assert comp.choice["margin"] >= 0
+    refit = compensate_problem(comp.choice["method"], problem, lam=comp.choice["lambda"] or 1e-4)
+    torch.testing.assert_close(comp.weight, refit.weight)
+
+
+def test_auto_picks_what_generalises():
+    """Plenty of tokens: a least-squares fit wins; fewer tokens than kept inputs: exact least squares
+    interpolates one fold and cannot win on the other."""
+    many, _, _ = _problem(4000, kept=8)
+    assert compensate_problem("auto", many).choice["method"] in ("ls", "ls_ridge")
+    few, _, _ = _problem(12, d_in=40, kept=30)
+    choice = compensate_problem("auto", few).choice
+    assert choice["candidate"] != "ls"
+    assert choice["validation_errors"]["ls"] > choice["validation_error"]
+
+
+def test_auto_without_folds_is_refused():
+    from rcpu.errors import RcpuError
+
+    gen = torch.Generator().manual_seed(0)
+    stats = LayerStats.from_inputs(torch.randn(6, 40, generator=gen), sample_size=0)
+    with pytest.raises(RcpuError, match="folds"):
+        compensate_problem("auto", KeptProblem(torch.randn(3, 6, generator=gen), stats, torch.arange(4)))
+
+
+def test_greedy_counts_keep_the_total_and_go_where_the_cost_is_lowest():
+    costs = {(0, "down_proj"): [(0, 0.0), (4, 4.0), (8, 16.0)], (1, "down_proj"): [(0, 0.0), (4, 1.0), (8, 2.0)],
+             (0, "o_proj"): [(0, 0.0), (2, 1.0), (4, 9.0)], (1, "o_proj"): [(0, 0.0), (2, 5.0), (4, 10.0)]}
+    steps = {k: 1 for k in costs}
+    counts = greedy_counts(costs, steps, {"down_proj": 8, "o_proj": 4})
+    assert counts[0, "down_proj"] + counts[1, "down_proj"] == 8
+    assert counts[1, "down_proj"] == 8  # the cheap layer takes all it can
+    assert counts[0, "o_proj"] + counts[1, "o_proj"] == 4
+    assert counts == {**counts, (0, "o_proj"): 2, (1, "o_proj"): 2}  # marginals 0.5, 2.5 vs 4: two each
+
+
+def test_grid_counts_stay_in_steps_and_keep_units():
+    assert grid_counts(3, 10, 1) == [0, 2, 3, 4, 6, 8]
+    levels = grid_counts(6, 9, 3)  # GQA-balanced: whole steps of one head per KV group
+    assert all(n % 3 == 0 and n < 9 for n in levels)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_prune_with_auto_and_greedy_allocation_removes_the_uniform_total(kv_heads, one_thread):
+    model = make_tiny_llama(heads=4, kv_heads=kv_heads, layers=3, intermediate=48)
+    lm = _lm(model)
+    tokens = _tokens(n=8)
+    data = DataConfig(seed=0)
+    uniform = prune_model(lm, data, PruneConfig(ratio=0.25, method="auto"), tokens=tokens)
+    greedy = prune_model(lm, data, PruneConfig(ratio=0.25, method="auto", allocation="greedy"), tokens=tokens)
+    for sub in ("o_proj", "down_proj"):
+        assert greedy.allocation[sub]["total_removed"] == uniform.allocation[sub]["total_removed"]
+        assert greedy.allocation[sub]["uniform_total_removed"] == uniform.allocation[sub]["total_removed"]
+        assert [r[sub]["pruned_units"] for r in greedy.layers] == greedy.allocation[sub]["removed"]
+        for record in uniform.layers:
+            assert record[sub]["auto"]["candidate"] in record[sub]["auto"]["validation_errors"]
+    if kv_heads == 4:  # MHA, same shapes in every layer: exactly the same weights removed (the compensation
+        # may add an output bias to a sublayer, d_out parameters, wherever bias or rotation_bias wins)
+        def weights(model):
+            return sum(p.numel() for name, p in model.named_parameters() if not name.endswith(".bias"))
+
+        assert weights(greedy.model) == weights(uniform.model) < weights(model)
+
+
+def test_evaluation_windows_are_never_read_before_the_pruned_model_exists(monkeypatch, tmp_path, one_thread):
+    """Instrument the evaluation-window loader, the perplexity and the pruning: no perplexity runs and
+    no evaluation window reaches a model before ``prune_model`` has returned the pruned model, and no
+    window the pruning runs on is an evaluation window."""
+    import rcpu.flow
+    from rcpu import pipeline
+    from rcpu.config import EvalConfig
+
+    monkeypatch.setenv("RCPU_CACHE", str(tmp_path))  # no cached dense perplexity
+    model = make_tiny_llama(heads=4, kv_heads=4, layers=2)
+    lm = _lm(model)
+    tokens = _tokens(n=8)
+    eval_windows = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(99))
+    events: list[str] = []
+    flow_windows: list[torch.Tensor] = []
+
+    monkeypatch.setattr(pipeline, "check_before_work", lambda *a, **k: events.append("check"))
+    monkeypatch.setattr(pipeline, "evaluation_windows", lambda *a, **k: events.append("eval windows") or eval_windows)
+    real_prune, real_ppl, real_flow = pipeline.prune_model, pipeline.perplexity, rcpu.flow.LayerFlow.__init__
+
+    def prune(*args, **kwargs):
+        events.append("prune start")
+        result = real_prune(*args, tokens=tokens, **kwargs)
+        events.append("prune done")
+        return result
+
+    def ppl(model, windows, **kwargs):
+        events.append("perplexity")
+        return real_ppl(model, windows, **kwargs)
+
+    def flow_init(self, adapter, windows, batch_size=8):
+        flow_windows.append(windows)
+        real_flow(self, adapter, windows, batch_size)
+
+    monkeypatch.setattr(pipeline, "prune_model", prune)
+    monkeypatch.setattr(pipeline, "perplexity", ppl)
+    monkeypatch.setattr(rcpu.flow.LayerFlow, "__init__", flow_init)
+    monkeypatch.setattr(lm, "fingerprint", "tiny-ordering-test", raising=False)
+    report = pipeline.prune_and_evaluate(lm, DataConfig(seq_len=32), PruneConfig(ratio=0.25, method="auto",
+                                                                                   allocation="greedy"),
+                                         EvalConfig(), only_perplexity=True)
+    done = events.index("prune done")
+    assert "eval windows" not in events[:done] and "perplexity" not in events[:done]
+    assert events[done:].count("perplexity") == 2  # dense and pruned, both after
+    assert flow_windows and all(not bool((w[:, None] == eval_windows[None]).all(-1).any()) for w in flow_windows)
+    assert math.isfinite(report.pruned["ppl"])
+
+
+def test_greedy_prune_figures_and_what_it_costs_in_stock_loadability(one_thread):
+    """The app's charts are built from the records alone; a non-uniform allocation gives layers different
+    shapes, which no stock config holds (uniform MHA stays stock-loadable)."""
+    from rcpu import figures
+    from rcpu.export import stock_verdict
+
+    model = make_tiny_llama(heads=4, kv_heads=4, layers=3, intermediate=48)
+    lm = _lm(model)
+    tokens = _tokens(n=8)
+    uniform = prune_model(lm, DataConfig(), PruneConfig(ratio=0.25, method="auto"), tokens=tokens)
+    greedy = prune_model(lm, DataConfig(), PruneConfig(ratio=0.25, method="auto", allocation="greedy"),
+                         tokens=tokens)
+    heat = figures.allocation_heatmap(greedy.layers)
+    assert [list(row) for row in heat.data[0].z] == [
+        [r[sub]["pruned_units"] / (r[sub]["pruned_units"] + r[sub]["kept_units"]) for r in greedy.layers]
+        for sub in ("o_proj", "down_proj")]
+    bars = figures.auto_choice_figure(greedy.layers)
+    assert sum(len(t.x) for t in bars.data) == 2 * len(greedy.layers)  # one bar per layer and sublayer
+    assert all(y >= 0 for t in bars.data for y in t.y)
+    assert "auto" in figures.auto_choice_figure([]).layout.annotations[0].text
+    assert stock_verdict(uniform.model).loadable
+    shapes_differ = any(len({r[sub]["pruned_units"] for r in greedy.layers}) > 1 for sub in ("o_proj", "down_proj"))
+    assert stock_verdict(greedy.model).loadable is not shapes_differ
+
+
+def test_sweeps_and_configs_take_auto_and_allocations_like_any_other_setting():
+    from rcpu.config import LayerConfig, SweepConfig, parse_configs
+    from rcpu.errors import RcpuError
+
+    spec = SweepConfig(ratios=(0.1, 0.3), configs=parse_configs("rcpu:auto,rcpu:rotation"),
+                       allocations=("uniform", "greedy"))
+    points = spec.points(DataConfig())
+    assert len(points) == 2 * 2 * 2
+    assert {(cfg.method, cfg.allocation) for _, cfg in points} == {
+        (m, a) for m in ("auto", "rotation") for a in ("uniform", "greedy")}
+    spec.check()
+    assert PruneConfig(method="auto", allocation="greedy").label == "rcpu:auto [greedy]"
+    assert PruneConfig(method="auto").label == "rcpu:auto"
+    with pytest.raises(RcpuError, match="allocation"):
+        PruneConfig(allocation="flap").check()
+    with pytest.raises(RcpuError, match="whole-model"):
+        LayerConfig(method="auto").check()  # one sublayer's statistics have no calibration folds
