@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .models import LoadedModel
 
 TARGETS = {"attn": ("o_proj",), "mlp": ("down_proj",), "both": SUBLAYERS}
+# Which pruned sublayers are compensated (the paper's ablation): a name of TARGETS, or none.
+COMPENSATE = (*TARGETS, "none")
 
 # Named presets of settings. "paper": the authors' protocol (method page, section 8): 128
 # calibration windows of 128 tokens, perplexity in 128-token windows, int(ratio * units)
@@ -136,10 +138,15 @@ class PruneConfig:
     lam: float = DEFAULT_LAMBDA  # ls_ridge: absolute strength (--lambda)
     rounding: str = "nearest"  # or "truncate", the authors' int(ratio * units)
     gqa_balanced: bool = False  # the same number of query heads from every KV group (stays stock-loadable)
+    compensate: str = "both"  # which pruned sublayers get ``method`` (the others keep W_K): the paper's ablation
 
     @property
     def sublayers(self) -> tuple[str, ...]:
         return TARGETS[self.targets]
+
+    def compensates(self, sublayer: str) -> bool:
+        """Whether ``method`` is applied to this sublayer (else its kept weights stay as they were)."""
+        return self.compensate != "none" and sublayer in TARGETS[self.compensate]
 
     def head_group(self, adapter, index: int) -> int | None:
         """Query heads per KV group when heads are selected group by group (GQA-balanced), else None
@@ -151,12 +158,15 @@ class PruneConfig:
     def label(self) -> str:
         """``score:method``, with the strength for a method whose result depends on lambda."""
         name = f"{self.score}:{self.method}"
-        return f"{name} λ={self.lam:g}" if self.method in LAMBDA_METHODS else name
+        name = f"{name} λ={self.lam:g}" if self.method in LAMBDA_METHODS else name
+        return name if self.compensate == "both" else f"{name} [compensate {self.compensate}]"
 
     def check(self, lm: LoadedModel | None = None) -> None:
         """With ``lm``: also refuse a ratio that would leave some layer nothing, before any work."""
         if self.targets not in TARGETS:
             raise RcpuError(f"unknown targets {self.targets!r}; choose one of: {', '.join(TARGETS)}")
+        if self.compensate not in COMPENSATE:
+            raise RcpuError(f"unknown --compensate {self.compensate!r}; choose one of: {', '.join(COMPENSATE)}")
         _check_choices(self)
         if lm is not None:
             adapter = lm.adapter
@@ -199,6 +209,7 @@ class SweepConfig:
     lambdas: tuple[float, ...] = (DEFAULT_LAMBDA,)
     rounding: str = PruneConfig.rounding
     gqa_balanced: bool = PruneConfig.gqa_balanced
+    compensate: str = PruneConfig.compensate
 
     @property
     def configs_text(self) -> str:
@@ -208,7 +219,7 @@ class SweepConfig:
         sizes = self.calib_samples or (data.calib_samples,)
         return [
             (replace(data, calib_samples=n),
-             PruneConfig(r, self.targets, s, m, self.alpha, lam, self.rounding, self.gqa_balanced))
+             PruneConfig(r, self.targets, s, m, self.alpha, lam, self.rounding, self.gqa_balanced, self.compensate))
             for n in sizes
             for r in self.ratios
             for s, m in self.configs

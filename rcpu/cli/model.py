@@ -60,7 +60,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     data = common.data_config(args)
     cfg = PruneConfig(args.ratio, args.targets, args.score, args.method, args.alpha, args.lam, args.rounding,
-                      args.gqa_balanced)
+                      args.gqa_balanced, compensate=args.compensate)
     evaluation = common.eval_config(args)
     cfg.check()
     data.sampling.check()
@@ -174,7 +174,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     sizes = _numbers(args.calib_samples, int, "integers") if args.calib_samples else None
     lambdas = _numbers(args.lambdas, float, "numbers")
     spec = SweepConfig(ratios, parse_configs(args.configs), sizes, args.targets, args.alpha, lambdas, args.rounding,
-                       args.gqa_balanced)
+                       args.gqa_balanced, compensate=args.compensate)
     data = common.data_config(args, calib_samples=(sizes or (DataConfig.calib_samples,))[0])
     evaluation = common.eval_config(args)
     spec.check(data)
