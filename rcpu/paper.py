@@ -60,8 +60,10 @@ class Sizes:
 SIZES = {
     "paper": Sizes("paper", 128, (8, 16, 32, 64, 128, 256, 512), (128, 512), (8, 16, 32, 64, 128, 256, 512),
                    (0.1, 0.2, 0.3), (0.2, 0.3), PAPER_LAMBDAS, None),
-    "quick": Sizes("quick", 32, (4, 16, 64), (18, 71), (2, 4, 8, 18, 36, 71), (0.2,), (0.2, 0.3),
-                   (1e-4, 1e-2, 1.0, 1e2, 1e4), 32),
+    # quick: one ratio; the calibration sizes are the embedded model's (1536 down_proj inputs) scaled paper
+    # regimes: 18 x 128 tokens = 1.5 tokens per input (the paper's 128 samples), 71 x 128 = 5.9 (its 512)
+    "quick": Sizes("quick", 18, (4, 18, 71), (18, 71), (4, 9, 18, 36, 71), (0.2,), (0.2,),
+                   (1e-2, 1.0, 1e2), 32),
     "tiny": Sizes("tiny", 2, (1, 2), (1, 2), (1, 2), (0.2,), (0.2,), (1e-4, 1e2), 2, seq_len=32),
 }
 
