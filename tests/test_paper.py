@@ -135,15 +135,46 @@ def test_unknown_experiment_and_sizes_are_one_line():
 
 # -- rcpu reproduce end to end on the embedded model (tiny sizes) --------------------------------------------------
 
-TINY = ["--sizes", "tiny", "--seq-len", "32", "--eval-windows", "2"]
+# one calibration size and one lambda: every experiment shares its rcpu:rotation point with the others
+TINY = ["--sizes", "tiny", "--calib-samples", "2", "--lambdas", "100"]
+
+
+@pytest.fixture(scope="module")
+def paper_cache(tmp_path_factory):
+    """One private cache for this module's reproduce and page tests: experiments share points, as they do for
+    users, and the page test finds what ``rcpu reproduce ablation`` cached."""
+    import os
+
+    from conftest import REAL_CACHE
+
+    root = tmp_path_factory.mktemp("paper") / "cache"
+    root.mkdir()
+    (REAL_CACHE / "models").mkdir(parents=True, exist_ok=True)
+    os.symlink(REAL_CACHE / "models", root / "models")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RCPU_CACHE", str(root))
+        yield root
+
+
+PERPLEXITY_EXPERIMENTS = ["table1", "ablation", "fig2", "fig3", "fig5", "regime"]
+
+
+@pytest.mark.parametrize("name", PERPLEXITY_EXPERIMENTS)
+def test_reproduce_on_a_tiny_model_runs_every_experiment(name, tiny_model_dir, tmp_cache, tmp_path, capsys):
+    """Every experiment end to end in seconds (a tiny random LLaMA); the embedded model runs below (slow)."""
+    check_reproduce(name, ["--model", str(tiny_model_dir), "--sizes", "tiny"], tmp_path, capsys)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["table1", "ablation", "fig2", "fig3", "fig5", "regime"])
-def test_reproduce_runs_end_to_end_and_resumes_from_the_cache(name, embedded, tmp_cache, tmp_path, capsys,
+@pytest.mark.parametrize("name", PERPLEXITY_EXPERIMENTS)
+def test_reproduce_runs_end_to_end_and_resumes_from_the_cache(name, embedded, paper_cache, tmp_path, capsys,
                                                                 one_thread):
+    check_reproduce(name, TINY, tmp_path, capsys)
+
+
+def check_reproduce(name: str, options: list[str], tmp_path, capsys) -> None:
     out = tmp_path / "out"
-    assert main(["reproduce", name, *TINY, "--out", str(out)]) == 0
+    assert main(["reproduce", name, *options, "--out", str(out)]) == 0
     result = json.loads((out / f"{name}.json").read_text())
     assert result["missing"] == 0 and len(result["points"]) == result["total"] > 0
     assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in result["points"])
@@ -159,7 +190,7 @@ def test_reproduce_runs_end_to_end_and_resumes_from_the_cache(name, embedded, tm
         assert {r["method"] for r in result["points"]} == {"ls_ridge", "rotation"}
     capsys.readouterr()
     # a second run computes nothing: every point comes from the sweep cache
-    assert main(["reproduce", name, *TINY, "--out", str(out)]) == 0
+    assert main(["reproduce", name, *options, "--out", str(out)]) == 0
     again = json.loads((out / f"{name}.json").read_text())
     assert all(r["cached"] for r in again["points"])
     assert [r["ppl"] for r in again["points"]] == [r["ppl"] for r in result["points"]]
@@ -213,14 +244,16 @@ def test_zeroshot_command_prunes_in_memory_and_caches(embedded, tmp_cache, tmp_p
 # -- the Paper page reuses the cache -------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_paper_page_shows_cached_points_without_recomputing(embedded, tmp_cache, tmp_path, monkeypatch, one_thread):
+def test_paper_page_shows_cached_points_without_recomputing(embedded, paper_cache, tmp_path, monkeypatch,
+                                                             one_thread):
+    """The page finds every point ``rcpu reproduce`` cached (run here unless the test above already did)."""
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
     import rcpu.pipeline
     import rcpu.sweep
 
-    assert main(["reproduce", "ablation", *TINY, "--out", str(tmp_path)]) == 0
+    assert main(["reproduce", "ablation", "--sizes", "tiny", "--out", str(tmp_path)]) == 0
     measured = json.loads((tmp_path / "ablation.json").read_text())
     calls = []
     monkeypatch.setattr(rcpu.sweep, "prune_and_evaluate", lambda *a, **k: calls.append(a))
