@@ -172,11 +172,16 @@ def sizes_for(preset: str, down_inputs: int | None = None, scaled: bool = False,
     return sizes
 
 
-def experiment_points(name: str, data: DataConfig, sizes: Sizes) -> list[tuple[DataConfig, PruneConfig]]:
-    """The points of one experiment; ``data`` gives the model, the text and the seed."""
-    base = DataConfig(model=data.model, data=data.data, seed=data.seed, seq_len=sizes.seq_len,
-                      trust_remote_code=data.trust_remote_code)
-    return experiment(name).points(base, sizes)
+def experiment_points(name: str, data: DataConfig, sizes: Sizes, configs: tuple[str, ...] | None = None
+                      ) -> list[tuple[DataConfig, PruneConfig]]:
+    """The points of one experiment; ``data`` gives the model, the text and the seed; ``configs`` keeps only
+    those ``score:method`` (a part of the experiment, e.g. LS and rotation of the regime)."""
+    points = experiment(name).points(experiment_data(data, sizes), sizes)
+    if configs is not None:
+        points = [(d, c) for d, c in points if f"{c.score}:{c.method}" in configs]
+        if not points:
+            raise RcpuError(f"no point of {name} uses {', '.join(configs)}")
+    return points
 
 
 def experiment_data(data: DataConfig, sizes: Sizes) -> DataConfig:
@@ -274,7 +279,8 @@ def csv_rows(rows: list[dict]) -> list[dict]:
 
 
 def run_experiment(lm, name: str, data: DataConfig, sizes: Sizes, eval_data: str | None = None, *,
-                   compute: bool = True, progress=None, on_point=None) -> dict:
+                   configs: tuple[str, ...] | None = None, compute: bool = True, progress=None,
+                   on_point=None) -> dict:
     """Every point of one perplexity experiment through the sweep cache (``compute=False``: only what is
     cached, nothing runs): {experiment, title, reading, sizes, dense, points, missing, measured, published}."""
     from dataclasses import asdict
@@ -284,7 +290,7 @@ def run_experiment(lm, name: str, data: DataConfig, sizes: Sizes, eval_data: str
     exp = experiment(name)
     if not exp.perplexity:
         raise RcpuError(f"{name} measures zero-shot accuracy: use rcpu zeroshot / run_zeroshot_experiment")
-    points = experiment_points(name, data, sizes)
+    points = experiment_points(name, data, sizes, configs)
     result = run_points(lm, experiment_data(data, sizes), points, evaluation_for(sizes, eval_data),
                         compute=compute, progress=progress, on_point=on_point)
     rows = csv_rows(result["points"])

@@ -274,3 +274,21 @@ def test_paper_page_shows_cached_points_without_recomputing(embedded, paper_cach
     assert not any("Compute" in b.label for b in at.button)  # nothing is missing
     assert EXPERIMENTS  # the page lists the library's experiments
     torch.set_num_threads(1)
+
+
+def test_experiment_points_are_the_sweeps_points(tmp_path, monkeypatch):
+    """``rcpu sweep`` with the paper's settings and ``rcpu reproduce`` share cache entries point for point."""
+    from rcpu.config import EvalConfig, SweepConfig
+    from rcpu.sweep import point_path
+
+    monkeypatch.setenv("RCPU_CACHE", str(tmp_path))
+    lm, data = _lm(make_tiny_llama()), DataConfig(seq_len=128)
+    sizes = sizes_for("quick")
+    mine = experiment_points("regime", data, sizes, configs=("rcpu:ls", "rcpu:rotation"))
+    assert {f"{c.score}:{c.method}" for _, c in mine} == {"rcpu:ls", "rcpu:rotation"}
+    sweep = SweepConfig(ratios=(0.2,), configs=(("rcpu", "ls"), ("rcpu", "rotation")),
+                        calib_samples=sizes.regime_samples, rounding="truncate").points(data)
+    evaluation = EvalConfig(None, sizes.eval_windows)
+    assert {point_path(lm, d, evaluation, c) for d, c in mine} == {point_path(lm, d, evaluation, c) for d, c in sweep}
+    with pytest.raises(RcpuError, match="no point"):
+        experiment_points("table1", data, sizes, configs=("rcpu:ls",))

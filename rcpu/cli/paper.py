@@ -35,6 +35,8 @@ def add_command(sub) -> None:
     p.add_argument("--lambdas", default=None, help="override the lambdas of Fig. 5 / regime (comma-separated)")
     p.add_argument("--seq-len", type=int, default=None, help="override the window length (default 128, the paper's)")
     p.add_argument("--eval-windows", type=int, default=None, help="override the evaluation windows")
+    p.add_argument("--configs", default=None,
+                   help="only these score:method of the experiment (comma-separated), e.g. rcpu:ls,rcpu:rotation")
     p.add_argument("--tasks", default=None, help="table2: task names or local lm-eval YAML files (comma-separated)")
     p.add_argument("--limit", type=int, default=None, help="table2: at most this many examples per task")
     p.add_argument("--online", action="store_true", help="table2: let lm-eval download task data from the hub")
@@ -67,7 +69,7 @@ def experiment_sizes(args: argparse.Namespace, down_inputs: int | None):
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    from ..config import DataConfig, EvalConfig
+    from ..config import DataConfig, EvalConfig, parse_configs
     from ..figures import paper_figure
     from ..paper import RESULT_COLUMNS, experiment, experiment_points, run_experiment
     from ..pipeline import check_before_work
@@ -88,7 +90,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
         return reproduce_table2(args, data, out)
     lm = common.load(data)
     sizes = experiment_sizes(args, lm.adapter.num_channels(0))
-    points = experiment_points(exp.name, data, sizes)
+    configs = tuple(f"{s}:{m}" for s, m in parse_configs(args.configs)) if args.configs else None
+    points = experiment_points(exp.name, data, sizes, configs)
     check_before_work(lm, points, EvalConfig(args.eval_data, sizes.eval_windows))
     bars = common.StageBars()
     print(f"{exp.title}: {len(points)} points ({sizes.name} sizes{', scaled' if args.scaled else ''})")
@@ -100,7 +103,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        result = run_experiment(lm, exp.name, data, sizes, args.eval_data,
+        result = run_experiment(lm, exp.name, data, sizes, args.eval_data, configs=configs,
                                 progress=lambda d, t, w: bars("prune", d, t, w), on_point=on_point)
     finally:
         bars.close()
