@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import make_tiny_llama
 from conftest import random_tokens as _tokens
 from conftest import tiny_lm as _lm
@@ -17,7 +16,6 @@ from rcpu.cli import main
 from rcpu.config import DataConfig, PruneConfig
 from rcpu.errors import RcpuError
 from rcpu.paper import (
-    EXPERIMENTS,
     crossover,
     experiment_points,
     published,
@@ -243,37 +241,43 @@ def test_zeroshot_command_prunes_in_memory_and_caches(embedded, tmp_cache, tmp_p
 
 # -- the Paper page reuses the cache -------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_paper_page_shows_cached_points_without_recomputing(embedded, paper_cache, tmp_path, monkeypatch,
+def test_paper_page_shows_cached_points_without_recomputing(tiny_model_dir, tmp_cache, tmp_path, monkeypatch,
                                                              one_thread):
-    """The page finds every point ``rcpu reproduce`` cached (run here unless the test above already did)."""
+    """``rcpu reproduce ablation`` caches its points; the Paper page then shows every one of them, with the
+    same perplexities, and nothing is pruned or evaluated again (the workflow is replaced by a trap)."""
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
     import rcpu.pipeline
     import rcpu.sweep
 
-    assert main(["reproduce", "ablation", "--sizes", "tiny", "--out", str(tmp_path)]) == 0
+    model = str(tiny_model_dir)
+    assert main(["reproduce", "ablation", "--model", model, "--sizes", "tiny", "--out", str(tmp_path)]) == 0
     measured = json.loads((tmp_path / "ablation.json").read_text())
     calls = []
     monkeypatch.setattr(rcpu.sweep, "prune_and_evaluate", lambda *a, **k: calls.append(a))
     monkeypatch.setattr(rcpu.pipeline, "prune_and_evaluate", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(rcpu.pipeline, "perplexity", lambda *a, **k: calls.append(a))
     monkeypatch.setenv("RCPU_APP_PAPER_SIZES", "tiny")
     st.cache_data.clear()
     st.cache_resource.clear()
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=180).run()
+    at.sidebar.text_input(key="model").set_value(model).run()
     at.switch_page("pages/paper.py").run()
     at.radio(key="pp_experiment").set_value("ablation").run()
     assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
     assert calls == []
     figures = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
     assert any(f["layout"]["title"]["text"].startswith("Ablation") for f in figures)
-    shown = [df.value for df in at.dataframe]
-    values = {round(v, 6) for df in shown if "ppl" in df for v in df["ppl"].dropna()}
-    assert {round(r["ppl"], 6) for r in measured["points"]} <= values
+    tables = [df.value for df in at.dataframe]
+    shown = {round(v, 6) for df in tables[1:] if "ppl" in df for v in df["ppl"]}
+    assert {round(r["ppl"], 6) for r in measured["points"]} == shown  # the measured table: all four, cached
+    assert {r["ppl"] for r in published_table("ablation")} <= set(tables[0]["ppl"])  # beside the published
     assert not any("Compute" in b.label for b in at.button)  # nothing is missing
-    assert EXPERIMENTS  # the page lists the library's experiments
-    torch.set_num_threads(1)
+    assert any("All 4 points cached" in c.value for c in at.caption)
+    st.cache_data.clear()
+    st.cache_resource.clear()
 
 
 def test_experiment_points_are_the_sweeps_points(tmp_path, monkeypatch):
