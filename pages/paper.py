@@ -71,7 +71,7 @@ with right:
         for config, x in crossing.items():
             st.caption(f"At {float(ratio):.0%}, {config} overtakes rotation at "
                        + (f"**{x:.2f}** calibration tokens per down_proj input." if x
-                          else "no measured size (no crossing in the measured range)."))
+                          else "no crossing among the measured sizes."))
 
 missing = result["missing"] + (result["dense"] is None)
 if missing:

@@ -299,8 +299,8 @@ def run_experiment(lm, name: str, data: DataConfig, sizes: Sizes, eval_data: str
            "measured": measured_table(name, rows, result["dense"]), "published": published_table(name)}
     if name in ("regime", "fig3", "fig5"):
         with_best = rows + [{**r, "tokens_per_down_input": down_tokens(r)} for r in best_lambda(rows)]
+        present = {row["config"] for row in with_best}
         out["ls_overtakes_rotation_at"] = {
-            f"{r:g}": {"rcpu:ls": crossover(with_best, r), "rcpu:ls_ridge best λ":
-                       crossover(with_best, r, first="rcpu:ls_ridge best λ")}
+            f"{r:g}": {c: crossover(with_best, r, first=c) for c in ("rcpu:ls", "rcpu:ls_ridge best λ") if c in present}
             for r in sorted({row["ratio"] for row in rows})}
     return out

@@ -37,6 +37,8 @@ def add_command(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="override the evaluation windows")
     p.add_argument("--configs", default=None,
                    help="only these score:method of the experiment (comma-separated), e.g. rcpu:ls,rcpu:rotation")
+    p.add_argument("--cached-only", action="store_true",
+                   help="compute nothing: report the points already cached (and how many are missing)")
     p.add_argument("--tasks", default=None, help="table2: task names or local lm-eval YAML files (comma-separated)")
     p.add_argument("--limit", type=int, default=None, help="table2: at most this many examples per task")
     p.add_argument("--online", action="store_true", help="table2: let lm-eval download task data from the hub")
@@ -92,7 +94,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
     sizes = experiment_sizes(args, lm.adapter.num_channels(0))
     configs = tuple(f"{s}:{m}" for s, m in parse_configs(args.configs)) if args.configs else None
     points = experiment_points(exp.name, data, sizes, configs)
-    check_before_work(lm, points, EvalConfig(args.eval_data, sizes.eval_windows))
+    if not args.cached_only:
+        check_before_work(lm, points, EvalConfig(args.eval_data, sizes.eval_windows))
     bars = common.StageBars()
     print(f"{exp.title}: {len(points)} points ({sizes.name} sizes{', scaled' if args.scaled else ''})")
 
@@ -104,7 +107,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         result = run_experiment(lm, exp.name, data, sizes, args.eval_data, configs=configs,
-                                progress=lambda d, t, w: bars("prune", d, t, w), on_point=on_point)
+                                compute=not args.cached_only, progress=lambda d, t, w: bars("prune", d, t, w),
+                                on_point=on_point)
     finally:
         bars.close()
     result["timing_s"] = time.perf_counter() - start
@@ -143,8 +147,9 @@ def format_result(result: dict) -> str:
         lines.append("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
     for ratio, crossing in (result.get("ls_overtakes_rotation_at") or {}).items():
         for config, x in crossing.items():
-            where = f"{x:.2f} calibration tokens per down_proj input" if x else "nowhere in the measured range"
+            where = f"{x:.2f} calibration tokens per down_proj input" if x else "no crossing among the measured sizes"
             lines.append(f"at ratio {ratio}, {config} overtakes rcpu:rotation at {where}")
     cached = sum(1 for r in result["points"] if r.get("cached"))
-    lines.append(f"{len(result['points'])} points ({cached} from cache, {len(result['points']) - cached} computed)")
+    lines.append(f"{len(result['points'])} points ({cached} from cache, {len(result['points']) - cached} computed)"
+                 + (f"; {result['missing']} not computed (--cached-only)" if result.get("missing") else ""))
     return "\n".join(lines)
