@@ -296,3 +296,21 @@ def test_experiment_points_are_the_sweeps_points(tmp_path, monkeypatch):
     assert {point_path(lm, d, evaluation, c) for d, c in mine} == {point_path(lm, d, evaluation, c) for d, c in sweep}
     with pytest.raises(RcpuError, match="no point"):
         experiment_points("table1", data, sizes, configs=("rcpu:ls",))
+
+
+@pytest.mark.slow
+def test_reproduce_table2_on_a_local_task(tiny_model_dir, tmp_cache, tmp_path, capsys):
+    """Table 2 end to end: the dense model and each config at 20% through lm-eval, offline, then from the cache."""
+    pytest.importorskip("lm_eval")
+    args = ["reproduce", "table2", "--model", str(tiny_model_dir), "--sizes", "tiny", "--tasks", TASK,
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "table2.json").read_text())
+    assert [r["config"] for r in result["points"]] == ["dense", "wanda_sp:none", "fluctuation:bias", "rcpu:rotation",
+                                                       "rcpu:rotation_scale", "rcpu:ls"]
+    assert all(0 <= r["mean_accuracy"] <= 1 and r["examples"]["tiny_mc"] == 6 for r in result["points"])
+    assert (tmp_path / "table2.html").exists() and (tmp_path / "table2.csv").read_text().startswith("config,")
+    assert main(args) == 0
+    assert all(r["cached"] for r in json.loads((tmp_path / "table2.json").read_text())["points"])
+    assert main(["reproduce", "table2", "--model", str(tiny_model_dir), "--tasks", "boolq"]) == 2
+    assert "offline" in capsys.readouterr().err

@@ -87,8 +87,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
     if args.eval_data:
         EvalConfig(args.eval_data).check()
     if not exp.perplexity:
-        from .zeroshot import reproduce_table2
-
         return reproduce_table2(args, data, out)
     lm = common.load(data)
     sizes = experiment_sizes(args, lm.adapter.num_channels(0))
@@ -153,3 +151,38 @@ def format_result(result: dict) -> str:
     lines.append(f"{len(result['points'])} points ({cached} from cache, {len(result['points']) - cached} computed)"
                  + (f"; {result['missing']} not computed (--cached-only)" if result.get("missing") else ""))
     return "\n".join(lines)
+
+
+def reproduce_table2(args: argparse.Namespace, data, out: Path) -> int:
+    """``rcpu reproduce table2``: the dense model and each Table 2 config at 20%, through the zero-shot cache."""
+    from ..figures import accuracy_figure
+    from ..paper import experiment, experiment_points, published_table
+    from ..zeroshot import task_spec, zeroshot_point
+    from .zeroshot import task_list
+
+    if not args.tasks:
+        from ..zeroshot import LOCAL_TASK_HELP
+
+        raise RcpuError("table2 needs --tasks (the paper's: boolq, piqa, hellaswag, winogrande, arc_easy, "
+                        f"arc_challenge, openbookqa with --online); {LOCAL_TASK_HELP}")
+    tasks = task_list(args.tasks)
+    online = args.online
+    for task in tasks:
+        task_spec(task, online)
+    lm = common.load(data)
+    sizes = experiment_sizes(args, lm.adapter.num_channels(0))
+    rows = [zeroshot_point(lm, data, None, tasks, limit=args.limit, online=online)]
+    for point_data, cfg in experiment_points("table2", data, sizes):
+        rows.append(zeroshot_point(lm, point_data, cfg, tasks, limit=args.limit, online=online))
+        print(f"  {rows[-1]['config']}: mean accuracy {rows[-1]['mean_accuracy']:.4f}")
+    exp = experiment("table2")
+    result = {"experiment": "table2", "title": exp.title, "reading": exp.reading, "tasks": tasks,
+              "points": rows, "dense": None,
+              "measured": [{"config": r["config"], "mean_accuracy": round(100 * r["mean_accuracy"], 2)} for r in rows],
+              "published": published_table("table2")}
+    csv = "config,ratio,calib_samples,mean_accuracy,cached\n" + "".join(
+        f"{r['config']},{r['ratio']},{r.get('calib_samples') or ''},{r['mean_accuracy']},{r.get('cached')}\n"
+        for r in rows)
+    write_outputs(out, "table2", result, csv, accuracy_figure(rows))
+    print(format_result(result))
+    return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..config import PruneConfig
 from ..errors import RcpuError
@@ -62,39 +61,4 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     print(f"{row['config']}: mean accuracy {row['mean_accuracy']:.4f} ({accuracies})"
           + (" (cached)" if row.get("cached") else ""))
     common.write_json(json_out, {"model": data.model, **row})
-    return 0
-
-
-def reproduce_table2(args: argparse.Namespace, data, out: Path) -> int:
-    """``rcpu reproduce table2``: the dense model and each Table 2 config at 20%, through the zero-shot cache."""
-    from ..figures import accuracy_figure
-    from ..paper import experiment, experiment_points, published_table
-    from ..zeroshot import task_spec, zeroshot_point
-    from .paper import experiment_sizes, format_result, write_outputs
-
-    if not args.tasks:
-        from ..zeroshot import LOCAL_TASK_HELP
-
-        raise RcpuError("table2 needs --tasks (the paper's: boolq, piqa, hellaswag, winogrande, arc_easy, "
-                        f"arc_challenge, openbookqa with --online); {LOCAL_TASK_HELP}")
-    tasks = task_list(args.tasks)
-    online = args.online
-    for task in tasks:
-        task_spec(task, online)
-    lm = common.load(data)
-    sizes = experiment_sizes(args, lm.adapter.num_channels(0))
-    rows = [zeroshot_point(lm, data, None, tasks, limit=args.limit, online=online)]
-    for point_data, cfg in experiment_points("table2", data, sizes):
-        rows.append(zeroshot_point(lm, point_data, cfg, tasks, limit=args.limit, online=online))
-        print(f"  {rows[-1]['config']}: mean accuracy {rows[-1]['mean_accuracy']:.4f}")
-    exp = experiment("table2")
-    result = {"experiment": "table2", "title": exp.title, "reading": exp.reading, "tasks": tasks,
-              "points": rows, "dense": None,
-              "measured": [{"config": r["config"], "mean_accuracy": round(100 * r["mean_accuracy"], 2)} for r in rows],
-              "published": published_table("table2")}
-    csv = "config,ratio,calib_samples,mean_accuracy,cached\n" + "".join(
-        f"{r['config']},{r['ratio']},{r.get('calib_samples') or ''},{r['mean_accuracy']},{r.get('cached')}\n"
-        for r in rows)
-    write_outputs(out, "table2", result, csv, accuracy_figure(rows))
-    print(format_result(result))
     return 0
