@@ -65,6 +65,8 @@ computed from streaming statistics of calibration tokens, cached on disk, on you
         st.caption("Sequential pruning with per-layer errors, perplexity before and after, downloads.")
         st.page_link(SWEEP, label="Perplexity vs ratio: compare configurations", icon="📈")
         st.caption("Curves over pruning ratios and calibration sizes, cached point by point.")
+        st.page_link(PAPER, label="Paper: the published experiments, rerun", icon="📄")
+        st.caption("Table 1, the ablation, Figs. 2, 3 and 5 and the calibration regime beside the LLaMA-7B numbers.")
 
 
 HOME = st.Page(home, title="Home", icon="🧭", default=True)
@@ -72,5 +74,6 @@ LEARN = st.Page("pages/learn.py", title="Learn", icon="🎓")
 EXPLORER = st.Page("pages/layer_explorer.py", title="Layer explorer", icon="🔬")
 WHOLE = st.Page("pages/whole_model.py", title="Whole model", icon="✂️")
 SWEEP = st.Page("pages/perplexity.py", title="Perplexity vs ratio", icon="📈")
+PAPER = st.Page("pages/paper.py", title="Paper", icon="📄")
 
-st.navigation([HOME, LEARN, EXPLORER, WHOLE, SWEEP]).run()
+st.navigation([HOME, LEARN, EXPLORER, WHOLE, SWEEP, PAPER]).run()

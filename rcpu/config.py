@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .models import LoadedModel
 
 TARGETS = {"attn": ("o_proj",), "mlp": ("down_proj",), "both": SUBLAYERS}
+# Which pruned sublayers are compensated (the paper's ablation): a name of TARGETS, or none.
+COMPENSATE = (*TARGETS, "none")
 
 # Named presets of settings. "paper": the authors' protocol (method page, section 8): 128
 # calibration windows of 128 tokens, perplexity in 128-token windows, int(ratio * units)
@@ -167,10 +169,15 @@ class PruneConfig:
     rounding: str = "nearest"  # or "truncate", the authors' int(ratio * units)
     gqa_balanced: bool = False  # the same number of query heads from every KV group (stays stock-loadable)
     allocation: str = "uniform"  # or "greedy": per-layer counts, same total (rcpu/allocate.py)
+    compensate: str = "both"  # which pruned sublayers get ``method`` (the others keep W_K): the paper's ablation
 
     @property
     def sublayers(self) -> tuple[str, ...]:
         return TARGETS[self.targets]
+
+    def compensates(self, sublayer: str) -> bool:
+        """Whether ``method`` is applied to this sublayer (else its kept weights stay as they were)."""
+        return self.compensate != "none" and sublayer in TARGETS[self.compensate]
 
     def head_group(self, adapter, index: int) -> int | None:
         """Query heads per KV group when heads are selected group by group (GQA-balanced), else None
@@ -183,12 +190,16 @@ class PruneConfig:
         """``score:method``, with the strength for a method whose result depends on lambda."""
         name = f"{self.score}:{self.method}"
         name = f"{name} λ={self.lam:g}" if self.method in LAMBDA_METHODS else name
-        return name if self.allocation == "uniform" else f"{name} [{self.allocation}]"
+        if self.allocation != "uniform":
+            name = f"{name} [{self.allocation}]"
+        return name if self.compensate == "both" else f"{name} [compensate {self.compensate}]"
 
     def check(self, lm: LoadedModel | None = None) -> None:
         """With ``lm``: also refuse a ratio that would leave some layer nothing, before any work."""
         if self.targets not in TARGETS:
             raise RcpuError(f"unknown targets {self.targets!r}; choose one of: {', '.join(TARGETS)}")
+        if self.compensate not in COMPENSATE:
+            raise RcpuError(f"unknown --compensate {self.compensate!r}; choose one of: {', '.join(COMPENSATE)}")
         _check_choices(self)
         check_allocation(self.allocation)
         if lm is not None:
@@ -233,6 +244,7 @@ class SweepConfig:
     rounding: str = PruneConfig.rounding
     gqa_balanced: bool = PruneConfig.gqa_balanced
     allocations: tuple[str, ...] = (PruneConfig.allocation,)  # an axis, like lambdas
+    compensate: str = PruneConfig.compensate
 
     @property
     def configs_text(self) -> str:
@@ -242,7 +254,8 @@ class SweepConfig:
         sizes = self.calib_samples or (data.calib_samples,)
         return [
             (replace(data, calib_samples=n),
-             PruneConfig(r, self.targets, s, m, self.alpha, lam, self.rounding, self.gqa_balanced, allocation))
+             PruneConfig(r, self.targets, s, m, self.alpha, lam, self.rounding, self.gqa_balanced, allocation,
+                         self.compensate))
             for n in sizes
             for r in self.ratios
             for s, m in self.configs

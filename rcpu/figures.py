@@ -911,3 +911,200 @@ def footprint_figure(rows: Sequence[dict]) -> go.Figure:
     fig.update_xaxes(title_text="pruned / dense", range=[0, max(1.2, max(ratios) * 1.15)])
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, title, height=120 + 34 * len(rows))
+
+
+# The paper's experiments (rcpu.paper): figures shaped like the published ones, from sweep rows.
+
+def _dense_reference(fig: go.Figure, dense: float | None) -> None:
+    """The dense perplexity as a dotted line across a bar chart (a linear y axis)."""
+    if dense is not None:
+        fig.add_hline(y=dense, line={"color": "black", "dash": "dot"}, annotation_text=f"dense {dense:.2f}",
+                      annotation_position="top left")
+
+
+ABLATION_LABELS = {"none": "no compensation", "attn": "o_proj only", "mlp": "down_proj only", "both": "both"}
+PAPER_TOKENS_PER_INPUT = {"LLaMA-7B, 128 x 128": 128 * 128 / 11008, "LLaMA-7B, 512 x 128": 512 * 128 / 11008}
+
+
+def _bars(rows: Sequence[dict], group_key: str, groups: Sequence, title: str, dense: float | None,
+          x_label) -> go.Figure:
+    fig = go.Figure()
+    for name in dict.fromkeys(r["config"] for r in rows):
+        mine = {r[group_key]: r["ppl"] for r in rows if r["config"] == name}
+        method = name.split(":")[-1].split()[0]
+        fig.add_trace(go.Bar(x=[x_label(g) for g in groups], y=[mine.get(g) for g in groups], name=name,
+                             marker_color=color(method), text=[f"{mine[g]:.2f}" if g in mine else "" for g in groups],
+                             textposition="outside"))
+    _dense_reference(fig, dense)
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(title_text="perplexity")
+    if not rows:
+        return _empty(title, "No points yet: compute them below.")
+    return _layout(fig, title, height=420)
+
+
+def table1_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
+    """Table 1 as grouped bars: perplexity per ratio, one bar per config."""
+    ratios = sorted({p["ratio"] for p in points})
+    return _bars(points, "ratio", ratios, "Table 1: perplexity by method", dense, lambda r: f"{r:.0%}")
+
+
+def ablation_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
+    """The ablation as bars: perplexity for each set of compensated sublayers."""
+    rows = [{**p, "config": ABLATION_LABELS.get(p.get("compensate", "both"), p.get("compensate")),
+             "group": "ratio " + f"{p['ratio']:.0%}"} for p in points]
+    fig = go.Figure(go.Bar(x=[r["config"] for r in rows], y=[r["ppl"] for r in rows],
+                           marker_color=[color("rotation") if r.get("compensate") != "none" else color("none")
+                                         for r in rows],
+                           text=[f"{r['ppl']:.2f}" for r in rows], textposition="outside", showlegend=False))
+    _dense_reference(fig, dense)
+    fig.update_xaxes(title_text="rotation applied to")
+    fig.update_yaxes(title_text="perplexity")
+    if not rows:
+        return _empty("Ablation: which sublayers are compensated", "No points yet: compute them below.")
+    return _layout(fig, "Ablation: which sublayers are compensated", height=420)
+
+
+def calibration_curves_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
+    """Fig. 2: perplexity against calibration samples, one line per ratio."""
+    fig = go.Figure()
+    for ratio in sorted({p["ratio"] for p in points}):
+        rows = sorted((p for p in points if p["ratio"] == ratio), key=lambda p: p["calib_samples"])
+        fig.add_trace(go.Scatter(x=[r["calib_samples"] for r in rows], y=[r["ppl"] for r in rows],
+                                 mode="lines+markers", name=f"{rows[0]['config']} at {ratio:.0%}"))
+    x_range = _x_range([p["calib_samples"] for p in points], pad=1.0, log=True, default=(0.0, 2.7))
+    _dense_line(fig, dense, [10**v for v in x_range])
+    kind, y_range = _y_range([p["ppl"] for p in points], dense)
+    fig.update_xaxes(title_text="calibration samples", type="log", range=x_range)
+    fig.update_yaxes(title_text="perplexity", type=kind, range=y_range)
+    if not points:
+        _no_points_yet(fig, x_range)
+    return _layout(fig, "Fig. 2: perplexity against calibration samples", height=440)
+
+
+def _panels(n: int, titles: Sequence[str], rows: int = 1) -> go.Figure:
+    cols = max(1, math.ceil(n / rows))
+    return make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=0.08,
+                         vertical_spacing=0.16)
+
+
+def score_method_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
+    """Fig. 3: perplexity against ratio for each score:method, one panel per calibration size."""
+    sizes = sorted({p["calib_samples"] for p in points}) or [0]
+    fig = _panels(len(sizes), [f"{n} calibration samples" for n in sizes])
+    shown: set[str] = set()
+    for col, n in enumerate(sizes, start=1):
+        mine = [p for p in points if p["calib_samples"] == n]
+        for name in dict.fromkeys(p["config"] for p in mine):
+            rows = sorted((p for p in mine if p["config"] == name), key=lambda p: p["ratio"])
+            score, method = name.split(":")
+            fig.add_trace(go.Scatter(
+                x=[r["ratio"] for r in rows], y=[r["ppl"] for r in rows], mode="lines+markers", name=name,
+                legendgroup=name, showlegend=name not in shown,
+                line={"color": color(method), "dash": "dot" if score == "wanda_sp" else "solid"},
+            ), row=1, col=col)
+            shown.add(name)
+        if dense is not None:
+            fig.add_hline(y=dense, line={"color": "black", "dash": "dot"}, row=1, col=col)
+    fig.update_xaxes(title_text="pruning ratio", tickformat=".0%")
+    fig.update_yaxes(title_text="perplexity", type="log")
+    if not points:
+        return _empty("Fig. 3: score x compensation", "No points yet: compute them below.")
+    return _layout(fig, "Fig. 3: score x compensation at two calibration sizes", height=440, subplot_titles=True)
+
+
+def lambda_figure(points: Sequence[dict], dense: float | None = None) -> go.Figure:
+    """Fig. 5: LS + ridge perplexity against lambda, rotation as a dashed line; a panel per (size, ratio)."""
+    ridge = [p for p in points if p["method"] == "ls_ridge"]
+    sizes = sorted({p["calib_samples"] for p in points})
+    ratios = sorted({p["ratio"] for p in points})
+    panels = [(n, r) for n in sizes for r in ratios]
+    if not panels:
+        return _empty("Fig. 5: LS + ridge against lambda", "No points yet: compute them below.")
+    fig = make_subplots(rows=len(sizes), cols=len(ratios), horizontal_spacing=0.07, vertical_spacing=0.18,
+                        subplot_titles=[f"{n} samples, {r:.0%}" for n, r in panels])
+    for i, (n, r) in enumerate(panels):
+        row, col = i // len(ratios) + 1, i % len(ratios) + 1
+        curve = sorted((p for p in ridge if p["calib_samples"] == n and p["ratio"] == r), key=lambda p: p["lambda"])
+        fig.add_trace(go.Scatter(x=[p["lambda"] for p in curve], y=[p["ppl"] for p in curve], mode="lines+markers",
+                                 name="LS + ridge", legendgroup="ridge", showlegend=i == 0,
+                                 line={"color": color("ls_ridge")}), row=row, col=col)
+        rotation = [p for p in points if p["method"] == "rotation" and p["calib_samples"] == n and p["ratio"] == r]
+        if rotation:
+            fig.add_trace(go.Scatter(x=[1e-5, 1e5], y=[rotation[0]["ppl"]] * 2, mode="lines", name="RCPU rotation",
+                                     legendgroup="rotation", showlegend=i == 0,
+                                     line={"color": color("rotation"), "dash": "dash"}), row=row, col=col)
+    fig.update_xaxes(type="log", title_text="λ", exponentformat="power")
+    fig.update_yaxes(type="log", title_text="perplexity")
+    return _layout(fig, "Fig. 5: LS + ridge against λ, rotation as a line", height=300 * len(sizes) + 80,
+                   subplot_titles=True)
+
+
+def regime_figure(points: Sequence[dict], current: float | None = None, crossing: float | None = None
+                  ) -> go.Figure:
+    """Perplexity against calibration tokens per ``down_proj`` input: LS, best-lambda LS + ridge, rotation,
+    rotation+scale; vertical lines where the paper's LLaMA-7B runs sit, the current setting and the crossing.
+
+    ``points``: sweep rows (best-lambda rows already chosen, config ``rcpu:ls_ridge best λ``), each with
+    ``tokens_per_down_input``.
+    """
+    fig = go.Figure()
+    for name in dict.fromkeys(p["config"] for p in points):
+        rows = sorted((p for p in points if p["config"] == name), key=lambda p: p["tokens_per_down_input"])
+        method = name.split(":")[-1].split()[0]
+        fig.add_trace(go.Scatter(x=[r["tokens_per_down_input"] for r in rows], y=[r["ppl"] for r in rows],
+                                 mode="lines+markers", name=name, line={"color": color(method), "width": 2.5}))
+    marks = dict(PAPER_TOKENS_PER_INPUT)
+    if current is not None:
+        marks["current settings"] = current
+    # Lines as shapes (data units) and their labels as annotations, whose x on a log axis is log10(x).
+    for i, (what, x) in enumerate(marks.items()):
+        fig.add_vline(x=x, line={"color": "#6b7280" if what != "current settings" else "#111827", "dash": "dot"})
+        fig.add_annotation(x=math.log10(x), y=1.0 - 0.06 * i, yref="paper", text=f"{what}: {x:.2g}",
+                           showarrow=False, xanchor="left", bgcolor="white")
+    if crossing is not None:
+        fig.add_vline(x=crossing, line={"color": color("ls"), "dash": "dash"})
+        fig.add_annotation(x=math.log10(crossing), y=0.02, yref="paper", text=f"LS overtakes rotation: {crossing:.2g}",
+                           showarrow=False, xanchor="left", bgcolor="white")
+    fig.update_xaxes(title_text="calibration tokens per down_proj input dimension", type="log")
+    fig.update_yaxes(title_text="perplexity", type="log")
+    if not points:
+        fig.add_annotation(text="No points yet: compute them below.", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper")
+    return _layout(fig, "Regime: perplexity against calibration tokens per input dimension", height=460)
+
+
+def accuracy_figure(points: Sequence[dict]) -> go.Figure:
+    """Table 2 as bars: mean zero-shot accuracy per config (``points`` with ``config`` and ``mean_accuracy``)."""
+    if not points:
+        return _empty("Table 2: mean zero-shot accuracy", "No points yet: compute them below.")
+    fig = go.Figure(go.Bar(x=[p["config"] for p in points], y=[100 * p["mean_accuracy"] for p in points],
+                           marker_color=[color(p["config"].split(":")[-1]) for p in points],
+                           text=[f"{100 * p['mean_accuracy']:.1f}" for p in points], textposition="outside"))
+    fig.update_yaxes(title_text="mean accuracy (%)")
+    return _layout(fig, "Table 2: mean zero-shot accuracy", height=420)
+
+
+def paper_figure(result: dict, current: float | None = None) -> go.Figure:
+    """The figure of one of the paper's experiments from ``rcpu.paper.run_experiment``'s result."""
+    from .paper import best_lambda
+
+    name, rows = result["experiment"], result["points"]
+    dense = None if result.get("dense") is None else result["dense"]["ppl"]
+    if name == "table1":
+        return table1_figure(rows, dense)
+    if name == "ablation":
+        return ablation_figure(rows, dense)
+    if name == "fig2":
+        return calibration_curves_figure(rows, dense)
+    if name == "fig3":
+        return score_method_figure(rows, dense)
+    if name == "fig5":
+        return lambda_figure(rows, dense)
+    if name == "regime":
+        shown = [r for r in rows if r["method"] != "ls_ridge"] + best_lambda(rows)
+        crossing = (result.get("ls_overtakes_rotation_at") or {}).get("0.2", {}).get("rcpu:ls")
+        return regime_figure(shown, current, crossing)
+    if name == "table2":
+        return accuracy_figure(rows)
+    raise ValueError(f"no figure for {name!r}")

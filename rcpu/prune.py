@@ -142,8 +142,8 @@ def prune_layer(adapter, index: int, flows: dict[str, LayerFlow], cfg: PruneConf
         )
         # One problem per split: compensation and the errors share W G and G[K,K].
         problems = {split: KeptProblem(linear.weight, st[sub], sel.kept) for split, st in stats.items()}
-        if len(sel.pruned) == 0:
-            comp = _identity(linear.weight, sel.kept)  # nothing removed: nothing to compensate
+        if len(sel.pruned) == 0 or not cfg.compensates(sub):
+            comp = _identity(linear.weight, sel.kept)  # nothing removed, or left uncompensated (ablation)
         else:
             comp = compensate_problem(cfg.method, problems["calibration"], cfg.alpha, cfg.lam)
         plan = SublayerPlan(sub, sel.kept_units, sel.kept, comp)

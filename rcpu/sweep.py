@@ -23,6 +23,8 @@ def point_path(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig, cfg: P
     prune = asdict(cfg)
     if prune["allocation"] == "uniform":
         del prune["allocation"]  # the key points cached before allocations existed had
+    if prune["compensate"] == "both":  # the default: keys of points cached before the option existed still hold
+        del prune["compensate"]
     fields = {**eval_fields(lm, data, evaluation), "sampling": asdict(data.sampling), "prune": prune}
     return result_path("point", fields)
 
@@ -69,9 +71,17 @@ def run_sweep(
     compute: bool = True, progress: Progress | None = None, on_point: PointCallback | None = None,
 ) -> dict:
     """{dense, points, missing}; with ``compute=False`` only what is cached (nothing runs)."""
+    return run_points(lm, data, spec.points(data), evaluation, compute=compute, progress=progress, on_point=on_point)
+
+
+def run_points(
+    lm: LoadedModel, data: DataConfig, points: list[tuple[DataConfig, PruneConfig]],
+    evaluation: EvalConfig | None = None, *,
+    compute: bool = True, progress: Progress | None = None, on_point: PointCallback | None = None,
+) -> dict:
+    """``run_sweep`` on a list of points that no one grid spans (the paper's experiments)."""
     evaluation = evaluation or EvalConfig()
     dense = dense_perplexity(lm, data, evaluation, compute=compute)
-    points = spec.points(data)
     rows = []
     for i, (d, cfg) in enumerate(points):
         row = prune_point(lm, d, evaluation, cfg, progress=progress, compute=compute)
@@ -86,8 +96,8 @@ CSV_COLUMNS = ("config", "score", "method", "lambda", "ratio", "rounding", "targ
                "ppl_dense", "params_before", "params_after", "eval_tokens", "cached", "allocation")
 
 
-def to_csv(rows: list[dict]) -> str:
-    lines = [",".join(CSV_COLUMNS)]
+def to_csv(rows: list[dict], columns: tuple[str, ...] = CSV_COLUMNS) -> str:
+    lines = [",".join(columns)]
     for row in rows:
-        lines.append(",".join(str(row.get(c, "")) for c in CSV_COLUMNS))
+        lines.append(",".join(str(row.get(c, "")) for c in columns))
     return "\n".join(lines) + "\n"

@@ -39,7 +39,7 @@ MODEL_HELP = (
     "'embedded' (SmolLM2-135M, shipped with the app), a local model directory, "
     "a .gguf file, or a Hugging Face hub id like owner/name (needs the hub or its local cache)."
 )
-PERSISTENT_PREFIXES = ("le_", "wm_", "pv_", "learn_")
+PERSISTENT_PREFIXES = ("le_", "wm_", "pv_", "learn_", "pp_")
 SIDEBAR_KEYS = ("model", "text_source", "text_path", "calib_samples", "seq_len", "seed", "heldout_samples",
                 "rounding")
 ROUNDING_LABELS = {"nearest": "nearest (default)", "truncate": "truncate (the authors' int(ratio · units))"}

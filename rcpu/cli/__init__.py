@@ -1,4 +1,4 @@
-"""Command-line interface: ``rcpu layer | prune | eval | sweep | cache``.
+"""Command-line interface: ``rcpu layer | prune | eval | sweep | cache | reproduce | zeroshot``.
 
 The CLI only parses arguments into configs and prints; the work is in the library.
 Errors the user can fix are one line on stderr and exit status 2.
@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..errors import RcpuError
-from . import cache, layer, model
+from . import cache, layer, model, paper, zeroshot
 from .args import apply_protocol, data_config, load
 
 __all__ = ["build_parser", "data_config", "load", "main"]
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_command(sub)
     model.add_commands(sub)
     cache.add_command(sub)
+    paper.add_command(sub)
+    zeroshot.add_command(sub)
     return parser
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..allocate import ALLOCATIONS
 from ..compensate import LAMBDA_METHODS, METHODS
-from ..config import PROTOCOLS, TARGETS, DataConfig, EvalConfig, PruneConfig
+from ..config import COMPENSATE, PROTOCOLS, TARGETS, DataConfig, EvalConfig, PruneConfig
 from ..errors import RcpuError
 from ..models import LoadedModel
 from ..scores import ROUNDINGS, SCORES
@@ -67,6 +67,9 @@ def add_targets_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gqa-balanced", action="store_true", default=PruneConfig.gqa_balanced,
                    help="remove the same number of query heads from every KV group, so that the pruned "
                         "model stays loadable by stock transformers")
+    p.add_argument("--compensate", choices=list(COMPENSATE), default=PruneConfig.compensate,
+                   help="which pruned sublayers get the compensation method (the paper's ablation: attn = o_proj "
+                        "only, mlp = down_proj only); the others keep their weights")
 
 
 def add_allocation_option(p: argparse.ArgumentParser, sweep: bool = False) -> None:

@@ -66,7 +66,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     data = common.data_config(args)
     cfg = PruneConfig(args.ratio, args.targets, args.score, args.method, args.alpha, args.lam, args.rounding,
-                      args.gqa_balanced, args.allocation)
+                      args.gqa_balanced, args.allocation, compensate=args.compensate)
     evaluation = common.eval_config(args)
     cfg.check()
     data.sampling.check()
@@ -203,7 +203,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     lambdas = _numbers(args.lambdas, float, "numbers")
     allocations = tuple(filter(None, (a.strip() for a in args.allocations.split(","))))
     spec = SweepConfig(ratios, parse_configs(args.configs), sizes, args.targets, args.alpha, lambdas, args.rounding,
-                       args.gqa_balanced, allocations)
+                       args.gqa_balanced, allocations, compensate=args.compensate)
     data = common.data_config(args, calib_samples=(sizes or (DataConfig.calib_samples,))[0])
     evaluation = common.eval_config(args)
     spec.check(data)
