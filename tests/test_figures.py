@@ -9,7 +9,7 @@ import torch
 
 from rcpu import figures
 from rcpu.analysis import analyze_sublayer
-from rcpu.compensate import METHODS
+from rcpu.compensate import METHODS, PRUNE_METHODS
 from rcpu.learn import ToyConfig, build_example
 from rcpu.scores import select
 from rcpu.stats import LayerStats
@@ -47,8 +47,8 @@ def _n(values) -> int:
 
 
 def test_method_registry_has_colours_and_labels():
-    assert set(figures.METHOD_COLORS) == set(METHODS)
-    assert set(figures.METHOD_LABELS) == set(METHODS)
+    assert set(figures.METHOD_COLORS) == set(PRUNE_METHODS)
+    assert set(figures.METHOD_LABELS) == set(PRUNE_METHODS)
 
 
 @pytest.mark.parametrize("order", ["index", "sorted"])

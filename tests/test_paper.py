@@ -55,7 +55,7 @@ def test_compensate_is_checked_and_labelled():
 
 
 def test_default_compensate_keeps_cache_keys_of_older_points(tmp_path, monkeypatch):
-    """Points cached before ``compensate`` existed keep their keys (the default is left out of the key)."""
+    """Points cached before ``compensate`` and ``allocation`` existed keep their keys (defaults are left out)."""
     from dataclasses import asdict
 
     from rcpu.config import EvalConfig
@@ -66,7 +66,7 @@ def test_default_compensate_keeps_cache_keys_of_older_points(tmp_path, monkeypat
     lm, data = _lm(make_tiny_llama()), DataConfig()
 
     old = asdict(PruneConfig())
-    del old["compensate"]
+    del old["compensate"], old["allocation"]
     expected = result_path("point", {**eval_fields(lm, data, EvalConfig()), "sampling": asdict(data.sampling),
                                      "prune": old})
     assert point_path(lm, data, EvalConfig(), PruneConfig()) == expected
