@@ -317,7 +317,10 @@ def _auto(r: dict) -> list[str]:
          "embedded text, read only after the pruned model exists. A greedy model's layers differ in shape, so "
          "no stock config holds it (`rcpu.export.stock_verdict`); `rcpu.load_pruned` loads it. With the "
          "embedded model's GQA (9 query heads on 3 KV heads) uniform pruning is stock-loadable only with "
-         "`--gqa-balanced`; greedy never is."), "",
+         "`--gqa-balanced`; greedy never is. The totals are equal in heads and channels, not always in "
+         "parameters: with GQA a KV head goes with the last query head of its group, so a greedy model that "
+         "empties a KV group removes more parameters than uniform (compare the parameters after, below); "
+         "the compensation may also add an output bias (d_out parameters) where bias or rotation_bias wins."), "",
     ]
     for name, table in r["tables"].items():
         rows = table["rows"]
