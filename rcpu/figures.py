@@ -814,6 +814,8 @@ def _ppl_figure(points: Sequence[dict], dense: float | None, x_key: str, log_x: 
         _log_axis(fig.update_yaxes, range=y_range)
     if not points:
         _no_points_yet(fig, x_range)
+        if dense is None:  # no value at all: an axis from 0 to 1 would read as perplexities
+            fig.update_yaxes(showticklabels=False, showgrid=False)
     fig.update_layout(showlegend=True)
     return _layout(fig, title, height=440)
 
