@@ -596,7 +596,7 @@ def method_table(analysis: SublayerAnalysis, methods: Sequence[str]) -> list[dic
 # ---------------------------------------------------------------------------
 
 TOY_NAMES = ("pruned", "least squares", "rotation")
-SCENE_CAMERA = {"eye": {"x": 1.9, "y": 1.9, "z": 1.2}}  # far enough that axis titles stay inside the chart
+SCENE_CAMERA = {"eye": {"x": 2.3, "y": 2.3, "z": 1.4}}  # far enough that axis titles stay inside the chart
 TOY_COLORS = {"original": ORIGINAL, "pruned": UNCOMPENSATED, "least squares": METHOD_COLORS["ls"],
               "rotation": METHOD_COLORS["rotation"]}
 
