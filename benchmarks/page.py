@@ -203,7 +203,8 @@ def main() -> None:
     settings = settings_for("quick")
     result = browser_update(settings.calib_samples, settings.seq_len, settings.explorer_layer)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                         "load_average": [round(x, 2) for x in os.getloadavg()]}  # others' work on the machine
     out = REPO / "benchmarks" / "results" / "browser.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     every = [c for s in result.get("sublayers", {}).values() for v in s["views"].values() for c in v["changes"]]

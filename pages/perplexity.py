@@ -96,8 +96,9 @@ elif missing:
         b2.button("Stop", key="stop_points", help="Interrupts the computation; finished points stay cached.")
     if compute:
         controls.empty()
-        stop_note = st.empty()
-        stop_note.caption("Stop: change any setting or reload the page; finished points stay cached.")
+        stop_note = st.empty()  # Stop stays while computing (Compute and the stale count go)
+        stop_note.button("Stop", key="stop_points_running",
+                         help="Interrupts the computation; finished points stay cached.")
         overall = st.progress(0.0, text="Perplexity of the dense model (computed once, then cached)…"
                               if cached["dense"] is None else f"Point 1 of {cached['missing']}…")
         current = st.progress(0.0, text="")
@@ -111,7 +112,8 @@ elif missing:
                 state["point"] += 1
                 chart.plotly_chart(draw(done_points, {"ppl": row["ppl_dense"]}))
                 stage_text.starts.clear()
-            overall.progress(i / n, text=f"{i} of {n} points ready")
+            overall.progress(state["point"] / max(state["n"], 1),
+                             text=f"{state['point']} of {state['n']} points computed")
 
         def on_layer(done: int, n: int, what: str) -> None:
             fraction, text = stage_text("prune", done, n, what)

@@ -373,6 +373,22 @@ def test_explorer_shows_the_effective_ratio_and_the_regime():
     assert any("few tokens per dimension" in i.value for i in at.info)
 
 
+def no_duplicate_legend_entries(at: AppTest) -> None:
+    """No chart names two series alike (the same outputs drawn twice under two names looked like two)."""
+    for fig in charts(at):
+        names = [t.get("name") for t in fig["data"] if t.get("name") and t.get("showlegend", True)
+                 and t.get("type") not in ("heatmap", "box")]
+        assert len(names) == len(set(names)), (fig["layout"]["title"]["text"], names)
+
+
+def test_explorer_views_have_no_duplicate_series():
+    at = open_page("pages/layer_explorer.py")
+    for view in ("📊 Scores", "🧭 Principal directions", "📐 Geometry", "📉 Error"):
+        at.radio(key="le_view").set_value(view).run()
+        ok(at)
+        no_duplicate_legend_entries(at)
+
+
 def test_explorer_principal_directions_and_geometry_say_what_to_look_for():
     at = open_page("pages/layer_explorer.py")
     at.radio(key="le_view").set_value("🧭 Principal directions").run()
