@@ -76,8 +76,9 @@ def _floor(r: dict) -> list[str]:
                    "(statistics need the dense layer's inputs), both Gram products (float32, blocks on and above "
                    "the diagonal) and the pruned `o_proj` and MLP on the kept units (the kept heads' attention is "
                    f"reused), is {floor['floor_ratio']:.2f} forwards ({floor['floor_s']:.1f} s), before any "
-                   f"compensation. So prune / forward <= 1.3 is below this floor; prune / floor is "
-                   f"{floor['prune_over_floor']:.2f}."), ""]
+                   "compensation. "
+                   + ("So prune / forward <= 1.3 is below this floor; " if floor["floor_ratio"] > 1.3 else "")
+                   + f"prune / floor is {floor['prune_over_floor']:.2f}."), ""]
     precision = r.get("gram_precision")
     if precision:
         lines += [("**Float32 Gram products** (each batch's product in float32, summed into float64, exact "
