@@ -18,7 +18,9 @@ from pathlib import Path
 
 from .common import REPO, Settings, data_config, format_goal, goal, say, write_result
 
-FLOW_BUFFERS = 1  # LayerFlow keeps one hidden-state tensor per batch (outputs replace inputs)
+# LayerFlow keeps one hidden-state tensor per batch (outputs replace inputs) and, while a layer is pruned,
+# its o_proj input (the kept heads' attention output, reused by the pruned run; hidden-sized in LLaMA).
+FLOW_BUFFERS = 2
 TOLERANCE = 1.10  # allocator slack on top of the expected buffer
 MB = 2**20
 

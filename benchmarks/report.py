@@ -69,6 +69,28 @@ def _floor(r: dict) -> list[str]:
                    "wrapping `rcpu.stats.StatsAccumulator.add` (Gram), `rcpu.compensate.procrustes` (SVD), "
                    "`rcpu.prune._errors` and `rcpu.prune.apply_plan` (surgery). `other` is the model copy, "
                    "the layer-0 capture and the final layout."), ""]
+    floor = r.get("flop_floor")
+    if floor:
+        lines += [(f"**Floor.** The work a prune cannot avoid, counted in FLOPs and converted at this run's own "
+                   f"forward rate ({floor['forward_gflops']:.1f} GFLOP/s): the dense run up to `down_proj`'s input "
+                   "(statistics need the dense layer's inputs), both Gram products (float32, blocks on and above "
+                   "the diagonal) and the pruned `o_proj` and MLP on the kept units (the kept heads' attention is "
+                   f"reused), is {floor['floor_ratio']:.2f} forwards ({floor['floor_s']:.1f} s), before any "
+                   "compensation. "
+                   + ("So prune / forward <= 1.3 is below this floor; " if floor["floor_ratio"] > 1.3 else "")
+                   + f"prune / floor is {floor['prune_over_floor']:.2f}."), ""]
+    precision = r.get("gram_precision")
+    if precision:
+        lines += [("**Float32 Gram products** (each batch's product in float32, summed into float64, exact "
+                  "diagonal) against all-float64 products on the same inputs:"), "",
+                  ("| layer | sublayer | tokens | Gram rel. Frobenius | max abs(dG) / sqrt(G_ii G_jj) | "
+                  "rotation W' rel. diff | rotation error diff | ls W' rel. diff | ls error diff |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for p in precision:
+            lines.append(f"| {p['layer']} | {p['sublayer']} | {p['tokens']:,} | {p['gram_rel_frobenius']:.1e} | "
+                         f"{p['gram_max_scaled']:.1e} | {p['rotation_weight_rel']:.1e} | "
+                         f"{p['rotation_error_diff']:.1e} | {p['ls_weight_rel']:.1e} | {p['ls_error_diff']:.1e} |")
+        lines.append("")
     return lines + _goal_rows(r["goals"]) + [""]
 
 
