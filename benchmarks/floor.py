@@ -210,7 +210,8 @@ def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = F
         f"({lm.adapter.num_layers} layers, torch threads {torch.get_num_threads()})")
     say("  prune split: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
     say("  in detail: " + ", ".join(f"{k} {v:.2f} s" for k, v in detail.items()))
-    say("  " + format_goal(goals[0]))
+    for g in goals:
+        say("  " + format_goal(g))
     return write_result(out_dir, "floor", settings, {
         "calibration": {"samples": settings.floor_samples, "seq_len": settings.seq_len, "tokens": tokens_n},
         "prune_config": {"ratio": RATIO, "targets": "both", "score": "rcpu", "method": "rotation"},

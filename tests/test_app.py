@@ -89,7 +89,7 @@ def test_home_shows_the_model_card():
     ok(at)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Layers"] == "30" and metrics["Heads / KV heads"] == "9 / 3"
-    assert len(at.get("page_link")) == 4
+    assert len(at.get("page_link")) == 5  # Learn, Layer explorer, Whole model, Perplexity vs ratio, Paper
     # the regime note: tokens per input dimension and what to expect (4 x 128 tokens, hidden size 576)
     assert any("512 calibration tokens for 576 input dimensions" in i.value for i in at.info)
 

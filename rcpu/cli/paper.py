@@ -155,6 +155,7 @@ def format_result(result: dict) -> str:
 
 def reproduce_table2(args: argparse.Namespace, data, out: Path) -> int:
     """``rcpu reproduce table2``: the dense model and each Table 2 config at 20%, through the zero-shot cache."""
+    from ..config import parse_configs
     from ..figures import accuracy_figure
     from ..paper import experiment, experiment_points, published_table
     from ..zeroshot import task_spec, zeroshot_point
@@ -172,7 +173,8 @@ def reproduce_table2(args: argparse.Namespace, data, out: Path) -> int:
     lm = common.load(data)
     sizes = experiment_sizes(args, lm.adapter.num_channels(0))
     rows = [zeroshot_point(lm, data, None, tasks, limit=args.limit, online=online)]
-    for point_data, cfg in experiment_points("table2", data, sizes):
+    configs = tuple(f"{s}:{m}" for s, m in parse_configs(args.configs)) if args.configs else None
+    for point_data, cfg in experiment_points("table2", data, sizes, configs):
         rows.append(zeroshot_point(lm, point_data, cfg, tasks, limit=args.limit, online=online))
         print(f"  {rows[-1]['config']}: mean accuracy {rows[-1]['mean_accuracy']:.4f}")
     exp = experiment("table2")
