@@ -107,10 +107,15 @@ def _explorer(r: dict) -> list[str]:
         "| sublayer | d_out x d_in | kept k | runs | median total s | median compensate s | compensate GFLOP/s |",
         "|---|---|---|---|---|---|---|",
     ]
+    split = []
     for sub in ("down_proj", "o_proj"):
         s = e[sub]
         lines.append(f"| {e['model']} {sub} | {s['d_out']} x {s['d_in']} | {s['k']} | {len(s['runs'])} | "
                      f"{s['median_total_s']:.3f} | {s['median_compensate_s']:.3f} | |")
+        if "median_change_s" in s:
+            f = s["floor"]
+            split.append(f"| {sub} | {s['median_open_sublayer_s']:.3f} | {f['open_sublayer_s']:.3f} | "
+                         f"{s['median_change_s']:.3f} | {f['change_s']:.3f} |")
     for sub, s in r["large"].items():
         if not isinstance(s, dict):
             continue
@@ -126,6 +131,17 @@ def _explorer(r: dict) -> list[str]:
         "Q W_K 2 d_out^2 k; the library computes them in float64, so the goal compares with the float64 rate."),
         "",
     ]
+    if split:
+        lines += [
+            ("The embedded total splits into opening the sublayer (`prepare_sublayer`: `W G` for both token sets, "
+             "`Y`'s principal directions and sample outputs, which the layer explorer keeps per sublayer) and "
+             "the change itself (selection, compensation, every diagnostic), which is what each later ratio, score "
+             "or method costs. The floor is the float64 work neither can skip, timed in the same run on random "
+             "matrices of the same shapes: opening, two `W G` products and one `eigh`; a change, the SVD of `M`, "
+             "`eigh` of `Z`'s covariance and `eigvalsh` of `Q`'s symmetric part (LAPACK's solvers use one core "
+             "at these sizes)."), "",
+            "| sublayer | open s | open floor s | change s | change floor s |", "|---|---|---|---|---|", *split, "",
+        ]
     page = r.get("page_update")
     if page:
         lines += _page_lines(page)

@@ -72,9 +72,10 @@ class SublayerBasis:
         """Sample outputs (d_out, m) on Y's top two principal components, centred on Y's sample mean."""
         return self.top[:, :2].T @ (outputs - self.centre)
 
-    def inner_products(self, outputs: Tensor) -> Tensor:
+    def inner_products(self, token_gram: Tensor) -> Tensor:
+        """``<o_t, o_u>`` for the token pairs, read from the outputs' token Gram ``O^T O`` (m, m)."""
         first, second = self.pairs
-        return torch.sum(outputs[:, first] * outputs[:, second], dim=0)
+        return token_gram[first, second]
 
 
 def prepare_sublayer(weight: Tensor, calibration: LayerStats, heldout: LayerStats, seed: int = 0) -> SublayerBasis:
@@ -122,13 +123,13 @@ class MethodResult:
     The errors are computed at once (from the Gram matrices); the spectrum, principal
     angles, token-level geometry and rotation diagnostics on first use, so a page that
     shows one view pays only for that view. ``weight_grams``: ``W'_K G[K,K]`` per split,
-    shared by the errors and the covariance. ``from_kept``: how ``W'_K`` follows from
+    shared by the errors and the covariance (None with ``from_kept``). ``from_kept``: how ``W'_K`` follows from
     ``W_K``, when it does, so that the spectrum follows from ``Z``'s.
     """
 
     def __init__(
         self, method: str, compensation: Compensation, basis: SublayerBasis, problems: dict[str, KeptProblem],
-        weight_grams: dict[str, Tensor], from_kept: FromKept | None = None, seconds: dict | None = None,
+        weight_grams: dict[str, Tensor] | None, from_kept: FromKept | None = None, seconds: dict | None = None,
     ):
         start = time.perf_counter()
         self.method = method
@@ -140,10 +141,13 @@ class MethodResult:
         # Kept for the spectrum (not dropped after it: results are shared between app sessions'
         # threads, and one must not see it gone while another computes the spectrum).
         self._weight_gram = None if from_kept is not None else weight_grams["calibration"]
-        errors = {
-            split: p.relative_error(compensation.weight, compensation.bias, weight_grams[split])
-            for split, p in problems.items()
-        }
+        if from_kept is not None:  # ||s R Z||^2 = s^2 ||Z||^2: no product with G[K,K]
+            errors = {split: p.relative_error(compensation.weight, compensation.bias,
+                                              own=from_kept.scale**2 * p.kept_own)
+                      for split, p in problems.items()}
+        else:
+            errors = {split: p.relative_error(compensation.weight, compensation.bias, weight_grams[split])
+                      for split, p in problems.items()}
         self.error_calibration: float = errors["calibration"]
         self.error_heldout: float = errors["heldout"]
         self.seconds = {**(seconds or {}), "errors": time.perf_counter() - start}
@@ -203,12 +207,22 @@ class MethodResult:
         return self._basis.project(self.outputs)
 
     @cached_property
+    def _token_gram(self) -> Tensor:
+        """``Yhat^T Yhat`` (m, m) over the sample tokens; ``s^2 Z^T Z`` for a rotated, scaled ``Z``."""
+        f = self._from_kept
+        if f is not None and self.compensation.bias is None:
+            base = f.base._token_gram
+            return base if f.scale == 1.0 else f.scale**2 * base
+        outputs = self.outputs
+        return outputs.T @ outputs
+
+    @cached_property
     def _token_diagnostics(self) -> tuple[Tensor, dict]:
         if self._shares_outputs():
             return self._from_kept.base._token_diagnostics
-        outputs = self.outputs
-        return (self._basis.inner_products(outputs),
-                token_geometry(self._basis.y, outputs, self._basis.token_gram_y))
+        gram = self._token_gram
+        return (self._basis.inner_products(gram),
+                token_geometry(self._basis.y, self.outputs, self._basis.token_gram_y, gram))
 
     @property
     def inner_products(self) -> Tensor:
@@ -255,7 +269,7 @@ class SublayerAnalysis:
 
     @property
     def inner_products_y(self) -> Tensor:  # (pairs,) <y_t, y_u>
-        return self.basis.inner_products(self.basis.y)
+        return self.basis.inner_products(self.basis.token_gram_y)
 
     @property
     def explained_variance_z(self) -> Tensor:
@@ -327,7 +341,7 @@ def analyze_sublayer(
         for split, stats in (("calibration", calibration), ("heldout", heldout))
     }
     w_kept = problems["calibration"].w_kept
-    grams_kept = {split: p.weight_gram(w_kept) for split, p in problems.items()}  # W_K G[K,K]
+    grams_kept = {split: p.kept_weight_gram for split, p in problems.items()}  # W_K G[K,K]
     uncompensated = MethodResult("none", Compensation(weight=w_kept), basis, problems, grams_kept)
     results = {}
     for name in methods:
@@ -335,10 +349,7 @@ def analyze_sublayer(
         comp = compensate_problem(name, problems["calibration"], alpha, lam)
         seconds = {"compensate": time.perf_counter() - start}
         from_kept = _from_kept(comp, w_kept, uncompensated)
-        if from_kept is not None:
-            grams = {split: from_kept.apply(gram) for split, gram in grams_kept.items()}
-        else:
-            grams = {split: p.weight_gram(comp.weight) for split, p in problems.items()}
+        grams = None if from_kept is not None else {split: p.weight_gram(comp.weight) for split, p in problems.items()}
         results[name] = MethodResult(name, comp, basis, problems, grams, from_kept, seconds)
     return SublayerAnalysis(
         d_in=basis.weight.shape[1],

@@ -46,10 +46,15 @@ def _summary(values: Tensor) -> dict:
     }
 
 
-def token_geometry(y: Tensor, yhat: Tensor, token_gram: Tensor | None = None) -> dict:
-    """Per-token norm ratio and cosine, and relative Gram distortion over tokens."""
+def token_geometry(y: Tensor, yhat: Tensor, token_gram: Tensor | None = None,
+                   token_gram_hat: Tensor | None = None) -> dict:
+    """Per-token norm ratio and cosine, and relative Gram distortion over tokens.
+
+    ``token_gram`` (``Y^T Y``) and ``token_gram_hat`` (``Yhat^T Yhat``) may be passed when known.
+    """
     y_norm = torch.linalg.vector_norm(y, dim=0)
-    yhat_norm = torch.linalg.vector_norm(yhat, dim=0)
+    yhat_norm = (torch.linalg.vector_norm(yhat, dim=0) if token_gram_hat is None
+                 else token_gram_hat.diagonal().clamp_min(0.0).sqrt())
     valid = y_norm > 0
     ratio = yhat_norm[valid] / y_norm[valid]
     cosine = torch.sum(y * yhat, dim=0)[valid] / (y_norm[valid] * yhat_norm[valid]).clamp_min(1e-300)
@@ -58,17 +63,19 @@ def token_geometry(y: Tensor, yhat: Tensor, token_gram: Tensor | None = None) ->
         "cosine_values": cosine,
         "norm_ratio": _summary(ratio),
         "cosine": _summary(cosine),
-        "gram_distortion": gram_distortion(y, yhat, token_gram),
+        "gram_distortion": gram_distortion(y, yhat, token_gram, token_gram_hat),
     }
 
 
-def gram_distortion(y: Tensor, yhat: Tensor, token_gram: Tensor | None = None) -> float:
-    """``||Yhat^T Yhat - Y^T Y||_F / ||Y^T Y||_F`` over sample tokens (``Y^T Y`` may be passed in)."""
+def gram_distortion(y: Tensor, yhat: Tensor, token_gram: Tensor | None = None,
+                    token_gram_hat: Tensor | None = None) -> float:
+    """``||Yhat^T Yhat - Y^T Y||_F / ||Y^T Y||_F`` over sample tokens (either token Gram may be passed in)."""
     token_gram = y.T @ y if token_gram is None else token_gram
     denom = torch.linalg.matrix_norm(token_gram)
     if denom == 0:
         return 0.0
-    return float(torch.linalg.matrix_norm(yhat.T @ yhat - token_gram) / denom)
+    token_gram_hat = yhat.T @ yhat if token_gram_hat is None else token_gram_hat
+    return float(torch.linalg.matrix_norm(token_gram_hat - token_gram) / denom)
 
 
 def principal_directions(cov: Tensor, count: int | None = None) -> tuple[Tensor, Tensor]:

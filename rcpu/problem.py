@@ -82,12 +82,25 @@ class KeptProblem:
 
     def weight_gram(self, new_weight: Tensor) -> Tensor:
         """``W' G[K, K]`` (d_out, k): shared by the error and the covariance of ``W' X_K``."""
+        if new_weight is self.w_kept:
+            return self.kept_weight_gram
         return new_weight @ self.gram_kk
+
+    @cached_property
+    def kept_weight_gram(self) -> Tensor:
+        """``W_K G[K, K]`` (d_out, k) = ``(W G)[:, K] - W_P G[P, K]`` (P the pruned columns): from the
+        shared ``W G``, a product over the few pruned columns instead of the many kept ones."""
+        pruned = torch.ones(self.w.shape[1], dtype=torch.bool)
+        pruned[self.kept] = False
+        if int(pruned.sum()) * 2 >= self.kept.numel():  # pruned set not small: the direct product
+            return self.w_kept @ self.gram_kk
+        p_idx = pruned.nonzero().squeeze(1)
+        return self.target - self.w[:, p_idx] @ self.stats.gram[p_idx][:, self.kept]
 
     @cached_property
     def kept_own(self) -> float:
         """``||W_K X_K||_F^2 = tr(W_K G[K,K] W_K^T)``."""
-        return float(torch.sum(self.weight_gram(self.w_kept) * self.w_kept))
+        return float(torch.sum(self.kept_weight_gram * self.w_kept))
 
     def error(
         self, new_weight: Tensor, bias: Tensor | None = None, weight_gram: Tensor | None = None,

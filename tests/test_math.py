@@ -610,3 +610,19 @@ def test_rotation_angles_match_the_eigenvalues_of_q():
     assert away.sum() >= 6  # this Q has three pairs of complex eigenvalues well away from +-1
     tolerance = torch.rad2deg(torch.tensor(2 * 100 * 9 * eps)) / sines[away]
     assert torch.all((angles[away] - expected[away]).abs() <= tolerance)
+
+
+def test_kept_weight_gram_from_the_shared_product_equals_the_direct_one():
+    """``W_K G[K,K] = (W G)[:, K] - W_P G[P, K]``: the cheap route for few pruned columns is the same
+    matrix, and the errors built on it are the errors measured on the tokens."""
+    from rcpu.problem import KeptProblem
+
+    w, x, kept = make_data(seed=5)
+    stats = LayerStats.from_inputs(x)
+    problem = KeptProblem(w, stats, kept)
+    direct = problem.w_kept @ problem.gram_kk
+    scale = float(torch.linalg.matrix_norm(problem.target))
+    assert torch.linalg.matrix_norm(problem.kept_weight_gram - direct) <= 1e-13 * scale
+    y, z = w @ x, problem.w_kept @ x[kept]
+    assert problem.kept_own == pytest.approx(float((z**2).sum()), rel=1e-11)
+    assert output_error(w, stats, kept, problem.w_kept)[0] == pytest.approx(err2(y, z), rel=1e-9)
