@@ -28,6 +28,7 @@ TABLE1_CONFIGS = ("wanda_sp:none", "fluctuation:bias", "rcpu:rotation", "rcpu:ro
 FIG3_CONFIGS = tuple(f"{s}:{m}" for s in ("wanda_sp", "rcpu") for m in ("none", "ls", "rotation"))
 ABLATION = ("none", "attn", "mlp", "both")  # PruneConfig.compensate
 REGIME_CONFIGS = ("rcpu:ls", "rcpu:ls_ridge", "rcpu:rotation", "rcpu:rotation_scale")
+TABLE2_RATIO = 0.2
 
 
 @cache
@@ -140,7 +141,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         "Accuracy of the pruned model on multiple-choice tasks through lm-evaluation-harness. In the paper "
         "RCPU keeps the most accuracy (61.57 against 66.00 dense) and the proposed score with LS loses the "
         "most (56.83): LS's lower calibration error does not carry to the tasks.",
-        lambda d, s: [(replace(d, calib_samples=s.table_samples), _cfg(c, 0.2))
+        lambda d, s: [(replace(d, calib_samples=s.table_samples), _cfg(c, TABLE2_RATIO))
                       for c in (*TABLE1_CONFIGS, "rcpu:ls")],
         perplexity=False),
 )}
@@ -304,3 +305,48 @@ def run_experiment(lm, name: str, data: DataConfig, sizes: Sizes, eval_data: str
             f"{r:g}": {c: crossover(with_best, r, first=c) for c in ("rcpu:ls", "rcpu:ls_ridge best λ") if c in present}
             for r in sorted({row["ratio"] for row in rows})}
     return out
+
+
+def table2_configs() -> tuple[str, ...]:
+    """The configs of Table 2 (``score:method``, all at ``TABLE2_RATIO``), in the paper's order."""
+    return tuple(dict.fromkeys(f"{c.score}:{c.method}" for _, c in
+                               experiment_points("table2", DataConfig(), SIZES["tiny"])))
+
+
+def run_zeroshot_experiment(lm, data: DataConfig, sizes: Sizes, tasks: list[str], *,
+                            configs: tuple[str, ...] | None = None, limit: int | None = None, online: bool = False,
+                            compute: bool = True, progress=None, on_point=None) -> dict:
+    """Table 2: the dense model and each config at 20% through the zero-shot cache (``rcpu.zeroshot``), the
+    one route of ``rcpu reproduce table2`` and the Paper page. ``compute=False``: only what is cached.
+
+    Checks every task first (a task given by name offline is one ``RcpuError`` line). Returns
+    {experiment, title, reading, tasks, sizes, points, missing, total, dense, measured, published}.
+    """
+    from dataclasses import asdict
+
+    from .zeroshot import LOCAL_TASK_HELP, task_spec, zeroshot_point
+
+    if not tasks:
+        raise RcpuError("table2 needs tasks (the paper's: boolq, piqa, hellaswag, winogrande, arc_easy, "
+                        f"arc_challenge, openbookqa, online); {LOCAL_TASK_HELP}")
+    for task in tasks:
+        task_spec(task, online)  # a name offline, a missing file: one line before any work
+    exp = experiment("table2")
+    points = [(data, None)]  # the dense model, then the configs (configs=(): the dense model only)
+    if configs is None or configs:
+        points += experiment_points("table2", data, sizes, configs)
+    rows = []
+    for i, (point_data, cfg) in enumerate(points):
+        row = zeroshot_point(lm, point_data, cfg, tasks, limit=limit, online=online, compute=compute,
+                             progress=progress)
+        if row is None:
+            continue
+        rows.append(row)
+        if on_point:
+            on_point(i + 1, len(points), row)
+    return {"experiment": "table2", "title": exp.title, "reading": exp.reading, "tasks": list(tasks),
+            "sizes": asdict(sizes), "points": rows, "dense": None, "total": len(points),
+            "missing": len(points) - len(rows),
+            "measured": [{"config": r["config"], "mean_accuracy": round(100 * r["mean_accuracy"], 2),
+                          **{f"{t} (%)": round(100 * a, 2) for t, a in r["tasks"].items()}} for r in rows],
+            "published": published_table("table2")}

@@ -315,3 +315,64 @@ def test_reproduce_table2_on_a_local_task(tiny_model_dir, tmp_cache, tmp_path, c
     assert all(r["cached"] for r in json.loads((tmp_path / "table2.json").read_text())["points"])
     assert main(["reproduce", "table2", "--model", str(tiny_model_dir), "--tasks", "boolq"]) == 2
     assert "offline" in capsys.readouterr().err
+
+
+def test_paper_page_computes_table2_on_a_local_task_then_reads_the_cache(tiny_model_dir, tmp_cache, monkeypatch,
+                                                                          one_thread):
+    """The Table 2 view: the tiny local task is the default, Compute runs the dense model and one config through
+    lm-eval (the route of ``rcpu reproduce table2``), and a fresh page shows the same accuracies from the cache with
+    lm-eval and pruning replaced by traps. A task given by name is the library's one offline line, no traceback."""
+    pytest.importorskip("lm_eval")
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    import rcpu.prune
+    import rcpu.zeroshot
+
+    monkeypatch.setenv("RCPU_APP_PAPER_SIZES", "tiny")
+    app = str(Path(__file__).resolve().parent.parent / "app.py")
+
+    def open_table2() -> AppTest:
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        at = AppTest.from_file(app, default_timeout=300).run()
+        at.sidebar.text_input(key="model").set_value(str(tiny_model_dir)).run()
+        at.switch_page("pages/paper.py").run()
+        at.radio(key="pp_experiment").set_value("table2").run()
+        assert at.text_input(key="pp_tasks").value == TASK  # the repository's tiny task by default
+        at.multiselect(key="pp_t2_configs").set_value(["rcpu:rotation"]).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert not at.error, [e.value for e in at.error]
+        return at
+
+    def measured(at: AppTest) -> dict:
+        df = next(df.value for df in at.dataframe if "mean_accuracy" in df.value and "tiny_mc (%)" in df.value)
+        return dict(zip(df["config"], df["mean_accuracy"]))
+
+    at = open_table2()
+    assert any("0 of 2 results cached" in c.value for c in at.caption)
+    at.button(key="paper_t2_compute").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert any("All 2 results computed" in s.value for s in at.success)
+    first = measured(at)
+    assert list(first) == ["dense", "rcpu:rotation"] and all(0 <= v <= 100 for v in first.values())
+    published = next(df.value for df in at.dataframe if "mean_accuracy" in df.value and "tiny_mc (%)" not in df.value)
+    assert published["mean_accuracy"].tolist() == [r["mean_accuracy"] for r in published_table("table2")]
+    figure = json.loads(at.get("plotly_chart")[-1].proto.spec)
+    assert figure["layout"]["title"]["text"].startswith("Table 2")
+
+    calls = []
+    monkeypatch.setattr(rcpu.zeroshot, "zeroshot_accuracy", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(rcpu.prune, "prune_model", lambda *a, **k: calls.append(a))
+    at = open_table2()
+    assert calls == [] and measured(at) == first  # at once, from the cache
+    assert not any(b.key == "paper_t2_compute" for b in at.button)
+    assert any("All 2 results cached" in c.value for c in at.caption)
+
+    at.text_input(key="pp_tasks").set_value("boolq").run()  # a task by name: the one offline line
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.error) == 1 and "offline" in at.error[0].value and "Task files field" in at.error[0].value
+    assert calls == []
+    st.cache_data.clear()
+    st.cache_resource.clear()
