@@ -13,6 +13,7 @@ from rcpu.paper import (
     EXPERIMENTS,
     SIZES,
     TABLE2_RATIO,
+    layer_error_curve,
     run_experiment,
     run_zeroshot_experiment,
     sizes_for,
@@ -130,6 +131,9 @@ with right:
     st.markdown(f"**Measured ({lm.name}, {sizes.name} sizes{', scaled' if scaled else ''})**")
     measured = st.empty()
     measured.dataframe(result["measured"], hide_index=True)
+    if name == "regime" and (lacking := layer_error_curve(result["points"])["without_errors"]):
+        st.caption(f"{lacking} of {len(result['points'])} points were cached without layer errors (before sweep "
+                   "points kept them): the right panel leaves them out.")
     for ratio, crossing in (result.get("ls_overtakes_rotation_at") or {}).items():
         for config, x in crossing.items():
             st.caption(f"At {float(ratio):.0%}, {config} overtakes rotation at "
