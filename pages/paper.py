@@ -84,8 +84,8 @@ if not exp.perplexity:  # Table 2: zero-shot accuracy through lm-evaluation-harn
     if result["missing"]:
         st.caption(f"{result['total'] - result['missing']} of {result['total']} results cached.")
         b1, b2 = st.columns([1.6, 4])
-        start = b1.button(f"Compute {result['missing']} result{'s' if result['missing'] != 1 else ''}", icon="▶️",
-                       type="primary", key="paper_t2_compute")
+        start = b1.button(f"Compute {result['missing']} result{'s' if result['missing'] != 1 else ''}",
+                          icon="▶️", type="primary", key="paper_t2_compute")
         b2.button("Stop", key="paper_t2_stop", help="Interrupts the computation; finished results stay cached.")
         if start:
             overall = st.progress(0.0, text="Dense model…")
@@ -108,7 +108,9 @@ if not exp.perplexity:  # Table 2: zero-shot accuracy through lm-evaluation-harn
             st.success(f"All {result['total']} results computed and cached.")
     else:
         st.caption(f"All {result['total']} results cached: `rcpu reproduce table2 --sizes {sizes.name}"
-                   + (" --scaled" if scaled else "") + f" --tasks {','.join(tasks)}` prints the same numbers.")
+                   + (" --scaled" if scaled else "") + f" --tasks {','.join(tasks)}"
+                   + (f" --configs {','.join(configs)}" if configs and configs != all_configs else "")
+                   + "` prints the same numbers.")
     common.model_status()
     st.stop()
 
