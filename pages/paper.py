@@ -4,14 +4,25 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import streamlit as st
 
 from rcpu import figures
-from rcpu.paper import EXPERIMENTS, SIZES, published_table, run_experiment, sizes_for
+from rcpu.paper import (
+    EXPERIMENTS,
+    SIZES,
+    TABLE2_RATIO,
+    layer_error_curve,
+    run_experiment,
+    run_zeroshot_experiment,
+    sizes_for,
+    table2_configs,
+)
 from ui import common
 
 SIZE_ENV = "RCPU_APP_PAPER_SIZES"  # the starting size preset (tests start on "tiny")
+LOCAL_TASK = Path(__file__).resolve().parent.parent / "tests" / "data" / "zeroshot" / "tiny_mc.yaml"
 SIZE_LABELS = {"quick": "quick (minutes)", "paper": "the paper's sizes (hours on CPU)", "tiny": "tiny (tests)"}
 
 data = common.sidebar()
@@ -42,13 +53,68 @@ st.markdown(exp.reading)
 down_inputs = lm.adapter.num_channels(0)
 with common.guarded():
     sizes = sizes_for(preset, down_inputs, scaled)
-    if not exp.perplexity:
-        st.info("Zero-shot accuracy runs through lm-evaluation-harness from the command line: "
-                "`rcpu reproduce table2 --quick --tasks path/to/task.yaml` (local lm-eval task files work offline; "
-                "the paper's seven tasks by name need `--online`). The published numbers:")
-        st.dataframe(published_table("table2"), hide_index=True)
-        common.model_status()
-        st.stop()
+if not exp.perplexity:  # Table 2: zero-shot accuracy through lm-evaluation-harness, cached point by point
+    common.init("pp_tasks", str(LOCAL_TASK) if LOCAL_TASK.is_file() else "")
+    all_configs = table2_configs()
+    common.init("pp_t2_configs", list(all_configs))
+    t1, t2 = st.columns([3, 2])
+    tasks_text = t1.text_input(
+        "Task files", key="pp_tasks",
+        help="Comma-separated local lm-eval task YAML files (dataset_path: json, next to their JSON lines; see "
+             "docs/paper.md). They run offline. The paper's seven tasks by name need the Hugging Face hub: "
+             "`rcpu reproduce table2 --online --tasks boolq,piqa,...` from the command line.")
+    chosen = t2.multiselect(f"Configs at {TABLE2_RATIO:.0%} (besides the dense model)", all_configs,
+                            key="pp_t2_configs")
+    st.caption(f"Each config prunes {TABLE2_RATIO:.0%} with {sizes.table_samples} calibration samples of "
+               f"{sizes.seq_len} tokens ({sizes.name} sizes{', scaled' if scaled else ''}), then lm-eval scores "
+               "the pruned model in memory; results are cached per model, pruning and task files' contents.")
+    tasks = [t.strip() for t in tasks_text.split(",") if t.strip()]
+    configs = tuple(c for c in all_configs if c in chosen)
+    with common.guarded():
+        result = run_zeroshot_experiment(lm, data, sizes, tasks, configs=configs, compute=False)
+    left, right = st.columns([3, 2])
+    chart = left.empty()
+    chart.plotly_chart(figures.accuracy_figure(result["points"]), key=f"fig_table2_{len(result['points'])}")
+    with right:
+        st.markdown("**Published (LLaMA-7B, mean accuracy %)**")
+        st.dataframe(result["published"], hide_index=True)
+        st.markdown(f"**Measured ({lm.name}, mean accuracy %)**")
+        measured = st.empty()
+        measured.dataframe(result["measured"], hide_index=True)
+    if result["missing"]:
+        st.caption(f"{result['total'] - result['missing']} of {result['total']} results cached.")
+        b1, b2 = st.columns([1.6, 4])
+        start = b1.button(f"Compute {result['missing']} result{'s' if result['missing'] != 1 else ''}",
+                          icon="▶️", type="primary", key="paper_t2_compute")
+        b2.button("Stop", key="paper_t2_stop", help="Interrupts the computation; finished results stay cached.")
+        if start:
+            overall = st.progress(0.0, text="Dense model…")
+            current_bar = st.progress(0.0, text="")
+
+            def on_result(i: int, n: int, row: dict) -> None:
+                overall.progress(i / n, text=f"{i} of {n} results ({row['config']} done)")
+
+            def on_layer(done: int, n: int, what: str) -> None:
+                current_bar.progress(min(done / max(n, 1), 1.0), text=f"Pruning: {what}")
+
+            with common.guarded(), common.model_in_use("zero-shot accuracy"):
+                result = run_zeroshot_experiment(lm, data, sizes, tasks, configs=configs, progress=on_layer,
+                                                 on_point=on_result)
+            overall.empty()
+            current_bar.empty()
+            chart.plotly_chart(figures.accuracy_figure(result["points"]),
+                               key=f"fig_table2_done_{len(result['points'])}")
+            measured.dataframe(result["measured"], hide_index=True)
+            st.success(f"All {result['total']} results computed and cached.")
+    else:
+        st.caption(f"All {result['total']} results cached: `rcpu reproduce table2 --sizes {sizes.name}"
+                   + (" --scaled" if scaled else "") + f" --tasks {','.join(tasks)}"
+                   + (f" --configs {','.join(configs)}" if configs and configs != all_configs else "")
+                   + "` prints the same numbers.")
+    common.model_status()
+    st.stop()
+
+with common.guarded():
     result = run_experiment(lm, name, data, sizes, compute=False)
 
 current = data.calib_samples * data.seq_len / down_inputs  # the sidebar's calibration tokens per down_proj input
@@ -67,6 +133,9 @@ with right:
     st.markdown(f"**Measured ({lm.name}, {sizes.name} sizes{', scaled' if scaled else ''})**")
     measured = st.empty()
     measured.dataframe(result["measured"], hide_index=True)
+    if name == "regime" and (lacking := layer_error_curve(result["points"])["without_errors"]):
+        st.caption(f"{lacking} of {len(result['points'])} points were cached without layer errors (before sweep "
+                   "points kept them): the right panel leaves them out.")
     for ratio, crossing in (result.get("ls_overtakes_rotation_at") or {}).items():
         for config, x in crossing.items():
             st.caption(f"At {float(ratio):.0%}, {config} overtakes rotation at "
@@ -80,8 +149,8 @@ if missing:
     b1, b2 = st.columns([1.6, 4])
     compute = b1.button(f"Compute {result['missing']} point{'s' if result['missing'] != 1 else ''}" if
                         result["missing"] else "Compute the dense perplexity", icon="▶️", type="primary",
-                        key="pp_compute")
-    b2.button("Stop", key="pp_stop", help="Interrupts the computation; finished points stay cached.")
+                        key="paper_compute")
+    b2.button("Stop", key="paper_stop", help="Interrupts the computation; finished points stay cached.")
     if compute:
         overall = st.progress(0.0, text="Dense model…")
         current_bar = st.progress(0.0, text="")

@@ -1043,38 +1043,77 @@ def lambda_figure(points: Sequence[dict], dense: float | None = None) -> go.Figu
                    subplot_titles=True)
 
 
+REGIME_NAMES = {"rcpu:ls": "LS", "rcpu:ls_ridge best λ": "LS + ridge (best λ)", "rcpu:rotation": "rotation",
+                "rcpu:rotation_scale": "rotation + scale"}
+SPLIT_WORDS = {"heldout": "held-out", "calibration": "calibration (in-sample)"}
+
+
 def regime_figure(points: Sequence[dict], current: float | None = None, crossing: float | None = None
                   ) -> go.Figure:
-    """Perplexity against calibration tokens per ``down_proj`` input: LS, best-lambda LS + ridge, rotation,
-    rotation+scale; vertical lines where the paper's LLaMA-7B runs sit, the current setting and the crossing.
+    """Two panels against calibration tokens per ``down_proj`` input: perplexity (left) and the layer-level
+    relative output error of ``down_proj`` averaged over the layers (right), for LS, best-lambda LS + ridge,
+    rotation and rotation+scale; dotted lines where the paper's LLaMA-7B runs sit (1.5 and 5.95) and the
+    current setting, a dashed one where LS overtakes rotation.
 
     ``points``: sweep rows (best-lambda rows already chosen, config ``rcpu:ls_ridge best λ``), each with
-    ``tokens_per_down_input``.
+    ``tokens_per_down_input`` and, for the right panel, ``layer_errors`` (``rcpu.paper.layer_error_curve``:
+    held-out errors where every point has them, else calibration errors, said in the panel's title).
     """
-    fig = go.Figure()
-    for name in dict.fromkeys(p["config"] for p in points):
-        rows = sorted((p for p in points if p["config"] == name), key=lambda p: p["tokens_per_down_input"])
+    from .paper import layer_error_curve
+
+    curve = layer_error_curve(list(points))
+    split = SPLIT_WORDS.get(curve["split"], "held-out")
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=[
+        "perplexity", f"down_proj {split} relative error, mean over layers"])
+    configs = list(dict.fromkeys(p["config"] for p in points))
+    for name in configs:
         method = name.split(":")[-1].split()[0]
+        style = {"color": color(method), "width": 2.5}
+        label = REGIME_NAMES.get(name, name)
+        rows = sorted((p for p in points if p["config"] == name), key=lambda p: p["tokens_per_down_input"])
         fig.add_trace(go.Scatter(x=[r["tokens_per_down_input"] for r in rows], y=[r["ppl"] for r in rows],
-                                 mode="lines+markers", name=name, line={"color": color(method), "width": 2.5}))
+                                 mode="lines+markers", name=label, legendgroup=name, line=style,
+                                 hovertemplate=f"{label}: %{{y:.3f}} at %{{x:.3g}} tokens per input<extra></extra>"),
+                      row=1, col=1)
+        rows = sorted((p for p in curve["rows"] if p["config"] == name), key=lambda p: p["tokens_per_down_input"])
+        fig.add_trace(go.Scatter(x=[r["tokens_per_down_input"] for r in rows], y=[r["layer_error"] for r in rows],
+                                 mode="lines+markers", name=label, legendgroup=name, showlegend=False, line=style,
+                                 hovertemplate=f"{label}: {split} error %{{y:.4f}} at %{{x:.3g}}<extra></extra>"),
+                      row=1, col=2)
+    # the error of removing the same units without compensation (every method shares the selection at a size)
+    reference = {r["tokens_per_down_input"]: r["layer_error_uncompensated"] for r in curve["rows"]}
+    if reference:
+        xs = sorted(reference)
+        fig.add_trace(go.Scatter(x=xs, y=[reference[x] for x in xs], mode="lines", name="no compensation",
+                                 line={"color": "#111827", "dash": "dashdot", "width": 1.5},
+                                 hovertemplate=f"no compensation: {split} error %{{y:.4f}}<extra></extra>"),
+                      row=1, col=2)
     marks = dict(PAPER_TOKENS_PER_INPUT)
     if current is not None:
         marks["current settings"] = current
     # Lines as shapes (data units) and their labels as annotations, whose x on a log axis is log10(x).
     for i, (what, x) in enumerate(marks.items()):
-        fig.add_vline(x=x, line={"color": "#6b7280" if what != "current settings" else "#111827", "dash": "dot"})
-        fig.add_annotation(x=math.log10(x), y=1.0 - 0.06 * i, yref="paper", text=f"{what}: {x:.2g}",
+        fig.add_vline(x=x, line={"color": "#6b7280" if what != "current settings" else "#111827", "dash": "dot"},
+                      row=1, col="all")
+        fig.add_annotation(x=math.log10(x), y=1.0 - 0.06 * i, xref="x", yref="paper", text=f"{what}: {x:.2g}",
                            showarrow=False, xanchor="left", bgcolor="white")
     if crossing is not None:
-        fig.add_vline(x=crossing, line={"color": color("ls"), "dash": "dash"})
-        fig.add_annotation(x=math.log10(crossing), y=0.02, yref="paper", text=f"LS overtakes rotation: {crossing:.2g}",
-                           showarrow=False, xanchor="left", bgcolor="white")
+        fig.add_vline(x=crossing, line={"color": color("ls"), "dash": "dash"}, row=1, col="all")
+        fig.add_annotation(x=math.log10(crossing), y=0.02, xref="x", yref="paper",
+                           text=f"LS overtakes rotation: {crossing:.2g}", showarrow=False, xanchor="left",
+                           bgcolor="white")
     fig.update_xaxes(title_text="calibration tokens per down_proj input dimension", type="log")
-    fig.update_yaxes(title_text="perplexity", type="log")
+    fig.update_xaxes(matches="x", row=1, col=2)  # one x range for both panels
+    fig.update_yaxes(title_text="perplexity", type="log", row=1, col=1)
+    fig.update_yaxes(title_text=f"relative output error ({split})", type="log", row=1, col=2)
     if not points:
         fig.add_annotation(text="No points yet: compute them below.", showarrow=False, x=0.5, y=0.5,
                            xref="paper", yref="paper")
-    return _layout(fig, "Regime: perplexity against calibration tokens per input dimension", height=460)
+    elif not curve["rows"]:
+        fig.add_annotation(text="These points were cached without layer errors.", showarrow=False, x=0.5,
+                           y=0.5, xref="x2 domain", yref="y2 domain")
+    return _layout(fig, "Regime: perplexity and layer error against calibration tokens per input dimension",
+                   height=460, subplot_titles=True)
 
 
 def accuracy_figure(points: Sequence[dict]) -> go.Figure:

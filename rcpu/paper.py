@@ -28,6 +28,7 @@ TABLE1_CONFIGS = ("wanda_sp:none", "fluctuation:bias", "rcpu:rotation", "rcpu:ro
 FIG3_CONFIGS = tuple(f"{s}:{m}" for s in ("wanda_sp", "rcpu") for m in ("none", "ls", "rotation"))
 ABLATION = ("none", "attn", "mlp", "both")  # PruneConfig.compensate
 REGIME_CONFIGS = ("rcpu:ls", "rcpu:ls_ridge", "rcpu:rotation", "rcpu:rotation_scale")
+TABLE2_RATIO = 0.2
 
 
 @cache
@@ -132,15 +133,22 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment(
         "regime", "Regime: perplexity against calibration tokens per down_proj input, at 20%",
         "LS, the best-lambda LS + ridge, rotation and rotation+scale at one ratio, against calibration tokens "
-        "per down_proj input dimension. The paper's LLaMA-7B runs sit at about 1.5 (128 x 128 tokens) and "
-        "6 (512 x 128); where LS crosses rotation is the answer to 'which compensation for my data?'.",
+        "per down_proj input dimension (dotted lines: the paper's LLaMA-7B runs at about 1.5 tokens per input, "
+        "128 x 128 tokens, and 6, 512 x 128; and the sidebar's current setting). Left, perplexity: where LS "
+        "crosses rotation (dashed) is the answer to 'which compensation for my data?'. Right, the same runs one "
+        "layer at a time: each down_proj's relative output error on held-out windows the compensation never saw, "
+        "averaged over the layers, with removing the units uncompensated as the dash-dotted reference. Few "
+        "tokens per input let LS fit the calibration windows and miss the held-out ones (its error sits high, "
+        "even above no compensation), which rotation's few degrees of freedom cannot do; with more tokens LS's "
+        "held-out error falls below rotation's. If the panel says calibration instead of held-out, the points "
+        "were cached without held-out errors and LS is lowest by construction: read the left panel.",
         lambda d, s: _grid(d, s.regime_samples, (0.2,), REGIME_CONFIGS, s.lambdas)),
     Experiment(
         "table2", "Table 2: mean zero-shot accuracy at 20%",
         "Accuracy of the pruned model on multiple-choice tasks through lm-evaluation-harness. In the paper "
         "RCPU keeps the most accuracy (61.57 against 66.00 dense) and the proposed score with LS loses the "
         "most (56.83): LS's lower calibration error does not carry to the tasks.",
-        lambda d, s: [(replace(d, calib_samples=s.table_samples), _cfg(c, 0.2))
+        lambda d, s: [(replace(d, calib_samples=s.table_samples), _cfg(c, TABLE2_RATIO))
                       for c in (*TABLE1_CONFIGS, "rcpu:ls")],
         perplexity=False),
 )}
@@ -210,6 +218,31 @@ def best_lambda(rows: list[dict]) -> list[dict]:
         if key not in best or row["ppl"] < best[key]["ppl"]:
             best[key] = row
     return [{**row, "config": f"{row['score']}:ls_ridge best λ"} for row in best.values()]
+
+
+def layer_error_curve(rows: list[dict], sublayer: str = "down_proj") -> dict:
+    """Each row's relative output error of ``sublayer`` averaged over the layers, from the points' ``layer_errors``.
+
+    The held-out error (statistics of held-out windows the compensation never saw: what shows LS overfitting)
+    when every point with layer errors has it, else the calibration error (in-sample: LS has the lowest by
+    construction), so one figure never mixes the two. {split: "heldout" | "calibration" | None, rows: the rows
+    with ``layer_error`` and ``layer_error_uncompensated``, without_errors: how many rows carry none (points
+    cached before sweep points kept their layer errors)}.
+    """
+    def records(row):
+        return [layer[sublayer] for layer in row.get("layer_errors") or [] if sublayer in layer]
+
+    have = [r for r in rows if records(r)]
+    split = None
+    if have:
+        split = "heldout" if all("error_heldout" in x for r in have for x in records(r)) else "calibration"
+    out = []
+    for row in have:
+        errors = records(row)
+        out.append({**row, "layer_error": sum(x[f"error_{split}"] for x in errors) / len(errors),
+                    "layer_error_uncompensated":
+                        sum(x[f"error_uncompensated_{split}"] for x in errors) / len(errors)})
+    return {"split": split, "rows": out, "without_errors": len(rows) - len(have)}
 
 
 def crossover(rows: list[dict], ratio: float = 0.2, first: str = "rcpu:ls", second: str = "rcpu:rotation"
@@ -291,8 +324,9 @@ def run_experiment(lm, name: str, data: DataConfig, sizes: Sizes, eval_data: str
     if not exp.perplexity:
         raise RcpuError(f"{name} measures zero-shot accuracy: use rcpu zeroshot / run_zeroshot_experiment")
     points = experiment_points(name, data, sizes, configs)
+    # the regime view draws each layer's held-out error too: its points keep held-out statistics
     result = run_points(lm, experiment_data(data, sizes), points, evaluation_for(sizes, eval_data),
-                        compute=compute, progress=progress, on_point=on_point)
+                        compute=compute, progress=progress, on_point=on_point, heldout_errors=name == "regime")
     rows = csv_rows(result["points"])
     out = {"experiment": name, "title": exp.title, "reading": exp.reading, "sizes": asdict(sizes),
            "total": len(points), **result, "points": rows,
@@ -304,3 +338,48 @@ def run_experiment(lm, name: str, data: DataConfig, sizes: Sizes, eval_data: str
             f"{r:g}": {c: crossover(with_best, r, first=c) for c in ("rcpu:ls", "rcpu:ls_ridge best λ") if c in present}
             for r in sorted({row["ratio"] for row in rows})}
     return out
+
+
+def table2_configs() -> tuple[str, ...]:
+    """The configs of Table 2 (``score:method``, all at ``TABLE2_RATIO``), in the paper's order."""
+    return tuple(dict.fromkeys(f"{c.score}:{c.method}" for _, c in
+                               experiment_points("table2", DataConfig(), SIZES["tiny"])))
+
+
+def run_zeroshot_experiment(lm, data: DataConfig, sizes: Sizes, tasks: list[str], *,
+                            configs: tuple[str, ...] | None = None, limit: int | None = None, online: bool = False,
+                            compute: bool = True, progress=None, on_point=None) -> dict:
+    """Table 2: the dense model and each config at 20% through the zero-shot cache (``rcpu.zeroshot``), the
+    one route of ``rcpu reproduce table2`` and the Paper page. ``compute=False``: only what is cached.
+
+    Checks every task first (a task given by name offline is one ``RcpuError`` line). Returns
+    {experiment, title, reading, tasks, sizes, points, missing, total, dense, measured, published}.
+    """
+    from dataclasses import asdict
+
+    from .zeroshot import LOCAL_TASK_HELP, task_spec, zeroshot_point
+
+    if not tasks:
+        raise RcpuError("table2 needs tasks (the paper's: boolq, piqa, hellaswag, winogrande, arc_easy, "
+                        f"arc_challenge, openbookqa, online); {LOCAL_TASK_HELP}")
+    for task in tasks:
+        task_spec(task, online)  # a name offline, a missing file: one line before any work
+    exp = experiment("table2")
+    points = [(data, None)]  # the dense model, then the configs (configs=(): the dense model only)
+    if configs is None or configs:
+        points += experiment_points("table2", data, sizes, configs)
+    rows = []
+    for i, (point_data, cfg) in enumerate(points):
+        row = zeroshot_point(lm, point_data, cfg, tasks, limit=limit, online=online, compute=compute,
+                             progress=progress)
+        if row is None:
+            continue
+        rows.append(row)
+        if on_point:
+            on_point(i + 1, len(points), row)
+    return {"experiment": "table2", "title": exp.title, "reading": exp.reading, "tasks": list(tasks),
+            "sizes": asdict(sizes), "points": rows, "dense": None, "total": len(points),
+            "missing": len(points) - len(rows),
+            "measured": [{"config": r["config"], "mean_accuracy": round(100 * r["mean_accuracy"], 2),
+                          **{f"{t} (%)": round(100 * a, 2) for t, a in r["tasks"].items()}} for r in rows],
+            "published": published_table("table2")}

@@ -89,17 +89,20 @@ def prune_and_evaluate(
     progress: StageProgress | None = None,
     on_layer: LayerCallback | None = None,
     only_perplexity: bool = False,
+    heldout_errors: bool = False,
 ) -> PruneReport:
     """Prune a copy of ``lm.model`` with ``cfg`` and measure the dense and pruned perplexity.
 
     ``only_perplexity`` skips what a sweep point does not need: the per-layer held-out
     statistics and the stock-loadability check (which builds a second model).
+    ``heldout_errors`` keeps the held-out statistics even then (each layer's error on held-out windows,
+    which the regime view draws; the pruned weights do not depend on them).
     ``on_layer(record)`` gets each layer's errors as soon as it is pruned.
     """
     start = time.perf_counter()
     evaluation = (evaluation or EvalConfig()).against(data)
     check_before_work(lm, [(data, cfg)], evaluation)  # refuses a too-short evaluation text; windows unused
-    prune_data = replace(data, heldout_samples=0) if only_perplexity else data
+    prune_data = replace(data, heldout_samples=0) if only_perplexity and not heldout_errors else data
     result = prune_model(lm, prune_data, cfg, progress=_stage(progress, "prune"), on_layer=on_layer)
     # Only now, with the pruned model built, are the evaluation windows read (tests/test_auto.py):
     # nothing in the pruning (auto's choices, the allocation) can depend on them.

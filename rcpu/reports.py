@@ -135,6 +135,20 @@ def auto_wins(layers: list[dict], sublayers: tuple[str, ...]) -> dict:
     return wins
 
 
+def layer_errors(layers: list[dict]) -> list[dict]:
+    """The relative output errors of ``PruneResult.layers`` records, per layer and sublayer, and nothing else:
+    ``[{"layer": i, "down_proj": {"error_calibration", "error_uncompensated_calibration", and, where the prune
+    had held-out windows, "error_heldout", "error_uncompensated_heldout"}, ...}]`` (what a sweep point keeps)."""
+    out = []
+    for record in layers:
+        row: dict = {"layer": record["layer"]}
+        for sub, values in record.items():
+            if isinstance(values, dict) and any(k.startswith("error_") for k in values):
+                row[sub] = {k: float(v) for k, v in values.items() if k.startswith("error_")}
+        out.append(row)
+    return out
+
+
 @dataclass
 class PruneReport:
     """A whole-model prune and the perplexity of the dense and the pruned model on the same windows."""

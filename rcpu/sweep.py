@@ -2,8 +2,9 @@
 
 Every finished point is written to ``cache/results/`` as soon as it is done, so a
 re-run computes nothing and an interrupted sweep resumes where it stopped. A
-point is the ``PruneReport`` JSON of ``prune_and_evaluate`` without the per-layer
-records.
+point is the ``PruneReport`` JSON of ``prune_and_evaluate`` with only the relative
+output errors of the per-layer records (``layer_errors``; held-out ones where the
+point was computed with ``heldout_errors``; points cached before have none).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .config import DataConfig, EvalConfig, PruneConfig, SweepConfig
 from .flow import Progress
 from .models import LoadedModel
 from .pipeline import dense_perplexity, eval_fields, prune_and_evaluate, result_path
+from .reports import layer_errors
 
 
 def point_path(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig, cfg: PruneConfig) -> Path:
@@ -31,9 +33,10 @@ def point_path(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig, cfg: P
 
 def prune_point(
     lm: LoadedModel, data: DataConfig, evaluation: EvalConfig, cfg: PruneConfig,
-    progress: Progress | None = None, compute: bool = True,
+    progress: Progress | None = None, compute: bool = True, heldout_errors: bool = False,
 ) -> dict | None:
-    """One point (cached): prune with ``cfg``, evaluate, return a flat row."""
+    """One point (cached): prune with ``cfg``, evaluate, return a flat row. ``heldout_errors``: also measure each
+    layer's relative output error on held-out windows (``data.heldout_samples``) when the point is computed."""
     path = point_path(lm, data, evaluation, cfg)
     cached = load_json(path)
     if cached is not None:
@@ -46,7 +49,8 @@ def prune_point(
         if progress and stage == "prune":
             progress(done, total, what)
 
-    report = prune_and_evaluate(lm, data, cfg, evaluation, progress=stage_progress, only_perplexity=True)
+    report = prune_and_evaluate(lm, data, cfg, evaluation, progress=stage_progress, only_perplexity=True,
+                                heldout_errors=heldout_errors)
     return save_point(lm, data, evaluation, cfg, report)
 
 
@@ -57,7 +61,7 @@ def save_point(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig, cfg: P
     sweep (the pruned weights and perplexity do not depend on the held-out statistics it adds).
     """
     row = report.to_json()
-    row.pop("layers", None)
+    row["layer_errors"] = layer_errors(row.pop("layers", None) or [])
     save_json(point_path(lm, data, evaluation, cfg), row)
     row["cached"] = False
     return row
@@ -78,13 +82,15 @@ def run_points(
     lm: LoadedModel, data: DataConfig, points: list[tuple[DataConfig, PruneConfig]],
     evaluation: EvalConfig | None = None, *,
     compute: bool = True, progress: Progress | None = None, on_point: PointCallback | None = None,
+    heldout_errors: bool = False,
 ) -> dict:
-    """``run_sweep`` on a list of points that no one grid spans (the paper's experiments)."""
+    """``run_sweep`` on a list of points that no one grid spans (the paper's experiments); ``heldout_errors``: see
+    ``prune_point``."""
     evaluation = evaluation or EvalConfig()
     dense = dense_perplexity(lm, data, evaluation, compute=compute)
     rows = []
     for i, (d, cfg) in enumerate(points):
-        row = prune_point(lm, d, evaluation, cfg, progress=progress, compute=compute)
+        row = prune_point(lm, d, evaluation, cfg, progress=progress, compute=compute, heldout_errors=heldout_errors)
         if row is not None:
             rows.append(row)
             if on_point:

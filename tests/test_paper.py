@@ -197,6 +197,63 @@ def check_reproduce(name: str, options: list[str], tmp_path, capsys) -> None:
     assert "from cache, 0 computed" in capsys.readouterr().out
 
 
+# -- the regime view: perplexity and layer-level error against tokens per input ------------------------------------
+
+def _regime_rows(heldout: bool = True) -> list[dict]:
+    """Sweep rows as ``run_experiment('regime')`` returns them: four configs (two lambdas of LS + ridge) at
+    two calibration sizes, each with two layers' errors; LS overfits at the small size."""
+    rows = []
+    for samples, tokens in ((18, 1.5), (71, 5.9)):
+        for config, lam, ppl, err in (("rcpu:ls", 1.0, 31.0 if samples == 18 else 24.0, 0.6 if samples == 18 else 0.2),
+                                      ("rcpu:ls_ridge", 0.01, 30.0, 0.5), ("rcpu:ls_ridge", 100.0, 28.0, 0.35),
+                                      ("rcpu:rotation", 1.0, 29.0 if samples == 18 else 26.0, 0.3),
+                                      ("rcpu:rotation_scale", 1.0, 28.5, 0.29)):
+            score, method = config.split(":")
+            split = {"error_calibration": err / 3, "error_uncompensated_calibration": 0.4}
+            if heldout:
+                split.update(error_heldout=err, error_uncompensated_heldout=0.45)
+            rows.append({"config": config if method != "ls_ridge" else f"{config} λ={lam:g}", "score": score,
+                         "method": method, "lambda": lam, "ratio": 0.2, "calib_samples": samples, "ppl": ppl,
+                         "tokens_per_down_input": tokens,
+                         "calibration_tokens_per_input_dim": {"down_proj": tokens},
+                         "layer_errors": [{"layer": i, "o_proj": dict(split), "down_proj": dict(split)}
+                                          for i in range(2)]})
+    return rows
+
+
+def test_regime_figure_draws_the_methods_the_papers_positions_and_the_layer_error():
+    from rcpu.figures import paper_figure
+    from rcpu.paper import layer_error_curve
+
+    result = {"experiment": "regime", "points": _regime_rows(), "dense": {"ppl": 20.0},
+              "ls_overtakes_rotation_at": {"0.2": {"rcpu:ls": 3.0}}}
+    fig = paper_figure(result, current=2.5).to_plotly_json()
+    panels = {}
+    for trace in fig["data"]:
+        panels.setdefault(trace.get("xaxis", "x"), {})[trace["name"]] = trace
+    methods = {"LS", "LS + ridge (best λ)", "rotation", "rotation + scale"}
+    assert set(panels["x"]) == methods  # left: perplexity
+    assert set(panels["x2"]) == methods | {"no compensation"}  # right: the layer-level error
+    assert list(panels["x"]["LS"]["x"]) == [1.5, 5.9] and list(panels["x"]["LS"]["y"]) == [31.0, 24.0]
+    assert list(panels["x"]["LS + ridge (best λ)"]["y"]) == [28.0, 28.0]  # the best of the two lambdas
+    assert list(panels["x2"]["LS"]["y"]) == pytest.approx([0.6, 0.2])  # held-out, mean over the layers
+    assert list(panels["x2"]["no compensation"]["y"]) == pytest.approx([0.45, 0.45])
+    titles = [a["text"] for a in fig["layout"]["annotations"]]
+    assert "down_proj held-out relative error, mean over layers" in titles
+    lines = {round(s["x0"], 2) for s in fig["layout"]["shapes"]}
+    assert {round(128 * 128 / 11008, 2), round(512 * 128 / 11008, 2), 2.5, 3.0} <= lines  # 1.49, 5.95, current
+    assert any(t.startswith("LLaMA-7B, 128 x 128: 1.5") for t in titles)
+    assert "current settings: 2.5" in titles and "LS overtakes rotation: 3" in titles
+    # points without held-out errors: the calibration (in-sample) error, said so, never mixed with held-out ones
+    mixed = _regime_rows(heldout=False) + _regime_rows()[:1]
+    assert layer_error_curve(mixed)["split"] == "calibration"
+    fig = paper_figure({**result, "points": _regime_rows(heldout=False)}, current=2.5).to_plotly_json()
+    assert "down_proj calibration (in-sample) relative error, mean over layers" in [
+        a["text"] for a in fig["layout"]["annotations"]]
+    curve = layer_error_curve([{k: v for k, v in r.items() if k != "layer_errors"} for r in _regime_rows()])
+    assert curve == {"split": None, "rows": [], "without_errors": 10}  # points cached before: left out
+
+
 # -- zero-shot accuracy through lm-evaluation-harness -------------------------------------------------------------
 
 def test_task_names_offline_are_one_clear_line(capsys):
@@ -315,3 +372,114 @@ def test_reproduce_table2_on_a_local_task(tiny_model_dir, tmp_cache, tmp_path, c
     assert all(r["cached"] for r in json.loads((tmp_path / "table2.json").read_text())["points"])
     assert main(["reproduce", "table2", "--model", str(tiny_model_dir), "--tasks", "boolq"]) == 2
     assert "offline" in capsys.readouterr().err
+
+
+def test_paper_page_computes_table2_on_a_local_task_then_reads_the_cache(tiny_model_dir, tmp_cache, monkeypatch,
+                                                                          one_thread):
+    """The Table 2 view: the tiny local task is the default, Compute runs the dense model and one config through
+    lm-eval (the route of ``rcpu reproduce table2``), and a fresh page shows the same accuracies from the cache with
+    lm-eval and pruning replaced by traps. A task given by name is the library's one offline line, no traceback."""
+    pytest.importorskip("lm_eval")
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    import rcpu.prune
+    import rcpu.zeroshot
+
+    monkeypatch.setenv("RCPU_APP_PAPER_SIZES", "tiny")
+    app = str(Path(__file__).resolve().parent.parent / "app.py")
+
+    def open_table2() -> AppTest:
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        at = AppTest.from_file(app, default_timeout=300).run()
+        at.sidebar.text_input(key="model").set_value(str(tiny_model_dir)).run()
+        at.switch_page("pages/paper.py").run()
+        at.radio(key="pp_experiment").set_value("table2").run()
+        assert at.text_input(key="pp_tasks").value == TASK  # the repository's tiny task by default
+        at.multiselect(key="pp_t2_configs").set_value(["rcpu:rotation"]).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert not at.error, [e.value for e in at.error]
+        return at
+
+    def measured(at: AppTest) -> dict:
+        df = next(df.value for df in at.dataframe if "mean_accuracy" in df.value and "tiny_mc (%)" in df.value)
+        return dict(zip(df["config"], df["mean_accuracy"]))
+
+    at = open_table2()
+    assert any("0 of 2 results cached" in c.value for c in at.caption)
+    at.button(key="paper_t2_compute").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert any("All 2 results computed" in s.value for s in at.success)
+    first = measured(at)
+    assert list(first) == ["dense", "rcpu:rotation"] and all(0 <= v <= 100 for v in first.values())
+    published = next(df.value for df in at.dataframe if "mean_accuracy" in df.value and "tiny_mc (%)" not in df.value)
+    assert published["mean_accuracy"].tolist() == [r["mean_accuracy"] for r in published_table("table2")]
+    figure = json.loads(at.get("plotly_chart")[-1].proto.spec)
+    assert figure["layout"]["title"]["text"].startswith("Table 2")
+
+    calls = []
+    monkeypatch.setattr(rcpu.zeroshot, "zeroshot_accuracy", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(rcpu.prune, "prune_model", lambda *a, **k: calls.append(a))
+    at = open_table2()
+    assert calls == [] and measured(at) == first  # at once, from the cache
+    assert not any(b.key == "paper_t2_compute" for b in at.button)
+    assert any("All 2 results cached" in c.value for c in at.caption)
+
+    at.text_input(key="pp_tasks").set_value("boolq").run()  # a task by name: the one offline line
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.error) == 1 and "offline" in at.error[0].value and "Task files field" in at.error[0].value
+    assert calls == []
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def test_paper_page_computes_the_regime_with_held_out_layer_errors(tiny_model_dir, tmp_cache, monkeypatch,
+                                                                   one_thread):
+    """The regime view computes its points from the page (tiny sizes), draws both panels with the held-out layer
+    error and the sidebar's setting marked, and a fresh page shows them from the cache (pruning is a trap)."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    import rcpu.pipeline
+    import rcpu.sweep
+
+    monkeypatch.setenv("RCPU_APP_PAPER_SIZES", "tiny")
+    app = str(Path(__file__).resolve().parent.parent / "app.py")
+
+    def open_regime() -> AppTest:
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        at = AppTest.from_file(app, default_timeout=300).run()
+        at.sidebar.text_input(key="model").set_value(str(tiny_model_dir)).run()
+        at.switch_page("pages/paper.py").run()
+        at.radio(key="pp_experiment").set_value("regime").run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert not at.error, [e.value for e in at.error]
+        return at
+
+    def regime_figure(at: AppTest) -> dict:
+        return next(f for f in (json.loads(el.proto.spec) for el in at.get("plotly_chart"))
+                    if f["layout"]["title"]["text"].startswith("Regime"))
+
+    at = open_regime()
+    at.button(key="paper_compute").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert any("All 10 points computed" in s.value for s in at.success)
+    fig = regime_figure(at)
+    right = {t["name"] for t in fig["data"] if t.get("xaxis") == "x2"}
+    assert right == {"LS", "LS + ridge (best λ)", "rotation", "rotation + scale", "no compensation"}
+    assert "down_proj held-out relative error, mean over layers" in [a["text"] for a in fig["layout"]["annotations"]]
+    current = at.session_state["calib_samples"] * at.session_state["seq_len"] / 64  # the sidebar's; 64 inputs
+    assert any(math.isclose(s["x0"], current) for s in fig["layout"]["shapes"])
+
+    calls = []
+    monkeypatch.setattr(rcpu.sweep, "prune_and_evaluate", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(rcpu.pipeline, "perplexity", lambda *a, **k: calls.append(a))
+    at = open_regime()
+    assert calls == [] and any("All 10 points cached" in c.value for c in at.caption)
+    assert regime_figure(at)["data"] == fig["data"]
+    st.cache_data.clear()
+    st.cache_resource.clear()

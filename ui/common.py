@@ -70,6 +70,8 @@ CLI_WORDS = (
     ("--calib-samples", "Calibration samples"), ("--seq-len", "Sequence length"),
     ("--heldout-samples", "Held-out windows"), ("--eval-windows", "Evaluation windows"),
     ("--trust-remote-code", "trusting remote code (not offered by the app)"), ("--model", "the Model field"),
+    ("--tasks path/to/task.yaml", "the Task files field (path/to/task.yaml)"),
+    ("(the default; --online allows it)", "(the app runs offline; `rcpu reproduce table2 --online` does not)"),
     ("--ratios", "Pruning ratios"), ("--lambdas", "λ of LS + ridge"), ("--overwrite", "another folder"),
 )
 

@@ -154,11 +154,12 @@ def format_result(result: dict) -> str:
 
 
 def reproduce_table2(args: argparse.Namespace, data, out: Path) -> int:
-    """``rcpu reproduce table2``: the dense model and each Table 2 config at 20%, through the zero-shot cache."""
+    """``rcpu reproduce table2``: the dense model and each Table 2 config at 20%, through the zero-shot cache
+    (``rcpu.paper.run_zeroshot_experiment``, which the Paper page calls too)."""
     from ..config import parse_configs
     from ..figures import accuracy_figure
-    from ..paper import experiment, experiment_points, published_table
-    from ..zeroshot import task_spec, zeroshot_point
+    from ..paper import run_zeroshot_experiment
+    from ..zeroshot import task_spec
     from .zeroshot import task_list
 
     if not args.tasks:
@@ -167,21 +168,19 @@ def reproduce_table2(args: argparse.Namespace, data, out: Path) -> int:
         raise RcpuError("table2 needs --tasks (the paper's: boolq, piqa, hellaswag, winogrande, arc_easy, "
                         f"arc_challenge, openbookqa with --online); {LOCAL_TASK_HELP}")
     tasks = task_list(args.tasks)
-    online = args.online
     for task in tasks:
-        task_spec(task, online)
+        task_spec(task, args.online)  # before the model loads
     lm = common.load(data)
     sizes = experiment_sizes(args, lm.adapter.num_channels(0))
-    rows = [zeroshot_point(lm, data, None, tasks, limit=args.limit, online=online)]
     configs = tuple(f"{s}:{m}" for s, m in parse_configs(args.configs)) if args.configs else None
-    for point_data, cfg in experiment_points("table2", data, sizes, configs):
-        rows.append(zeroshot_point(lm, point_data, cfg, tasks, limit=args.limit, online=online))
-        print(f"  {rows[-1]['config']}: mean accuracy {rows[-1]['mean_accuracy']:.4f}")
-    exp = experiment("table2")
-    result = {"experiment": "table2", "title": exp.title, "reading": exp.reading, "tasks": tasks,
-              "points": rows, "dense": None,
-              "measured": [{"config": r["config"], "mean_accuracy": round(100 * r["mean_accuracy"], 2)} for r in rows],
-              "published": published_table("table2")}
+
+    def on_point(done: int, total: int, row: dict) -> None:
+        print(f"  [{done}/{total}] {row['config']}: mean accuracy {row['mean_accuracy']:.4f}"
+              f"{' (cached)' if row.get('cached') else ''}")
+
+    result = run_zeroshot_experiment(lm, data, sizes, tasks, configs=configs, limit=args.limit, online=args.online,
+                                     compute=not args.cached_only, on_point=on_point)
+    rows = result["points"]
     csv = "config,ratio,calib_samples,mean_accuracy,cached\n" + "".join(
         f"{r['config']},{r['ratio']},{r.get('calib_samples') or ''},{r['mean_accuracy']},{r.get('cached')}\n"
         for r in rows)
