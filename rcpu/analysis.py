@@ -38,6 +38,10 @@ from .scores import Selection, check_has_tokens, select
 from .stats import LayerStats
 
 TOP_DIRECTIONS = 8  # r: principal angles between top-r output subspaces
+# Sample tokens behind the pictures (projection, per-token geometry, inner products of pairs): a
+# seeded subset of the up to 1024 the statistics keep (the token Gram of the geometry costs m^2).
+# Errors never use the sample (they come from the Gram matrices of every token).
+PICTURE_TOKENS = 512
 SPECTRUM_COMPONENTS = 64  # explained-variance spectra keep the largest this many components
 
 
@@ -85,7 +89,11 @@ def prepare_sublayer(weight: Tensor, calibration: LayerStats, heldout: LayerStat
     wg = {"calibration": w @ calibration.gram, "heldout": w @ heldout.gram}
     cov_y = covariance_from_gram(w, wg["calibration"], calibration.mean, calibration.count)  # W G W^T / n - ...
     evals_y, evecs_y = principal_directions(cov_y, SPECTRUM_COMPONENTS)
-    sample = (heldout.sample if heldout.sample.shape[1] > 1 else calibration.sample).to(torch.float64)
+    sample = heldout.sample if heldout.sample.shape[1] > 1 else calibration.sample
+    if sample.shape[1] > PICTURE_TOKENS:  # the reservoir's slots are not in random order: draw a subset
+        pick = torch.randperm(sample.shape[1], generator=torch.Generator().manual_seed(seed))[:PICTURE_TOKENS]
+        sample = sample[:, torch.sort(pick).values]
+    sample = sample.to(torch.float64)
     y = w @ sample
     return SublayerBasis(
         weight=w, wg=wg, evals_y=evals_y, variance_y=float(torch.trace(cov_y)), top=evecs_y[:, :TOP_DIRECTIONS],

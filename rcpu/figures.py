@@ -52,8 +52,12 @@ METHOD_LABELS = {
     "auto": "auto (chosen per sublayer)",
 }
 MAX_POINTS = 1000  # per scatter trace; keeps figures light in the browser
-WEBGL_ABOVE = 300
 PROJECTION_POINTS = 400  # per panel of the projection figure: up to ten panels redraw on every change
+# Streamlit draws a chart anew (Plotly.newPlot) whenever its figure changes, so every widget change
+# pays each chart's full drawing cost. In headless Chromium, SVG markers cost about 25 ms per chart
+# plus 0.15 ms per point, WebGL about 250 ms per chart whatever the points: SVG, with point clouds
+# reduced to one marker per cell of a grid finer than a marker (``_visible``), draws fastest.
+CELL_PX = 2.0  # grid cell of ``_visible``, in screen pixels; markers are 4 px and larger
 
 
 # A published method is a score and a compensation together: its name tags the compensation only
@@ -101,10 +105,42 @@ def _thin(n: int, limit: int = MAX_POINTS) -> np.ndarray:
     return np.linspace(0, n - 1, limit).round().astype(int)
 
 
-def _scatter(points: int):
-    """WebGL markers for more than a few hundred points (``down_proj``'s 1536 columns): the browser
-    draws them several times faster than SVG on every widget change; SVG below that."""
-    return go.Scattergl if points > WEBGL_ABOVE else go.Scatter
+def _visible(clouds: Sequence[tuple[np.ndarray, np.ndarray]], size_px: tuple[float, float],
+             log: tuple[bool, bool] = (False, False)) -> list[np.ndarray]:
+    """For point clouds drawn on the same axes (one per trace), the indices of each cloud's points
+    to draw: the first point of every grid cell of ``CELL_PX`` screen pixels that the cloud occupies.
+
+    A marker wider than a cell hides any other of the same trace in its cell, so the picture is the
+    same at the chart's size; only overlapping markers (and their hover labels) are dropped.
+    ``size_px``: the plot area in pixels; ``log``: which axes are logarithmic. Points that are not
+    drawn anyway (NaN, or not positive on a log axis) are left out.
+    """
+    def coords(values: np.ndarray, is_log: bool) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64)
+        if is_log:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                v = np.where(v > 0, np.log10(np.where(v > 0, v, 1.0)), np.nan)
+        return v
+
+    xs = [coords(x, log[0]) for x, _ in clouds]
+    ys = [coords(y, log[1]) for _, y in clouds]
+    finite = [np.isfinite(x) & np.isfinite(y) for x, y in zip(xs, ys)]
+    if not any(f.any() for f in finite):
+        return [np.zeros(0, dtype=int) for _ in clouds]
+    spans = []
+    for values in (xs, ys):
+        seen = np.concatenate([v[f] for v, f in zip(values, finite)])
+        lo, hi = float(seen.min()), float(seen.max())
+        spans.append((lo, max(hi - lo, 1e-300)))
+    cells = [max(1, int(extent / CELL_PX)) for extent in size_px]
+    out = []
+    for x, y, f in zip(xs, ys, finite):
+        idx = np.nonzero(f)[0]
+        cx = np.minimum(((x[idx] - spans[0][0]) / spans[0][1] * cells[0]).astype(np.int64), cells[0])
+        cy = np.minimum(((y[idx] - spans[1][0]) / spans[1][1] * cells[1]).astype(np.int64), cells[1])
+        _, first = np.unique(cx * (cells[1] + 1) + cy, return_index=True)
+        out.append(idx[np.sort(first)])
+    return out
 
 
 def _legend_rows(fig: go.Figure, width_px: float = 540.0) -> int:
@@ -185,12 +221,15 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
     unit = sel.unit_size
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
     for row, values, name in ((1, scores, "score"), (2, variance, "variance")):
-        for idx, what, col in ((kept, "kept", KEPT), (pruned, "pruned", PRUNED)):
+        groups = ((kept, "kept", KEPT), (pruned, "pruned", PRUNED))
+        shown = _visible([(position[idx], values[idx]) for idx, _, _ in groups], (1200, 170), log=(False, True))
+        for (all_idx, what, col), drawn in zip(groups, shown):
+            idx = all_idx[drawn]
             custom = np.stack([idx, idx // unit], axis=1) if unit > 1 else idx[:, None]
             hover = "column %{customdata[0]}" + (", head %{customdata[1]}" if unit > 1 else "")
             fig.add_trace(
-                _scatter(analysis.d_in)(
-                    x=position[idx], y=_positive(values[idx]), mode="markers", name=f"{what} ({len(idx)})",
+                go.Scatter(
+                    x=position[idx], y=_positive(values[idx]), mode="markers", name=f"{what} ({len(all_idx)})",
                     legendgroup=what, showlegend=row == 1, customdata=custom,
                     marker={"color": col, "size": 4 if analysis.d_in > 300 else 6},
                     hovertemplate=hover + "<br>" + name + " %{y:.3g}<extra>" + what + "</extra>",
@@ -270,10 +309,12 @@ def overlap_figure(first: Selection, second: Selection) -> go.Figure:
         ("pruned by both", ~a & ~b, PRUNED),
     )
     fig = go.Figure()
-    for name, mask, col in groups:
-        idx = np.nonzero(mask)[0]
-        fig.add_trace(_scatter(x.size)(
-            x=_positive(x[idx]), y=_positive(y[idx]), mode="markers", name=f"{name} ({len(idx)})",
+    members = [np.nonzero(mask)[0] for _, mask, _ in groups]
+    shown = _visible([(x[idx], y[idx]) for idx in members], (480, 300), log=(True, True))
+    for (name, _, col), all_idx, drawn in zip(groups, members, shown):
+        idx = all_idx[drawn]
+        fig.add_trace(go.Scatter(
+            x=_positive(x[idx]), y=_positive(y[idx]), mode="markers", name=f"{name} ({len(all_idx)})",
             marker={"color": col, "size": 5 if x.size > 100 else 9}, customdata=idx,
             hovertemplate="unit %{customdata}<extra></extra>",
         ))
@@ -289,9 +330,12 @@ def mean_variance_figure(analysis: SublayerAnalysis) -> go.Figure:
     mean = np.abs(_np(analysis.mean))
     var = _np(analysis.variance)
     fig = go.Figure()
-    for idx, what, col in ((sel.kept.numpy(), "kept", KEPT), (sel.pruned.numpy(), "pruned", PRUNED)):
-        fig.add_trace(_scatter(analysis.d_in)(
-            x=_positive(mean[idx]), y=_positive(var[idx]), mode="markers", name=f"{what} ({len(idx)})",
+    groups = ((sel.kept.numpy(), "kept", KEPT), (sel.pruned.numpy(), "pruned", PRUNED))
+    shown = _visible([(mean[idx], var[idx]) for idx, _, _ in groups], (480, 300), log=(True, True))
+    for (all_idx, what, col), drawn in zip(groups, shown):
+        idx = all_idx[drawn]
+        fig.add_trace(go.Scatter(
+            x=_positive(mean[idx]), y=_positive(var[idx]), mode="markers", name=f"{what} ({len(all_idx)})",
             marker={"color": col, "size": 4 if analysis.d_in > 300 else 7, "opacity": 0.7},
             customdata=idx, hovertemplate="column %{customdata}<br>|mean| %{x:.3g}, var %{y:.3g}<extra></extra>",
         ))
@@ -392,16 +436,16 @@ def projection_figure(analysis: SublayerAnalysis, methods: Sequence[str], column
                         horizontal_spacing=0.06, vertical_spacing=0.16 if rows > 1 else 0.1)
     y = _np(analysis.projection_y)
     keep = _thin(y.shape[1], PROJECTION_POINTS)
-    # WebGL markers: a dozen panels of up to PROJECTION_POINTS tokens each draw several times faster than SVG
-    # (the browser part of `python -m benchmarks explorer`); figures with fewer markers stay SVG.
+    panel_px = (1200 / cols, 250)
     for i, (name, proj, col) in enumerate(panels):
         r, c = i // cols + 1, i % cols + 1
         p = _np(proj)
-        fig.add_trace(go.Scattergl(x=y[0, keep], y=y[1, keep], mode="markers", name="original Y",
-                                   legendgroup="y", showlegend=i == 0,
-                                   marker={"color": ORIGINAL, "size": 3, "opacity": 0.35}), row=r, col=c)
-        fig.add_trace(go.Scattergl(x=p[0, keep], y=p[1, keep], mode="markers", name=name, showlegend=False,
-                                   marker={"color": col, "size": 3, "opacity": 0.6}), row=r, col=c)
+        on_y, on_p = (keep[d] for d in _visible([(y[0, keep], y[1, keep]), (p[0, keep], p[1, keep])], panel_px))
+        fig.add_trace(go.Scatter(x=y[0, on_y], y=y[1, on_y], mode="markers", name="original Y",
+                                 legendgroup="y", showlegend=i == 0,
+                                 marker={"color": ORIGINAL, "size": 4, "opacity": 0.35}), row=r, col=c)
+        fig.add_trace(go.Scatter(x=p[0, on_p], y=p[1, on_p], mode="markers", name=name, showlegend=False,
+                                 marker={"color": col, "size": 4, "opacity": 0.6}), row=r, col=c)
         fig.update_xaxes(title_text="PC1 of Y", row=r, col=c)
         fig.update_yaxes(title_text="PC2 of Y" if c == 1 else None, row=r, col=c)
     return _layout(fig, "Tokens on the top two principal components of Y", height=330 * rows + 40,
@@ -468,10 +512,11 @@ def inner_products_figure(analysis: SublayerAnalysis, methods: Sequence[str]) ->
     fig = go.Figure()
     y = _np(analysis.inner_products_y)
     keep = _thin(y.size, 400)
-    for m in methods:
-        yhat = _np(analysis.methods[m].inner_products)
-        # SVG: at a few hundred pairs per method it drew faster than WebGL in headless Chromium
-        fig.add_trace(go.Scatter(x=y[keep], y=yhat[keep], mode="markers", name=label(m, score),
+    values = {m: _np(analysis.methods[m].inner_products) for m in methods}
+    shown = _visible([(y[keep], values[m][keep]) for m in methods], (480, 300))
+    for m, drawn in zip(methods, shown):
+        on = keep[drawn]
+        fig.add_trace(go.Scatter(x=y[on], y=values[m][on], mode="markers", name=label(m, score),
                                  marker={"color": color(m), "size": 4, "opacity": 0.6}))
     if y.size:
         lo, hi = float(np.min(y)), float(np.max(y))

@@ -38,7 +38,7 @@ class KeptProblem:
     @cached_property
     def inputs_finite(self) -> bool:
         """Whether ``W``, ``G`` and ``s`` hold no inf/NaN."""
-        return all(bool(torch.isfinite(t).all()) for t in (self.w, self.stats.gram, self.stats.total))
+        return bool(torch.isfinite(self.w).all()) and self.stats.finite
 
     @cached_property
     def wg(self) -> Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -56,6 +57,12 @@ class LayerStats:
     @property
     def d_in(self) -> int:
         return self.gram.shape[0]
+
+    @cached_property
+    def finite(self) -> bool:
+        """Whether ``G`` and ``s`` hold no inf/NaN (checked once per statistics object, which is never
+        changed in place: every ratio, score and method of the explorer shares it)."""
+        return bool(torch.isfinite(self.gram).all()) and bool(torch.isfinite(self.total).all())
 
     @property
     def mean(self) -> Tensor:

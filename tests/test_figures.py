@@ -190,7 +190,7 @@ def test_projection_figure_one_panel_per_method(analysis):
     assert titles[0] == "pruned Z" and titles[1:] == [lab(analysis, m) for m in methods]
     assert "PC1" in fig.layout.xaxis.title.text and "PC2" in fig.layout.yaxis.title.text
     m = analysis.projection_y.shape[1]
-    assert len(fig.data[0].x) == min(m, figures.PROJECTION_POINTS)
+    assert 0 < len(fig.data[0].x) <= min(m, figures.PROJECTION_POINTS)
     with_none = figures.projection_figure(analysis, ["none", "rotation"])
     assert [a.text for a in with_none.layout.annotations] == ["pruned Z = none", lab(analysis, "rotation")]
 
@@ -375,3 +375,31 @@ def test_messages_in_the_apps_words():
     assert for_the_page("too short for --seq-len 512") == "too short for Sequence length 512"
     assert for_the_page("cannot read /srv/cache/uploads/" + "ab" * 32 + ".txt: binary") == \
         "cannot read the uploaded file: binary"
+
+
+def test_visible_keeps_one_point_per_occupied_cell_and_drops_only_hidden_ones():
+    """The point-cloud reduction: the drawn points occupy exactly the cells the whole cloud occupies
+    (the picture is the same at the chart's size), one each, and NaN / non-positive-on-log are left out."""
+    rng = np.random.default_rng(0)
+    dense = (rng.normal(size=5000), np.exp(rng.normal(size=5000)))
+    sparse = (np.array([0.0, 100.0, np.nan, 3.0]), np.array([1.0, 2.0, 1.0, -1.0]))
+    size = (300.0, 200.0)
+    shown = figures._visible([dense, sparse], size, log=(False, True))
+    x_all = np.concatenate([dense[0], sparse[0]])
+    y_all = np.concatenate([dense[1], sparse[1]])
+    ok = np.isfinite(x_all) & (y_all > 0)
+    lo_x, span_x = x_all[ok].min(), np.ptp(x_all[ok])
+    ly = np.log10(y_all[ok])
+    lo_y, span_y = ly.min(), np.ptp(ly)
+    cells = (int(size[0] / figures.CELL_PX), int(size[1] / figures.CELL_PX))
+
+    def cell(x, y):
+        cx = np.minimum(((x - lo_x) / span_x * cells[0]).astype(int), cells[0])
+        cy = np.minimum(((np.log10(y) - lo_y) / span_y * cells[1]).astype(int), cells[1])
+        return set(zip(cx.tolist(), cy.tolist()))
+
+    drawn = shown[0]
+    assert len(drawn) < 5000 and len(set(drawn.tolist())) == len(drawn)  # a real reduction, no repeats
+    assert cell(dense[0][drawn], dense[1][drawn]) == cell(*dense)
+    assert len(cell(dense[0][drawn], dense[1][drawn])) == len(drawn)  # one point per occupied cell
+    assert shown[1].tolist() == [0, 1]  # NaN x and a negative y on a log axis are not drawn
