@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -225,3 +226,25 @@ def test_sweeps_and_configs_take_auto_and_allocations_like_any_other_setting():
         PruneConfig(allocation="flap").check()
     with pytest.raises(RcpuError, match="whole-model"):
         LayerConfig(method="auto").check()  # one sublayer's statistics have no calibration folds
+
+
+def test_greedy_with_gqa_balanced_heads_removes_exactly_the_uniform_parameters(one_thread):
+    """GQA: a KV head goes with the last query head of its group, so without ``gqa_balanced`` a greedy
+    model that empties a group removes more parameters than uniform. Balanced selection takes one query
+    head per group at a time and never empties one (at most 80% of a layer's heads go), so greedy and
+    uniform remove exactly the same parameters."""
+    model = make_tiny_llama(heads=6, kv_heads=2, layers=4, hidden=48, intermediate=48)
+    lm = _lm(model)
+    tokens = _tokens(n=8)
+    data = DataConfig(seed=0)
+    cfg = PruneConfig(ratio=1 / 3, method="rotation", gqa_balanced=True)  # rotation: no added bias
+    uniform = prune_model(lm, data, cfg, tokens=tokens)
+    greedy = prune_model(lm, data, replace(cfg, allocation="greedy"), tokens=tokens)
+
+    def parameters(model):
+        return sum(p.numel() for p in model.parameters())
+
+    assert parameters(greedy.model) == parameters(uniform.model) < parameters(model)
+    assert greedy.allocation["o_proj"]["total_removed"] == uniform.allocation["o_proj"]["total_removed"]
+    heads = [r["o_proj"]["pruned_units"] for r in greedy.layers]
+    assert all(n % 2 == 0 for n in heads)  # whole steps of one head per KV group
