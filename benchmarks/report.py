@@ -114,12 +114,16 @@ def _explorer(r: dict) -> list[str]:
                      f"{s['median_total_s']:.3f} | {s['median_compensate_s']:.3f} | |")
         if "median_change_s" in s:
             f = s["floor"]
-            split.append(f"| {sub} | {s['median_open_sublayer_s']:.3f} | {f['open_sublayer_s']:.3f} | "
+            split.append(f"| {e['model']} {sub} | {s['median_open_sublayer_s']:.3f} | {f['open_sublayer_s']:.3f} | "
                          f"{s['median_change_s']:.3f} | {f['change_s']:.3f} |")
     for sub, s in r["large"].items():
         if not isinstance(s, dict):
             continue
         label = r["large"].get("label", "7B")
+        if "median_change_s" in s:
+            f = s["floor"]
+            split.append(f"| {label}-shape {sub} | {s['median_open_sublayer_s']:.2f} | {f['open_sublayer_s']:.2f} | "
+                         f"{s['median_change_s']:.2f} | {f['change_s']:.2f} |")
         lines.append(f"| {label}-shape {sub} | {s['d_out']} x {s['d_in']} | {s['k']} | {len(s['runs'])} | "
                      f"{s['median_total_s']:.2f} | {s['median_compensate_s']:.2f} | "
                      f"{s['compensation_flop_per_s'] / 1e9:.1f} |")
@@ -139,7 +143,8 @@ def _explorer(r: dict) -> list[str]:
              "or method costs. The floor is the float64 work neither can skip, timed in the same run on random "
              "matrices of the same shapes: opening, two `W G` products and one `eigh`; a change, the SVD of `M`, "
              "`eigh` of `Z`'s covariance and `eigvalsh` of `Q`'s symmetric part (LAPACK's solvers use one core "
-             "at these sizes)."), "",
+             "at these sizes). Where open floor + change floor exceeds a goal, the goal cannot be met in float64 "
+             "on this machine."), "",
             "| sublayer | open s | open floor s | change s | change floor s |", "|---|---|---|---|---|", *split, "",
         ]
     page = r.get("page_update")
