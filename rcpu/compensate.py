@@ -140,9 +140,13 @@ def _ls_ridge(p: KeptProblem, reg: Regularisation) -> Compensation:
 
 
 def _rotation_parts(p: KeptProblem, centred: bool = False, proper: bool = False) -> tuple[Tensor, Tensor]:
-    """``Q`` and the singular values of ``M = W G[:, K] W_K^T`` (``C`` for ``G`` when centred)."""
-    cross = (p.centred_target if centred else p.target) @ p.w_kept.T  # (d_out, d_out)
-    return procrustes(cross, proper=proper)
+    """``Q`` and the singular values of ``M = W G[:, K] W_K^T`` (``C`` for ``G`` when centred); kept on
+    the problem, so rotation and rotation + scale (``auto`` tries both) share one SVD."""
+    key = (centred, proper)
+    if key not in p.rotations:
+        cross = (p.centred_target if centred else p.target) @ p.w_kept.T  # (d_out, d_out)
+        p.rotations[key] = procrustes(cross, proper=proper)
+    return p.rotations[key]
 
 
 def _rotated(p: KeptProblem, q: Tensor, s: Tensor, scale: float | None = 1.0, weight: Tensor | None = None,
@@ -225,10 +229,20 @@ def validation_errors(p: KeptProblem, reg: Regularisation, candidates: Candidate
         held = rest[0] if len(rest) == 1 else KeptProblem(p.w, _sum_stats([q.stats for q in rest]), p.kept)
         for method, lam, name in candidates(train.gram_kk):
             comp = METHODS[method](train, Regularisation(reg.alpha, lam))
-            err, ref = held.error(comp.weight, comp.bias)
+            err, ref = held.error(comp.weight, comp.bias, own=_own_from_kept(comp, train, held))
             errors[name] = errors.get(name, 0.0) + err
             reference[name] = reference.get(name, 0.0) + ref
     return {name: math.sqrt(err / reference[name]) if reference[name] > 0 else 0.0 for name, err in errors.items()}
+
+
+def _own_from_kept(comp: Compensation, train: KeptProblem, held: KeptProblem) -> float | None:
+    """``||W' X_K||^2`` on ``held``'s tokens without a product with its ``G[K,K]`` when ``W' = s Q W_K``
+    (rotations keep norms: ``s^2 ||W_K X_K||^2``) or ``W' = W_K`` (none, bias); else None."""
+    if comp.rotation is not None and comp.kept_scale is not None:
+        return comp.kept_scale**2 * held.kept_own
+    if comp.rotation is None and comp.weight.shape == train.w_kept.shape and torch.equal(comp.weight, train.w_kept):
+        return held.kept_own
+    return None
 
 
 def _sum_stats(parts: list[LayerStats]) -> LayerStats:

@@ -30,6 +30,7 @@ class KeptProblem:
         self.stats = stats
         self.kept = kept
         self._wg = wg
+        self.rotations: dict[tuple[bool, bool], tuple[Tensor, Tensor]] = {}  # (centred, proper) -> (Q, sigma)
 
     @property
     def count(self) -> int:
