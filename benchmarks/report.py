@@ -15,7 +15,7 @@ MB = 2**20
 
 def load_results(results_dir: Path) -> dict[str, dict]:
     results = {}
-    for name in BENCHMARKS:
+    for name in (*BENCHMARKS, "stream"):  # stream: its own command, python -m benchmarks.stream
         path = results_dir / f"{name}.json"
         if path.exists():
             results[name] = json.loads(path.read_text())
@@ -36,7 +36,7 @@ def _verdict(met) -> str:
 
 def _provenance(r: dict) -> str:
     m = r["machine"]
-    return (f"_{r['mode']} mode, {r['date']}, {r['wall_s']:.0f} s; {m['nproc']} CPUs ({m['cpu']}), "
+    return (f"_{r.get('mode', 'full')} mode, {r['date']}, {r['wall_s']:.0f} s; {m['nproc']} CPUs ({m['cpu']}), "
             f"torch {m['torch']} with {m['torch_threads']} threads, load average at the end "
             f"{', '.join(str(x) for x in m['load_average'])}._")
 
@@ -409,11 +409,35 @@ def _auto(r: dict) -> list[str]:
     return lines + _goal_rows(r["goals"]) + [""]
 
 
+def _stream(r: dict) -> list[str]:
+    shape = r["shape"]
+    after = ", ".join(f"{x:.2f}" for x in r.get("rss_after_each_layer_gb", []))
+    t = r.get("timing_s", {})
+    split = ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total")
+    return [
+        "## 8. Layer streaming: a model larger than the memory the run may use", "", _provenance(r), "",
+        (f"Measured by `python -m benchmarks.stream --layers {r['layers']} --budget-gb {r['budget_gb']:g} "
+         f"--targets {r['targets']}`. A random-weight LLaMA with LLaMA-7B layer shapes (hidden {shape['hidden']}, "
+         f"{shape['heads']} heads, intermediate {shape['intermediate']}, vocabulary {shape['vocab']}) and "
+         f"{r['layers']} layers, one safetensors file per layer, is pruned by `rcpu.stream.stream_prune` (rcpu "
+         f"score, rotation, ratio 0.2, calibration {r['calibration'][0]} x {r['calibration'][1]} random tokens) "
+         "in a fresh process whose data segment is capped (`RLIMIT_DATA`) at its size after imports plus the "
+         "budget, below the model's float32 weights: one layer is read, its statistics gathered, compensated, "
+         "written and dropped before the next."), "",
+        ("| layers | float32 weights GiB | cap above start GiB | peak RSS GiB | pruned on disk GiB | parameters "
+         "before | after | seconds |"), "|---|---|---|---|---|---|---|---|",
+        (f"| {r['layers']} | {r['weights_gb']:.2f} | {r['budget_gb']:g} | {r['peak_rss_gb']:.2f} | "
+         f"{r['pruned_on_disk_gb']:.2f} | {_num(r['params_before'])} | {_num(r['params_after'])} | "
+         f"{r['seconds']:.0f} |"), "",
+        f"Resident memory after each layer (GiB): {after}. Time: {split}.", "",
+    ] + _goal_rows(r["goals"]) + [""]
+
+
 def _reduced(results: dict[str, dict]) -> list[str]:
     """One line per benchmark that ran in a reduced mode, from its own recorded settings."""
     notes = []
     for name, r in results.items():
-        if r["mode"] == "full":
+        if r.get("mode", "full") == "full":
             continue
         q = r["settings"]
         if name == "size":  # its settings are not in the result files written before it existed
@@ -457,14 +481,14 @@ def write_docs(results_dir: Path, docs_path: Path, command: str) -> Path:
     for name, r in results.items():
         for g in r.get("goals", []):
             lines.append(f"| {name} | {g['name']} {g['op']} {g['target']:g}{g['unit']} | "
-                         f"{_num(g['value'])}{g['unit']} | {_verdict(g['met'])} | {r['mode']} |")
+                         f"{_num(g['value'])}{g['unit']} | {_verdict(g['met'])} | {r.get('mode', 'full')} |")
     lines.append("")
     notes = _reduced(results)
     if notes:
         lines += [("Reduced settings of the sections run with `--quick` or `--tiny` (the full run uses "
                   "the sizes the issue asks for):"), ""] + [f"- {n}" for n in notes] + [""]
     sections = {"floor": _floor, "explorer": _explorer, "memory": _memory, "eval": _eval, "size": _size,
-                "auto": _auto}
+                "auto": _auto, "stream": _stream}
     for name, r in results.items():
         if name == "quality":
             lines += _quality(r, img_dir, docs_dir)
