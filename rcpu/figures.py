@@ -52,7 +52,8 @@ METHOD_LABELS = {
     "auto": "auto (chosen per sublayer)",
 }
 MAX_POINTS = 1000  # per scatter trace; keeps figures light in the browser
-PROJECTION_POINTS = 400  # per panel of the projection figure: up to ten panels redraw on every change
+PROJECTION_POINTS = 250  # per panel of the projection figure: up to ten panels redraw on every change
+LINE_ABOVE = 600  # input dimensions above which the score chart draws the kept ones as a line
 # Streamlit draws a chart anew (Plotly.newPlot) whenever its figure changes, so every widget change
 # pays each chart's full drawing cost. In headless Chromium, SVG markers cost about 25 ms per chart
 # plus 0.15 ms per point, WebGL about 250 ms per chart whatever the points: SVG, with point clouds
@@ -219,19 +220,26 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
     position = dimension_order(sel, order)
     kept, pruned = sel.kept.numpy(), sel.pruned.numpy()
     unit = sel.unit_size
+    # Many columns (down_proj's 1536 on ~1200 px): the kept ones as one line in x order, which draws the band
+    # their overlapping markers would at a fraction of the cost; the pruned ones stay markers on top.
+    kept_line = analysis.d_in > LINE_ABOVE
+    if kept_line:
+        kept = kept[np.argsort(position[kept], kind="stable")]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
     for row, values, name in ((1, scores, "score"), (2, variance, "variance")):
         groups = ((kept, "kept", KEPT), (pruned, "pruned", PRUNED))
         shown = _visible([(position[idx], values[idx]) for idx, _, _ in groups], (1200, 170), log=(False, True))
         for (all_idx, what, col), drawn in zip(groups, shown):
-            idx = all_idx[drawn]
+            line = kept_line and what == "kept"
+            idx = all_idx if line else all_idx[drawn]
             custom = np.stack([idx, idx // unit], axis=1) if unit > 1 else idx[:, None]
             hover = "column %{customdata[0]}" + (", head %{customdata[1]}" if unit > 1 else "")
             fig.add_trace(
                 go.Scatter(
-                    x=position[idx], y=_positive(values[idx]), mode="markers", name=f"{what} ({len(all_idx)})",
-                    legendgroup=what, showlegend=row == 1, customdata=custom,
+                    x=position[idx], y=_positive(values[idx]), mode="lines" if line else "markers",
+                    name=f"{what} ({len(all_idx)})", legendgroup=what, showlegend=row == 1, customdata=custom,
                     marker={"color": col, "size": 4 if analysis.d_in > 300 else 6},
+                    line={"color": col, "width": 1}, connectgaps=True,
                     hovertemplate=hover + "<br>" + name + " %{y:.3g}<extra>" + what + "</extra>",
                 ),
                 row=row, col=1,

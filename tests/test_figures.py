@@ -403,3 +403,21 @@ def test_visible_keeps_one_point_per_occupied_cell_and_drops_only_hidden_ones():
     assert cell(dense[0][drawn], dense[1][drawn]) == cell(*dense)
     assert len(cell(dense[0][drawn], dense[1][drawn])) == len(drawn)  # one point per occupied cell
     assert shown[1].tolist() == [0, 1]  # NaN x and a negative y on a log axis are not drawn
+
+
+@pytest.mark.parametrize("order", ["index", "sorted"])
+def test_dimension_figure_with_many_columns_draws_kept_as_one_line_in_x_order(order, monkeypatch):
+    """Above LINE_ABOVE columns the kept ones are a line through every kept column, left to right (the band
+    their overlapping markers would draw), and the pruned ones markers; kept + pruned still cover d_in."""
+    monkeypatch.setattr(figures, "LINE_ABOVE", 10)
+    weight = torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    calib = LayerStats.from_inputs(_inputs(2), sample_size=200)
+    held = LayerStats.from_inputs(_inputs(3, 150), sample_size=100)
+    result = analyze_sublayer(weight, calib, held, score="rcpu", ratio=0.25, methods=["rotation"])
+    fig = figures.dimension_figure(result, order)
+    for row_axis in ("y", "y2"):
+        kept = next(t for t in fig.data if t.yaxis == row_axis and t.legendgroup == "kept")
+        pruned = next(t for t in fig.data if t.yaxis == row_axis and t.legendgroup == "pruned")
+        assert kept.mode == "lines" and pruned.mode == "markers"
+        assert len(kept.x) == len(result.selection.kept) and list(kept.x) == sorted(kept.x)
+        assert sorted([*kept.x, *pruned.x]) == list(range(D_IN))
