@@ -213,7 +213,13 @@ def test_explorer_layer_and_sublayer_change_the_data():
     ok(at)
     at.radio(key="le_view").set_value("📊 Scores").run()
     fig = chart(at, "Score and variance per input dimension")
-    assert sum(len(t["x"]) for t in fig["data"] if t.get("yaxis", "y") == "y") == 1536  # down_proj d_in
+    score_row = [t for t in fig["data"] if t.get("yaxis", "y") == "y"]
+    # down_proj's 1536 columns: the kept ones one line through every kept column, the pruned ones markers
+    # (those hidden under another in the same 2-px cell are not drawn); the legend counts all of them
+    counts = {t["legendgroup"]: int(t["name"].split("(")[1].rstrip(")")) for t in score_row}
+    assert counts["kept"] + counts["pruned"] == 1536
+    kept = next(t for t in score_row if t["legendgroup"] == "kept")
+    assert kept["mode"] == "lines" and len(kept["x"]) == counts["kept"]
 
 
 def test_explorer_too_little_text_is_an_error(tmp_path, tmp_cache):
