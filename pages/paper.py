@@ -136,11 +136,9 @@ with right:
     if name == "regime" and (lacking := layer_error_curve(result["points"])["without_errors"]):
         st.caption(f"{lacking} of {len(result['points'])} points were cached without layer errors (before sweep "
                    "points kept them): the right panel leaves them out.")
-    for ratio, crossing in (result.get("ls_overtakes_rotation_at") or {}).items():
-        for config, x in crossing.items():
-            st.caption(f"At {float(ratio):.0%}, {config} overtakes rotation at "
-                       + (f"**{x:.2f}** calibration tokens per down_proj input." if x
-                          else "no crossing among the measured sizes."))
+    for ratio, sentences in (result.get("against_rotation") or {}).items():
+        for sentence in sentences.values():
+            st.caption(f"At {float(ratio):.0%}, {sentence}.")
 
 missing = result["missing"] + (result["dense"] is None)
 if missing:

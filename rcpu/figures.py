@@ -1101,6 +1101,9 @@ REGIME_NAMES = {"rcpu:ls": "LS", "rcpu:ls_ridge best λ": "LS + ridge (best λ)"
 SPLIT_WORDS = {"heldout": "held-out", "calibration": "calibration (in-sample)"}
 
 
+REGIME_TICKS = (0.1, 0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+
 def regime_figure(points: Sequence[dict], current: float | None = None, crossing: float | None = None
                   ) -> go.Figure:
     """Two panels against calibration tokens per ``down_proj`` input: perplexity (left) and the layer-level
@@ -1155,10 +1158,28 @@ def regime_figure(points: Sequence[dict], current: float | None = None, crossing
         fig.add_annotation(x=math.log10(crossing), y=0.02, xref="x", yref="paper",
                            text=f"LS overtakes rotation: {crossing:.2g}", showarrow=False, xanchor="left",
                            bgcolor="white")
-    fig.update_xaxes(title_text="calibration tokens per down_proj input dimension", type="log")
+    xs = [p["tokens_per_down_input"] for p in points] + list(marks.values())
+    ticks = [t for t in REGIME_TICKS if xs and min(xs) / 1.5 <= t <= max(xs) * 1.5]
+    # labelled ticks only: a log axis's minor labels ("3 4 5 ... 9") read as values
+    fig.update_xaxes(title_text="calibration tokens per down_proj input dimension", type="log", tickvals=ticks,
+                     ticktext=[f"{t:g}" for t in ticks])
     fig.update_xaxes(matches="x", row=1, col=2)  # one x range for both panels
-    fig.update_yaxes(title_text="perplexity", type="log", row=1, col=1)
-    fig.update_yaxes(title_text=f"relative output error ({split})", type="log", row=1, col=2)
+    # LS with fewer tokens than inputs reaches perplexities of 1e10 and errors of 10x the output: each axis
+    # keeps the readable range (values up to ten times the median) and its title says what lies above it
+    for col, rows, key, title in ((1, list(points), "ppl", "perplexity"),
+                                  (2, curve["rows"], "layer_error", f"relative output error ({split})")):
+        values = sorted(r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key]) and r[key] > 0)
+        if not values:
+            continue
+        limit = 10 * values[len(values) // 2]
+        axis, y_range = _y_range([v for v in values if v <= limit], None)
+        above = sorted((r for r in rows if r[key] > limit), key=lambda r: r["tokens_per_down_input"])
+        if above:
+            text = ", ".join(f"{REGIME_NAMES.get(r['config'], r['config'])} {r[key]:.2g} at "
+                             f"{r['tokens_per_down_input']:.2g}" for r in above)
+            panel = fig.layout.annotations[col - 1]  # the subplot titles come first
+            panel.text = f"{panel.text}<br><sup>above the axis: {text}</sup>"
+        fig.update_yaxes(title_text=title, type=axis, range=y_range, row=1, col=col)
     if not points:
         fig.add_annotation(text="No points yet: compute them below.", showarrow=False, x=0.5, y=0.5,
                            xref="paper", yref="paper")

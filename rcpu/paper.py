@@ -334,10 +334,31 @@ def run_experiment(lm, name: str, data: DataConfig, sizes: Sizes, eval_data: str
     if name in ("regime", "fig3", "fig5"):
         with_best = rows + [{**r, "tokens_per_down_input": down_tokens(r)} for r in best_lambda(rows)]
         present = {row["config"] for row in with_best}
-        out["ls_overtakes_rotation_at"] = {
-            f"{r:g}": {c: crossover(with_best, r, first=c) for c in ("rcpu:ls", "rcpu:ls_ridge best λ") if c in present}
-            for r in sorted({row["ratio"] for row in rows})}
+        configs = [c for c in ("rcpu:ls", "rcpu:ls_ridge best λ") if c in present]
+        ratios = sorted({row["ratio"] for row in rows})
+        out["ls_overtakes_rotation_at"] = {f"{r:g}": {c: crossover(with_best, r, first=c) for c in configs}
+                                           for r in ratios}
+        out["against_rotation"] = {f"{r:g}": {c: against_rotation(with_best, r, c) for c in configs} for r in ratios}
     return out
+
+
+def against_rotation(rows: list[dict], ratio: float, config: str) -> str:
+    """One sentence: where ``config`` overtakes ``rcpu:rotation`` at ``ratio`` along the calibration sizes, or
+    that it is ahead (or behind) at every measured size."""
+    x = crossover(rows, ratio, first=config)
+    if x is not None:
+        return f"{config} overtakes rcpu:rotation at {x:.2f} calibration tokens per down_proj input"
+    mine = {down_tokens(r): r["ppl"] for r in rows if r["config"] == config and math.isclose(r["ratio"], ratio)}
+    theirs = {down_tokens(r): r["ppl"] for r in rows
+              if r["config"] == "rcpu:rotation" and math.isclose(r["ratio"], ratio)}
+    shared = sorted(set(mine) & set(theirs))
+    if not shared:
+        return f"{config} and rcpu:rotation share no calibration size yet"
+    if all(mine[x] < theirs[x] for x in shared):
+        return f"{config} is ahead of rcpu:rotation at every measured size ({len(shared)})"
+    if all(mine[x] >= theirs[x] for x in shared):
+        return f"{config} stays behind rcpu:rotation at every measured size ({len(shared)})"
+    return f"{config} and rcpu:rotation trade places without overtaking from below"
 
 
 def table2_configs() -> tuple[str, ...]:

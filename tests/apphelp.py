@@ -4,6 +4,10 @@ Also a small command that makes the README / docs screenshots from a live app on
 the real defaults (add ``--whole-model`` to also prune the embedded model, minutes):
 
     .venv/bin/python tests/apphelp.py screenshots docs/img [--whole-model]
+
+and PNGs of the standalone figures ``rcpu reproduce`` writes (``docs/img/paper-EXPERIMENT.png``):
+
+    .venv/bin/python tests/apphelp.py figures docs/img docs/paper/*.html
 """
 
 from __future__ import annotations
@@ -198,10 +202,32 @@ def _screenshots(out: Path, whole_model: bool = False) -> None:
         browser.close()
 
 
+def figure_pictures(htmls: list[Path], out: Path, width: int = 1300) -> None:
+    """PNGs of standalone Plotly HTML figures (``rcpu reproduce`` writes them), drawn by headless Chromium:
+    the docs' pictures of the paper's experiments where no static Plotly renderer is installed."""
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": width, "height": 600})
+        for html in htmls:
+            page.goto(html.resolve().as_uri())
+            page.wait_for_selector(".main-svg", timeout=60_000)
+            page.wait_for_timeout(500)
+            target = out / f"paper-{html.stem}.png"
+            page.locator(".plotly-graph-div").first.screenshot(path=str(target))
+            optimise_png(target)
+            print(target)
+        browser.close()
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "screenshots":
         sys.path.insert(0, str(REPO))
         _screenshots(Path(sys.argv[2]), whole_model="--whole-model" in sys.argv[3:])
+    elif len(sys.argv) >= 4 and sys.argv[1] == "figures":  # figures OUT_DIR A.html [B.html ...]
+        figure_pictures([Path(a) for a in sys.argv[3:]], Path(sys.argv[2]))
     else:
         print(__doc__)
         sys.exit(2)

@@ -16,6 +16,7 @@ from rcpu.cli import main
 from rcpu.config import DataConfig, PruneConfig
 from rcpu.errors import RcpuError
 from rcpu.paper import (
+    against_rotation,
     crossover,
     experiment_points,
     published,
@@ -122,6 +123,12 @@ def test_crossover_interpolates_where_ls_overtakes_rotation():
     assert x == pytest.approx(2.0)
     assert crossover(rows[:2]) is None
     assert crossover([_row("rcpu:ls", 1, 1.0), _row("rcpu:rotation", 1, 2.0)]) is None  # LS ahead everywhere
+    assert "overtakes rcpu:rotation at 2.00" in against_rotation(rows, 0.2, "rcpu:ls")
+    ahead = [_row("rcpu:ls", 1, 1.0), _row("rcpu:rotation", 1, 2.0), _row("rcpu:ls", 4, 1.0),
+             _row("rcpu:rotation", 4, 3.0)]
+    assert against_rotation(ahead, 0.2, "rcpu:ls") == "rcpu:ls is ahead of rcpu:rotation at every measured size (2)"
+    behind = [_row("rcpu:ls", 1, 3.0), _row("rcpu:rotation", 1, 2.0)]
+    assert "stays behind rcpu:rotation at every measured size" in against_rotation(behind, 0.2, "rcpu:ls")
 
 
 def test_unknown_experiment_and_sizes_are_one_line():

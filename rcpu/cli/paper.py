@@ -143,10 +143,9 @@ def format_result(result: dict) -> str:
     lines.append("published (LLaMA-7B):")
     for row in result["published"]:
         lines.append("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
-    for ratio, crossing in (result.get("ls_overtakes_rotation_at") or {}).items():
-        for config, x in crossing.items():
-            where = f"{x:.2f} calibration tokens per down_proj input" if x else "no crossing among the measured sizes"
-            lines.append(f"at ratio {ratio}, {config} overtakes rcpu:rotation at {where}")
+    for ratio, sentences in (result.get("against_rotation") or {}).items():
+        for sentence in sentences.values():
+            lines.append(f"at ratio {ratio}, {sentence}")
     cached = sum(1 for r in result["points"] if r.get("cached"))
     lines.append(f"{len(result['points'])} points ({cached} from cache, {len(result['points']) - cached} computed)"
                  + (f"; {result['missing']} not computed (--cached-only)" if result.get("missing") else ""))
