@@ -1031,7 +1031,10 @@ def calibration_curves_figure(points: Sequence[dict], dense: float | None = None
     x_range = _x_range([p["calib_samples"] for p in points], pad=1.0, log=True, default=(0.0, 2.7))
     _dense_line(fig, dense, [10**v for v in x_range])
     kind, y_range = _y_range([p["ppl"] for p in points], dense)
-    fig.update_xaxes(title_text="calibration samples", type="log", range=x_range)
+    sizes = sorted({p["calib_samples"] for p in points})
+    # ticks at the measured sizes only: a log axis's minor labels ("3 4 5 ... 9") read as values
+    fig.update_xaxes(title_text="calibration samples", type="log", range=x_range,
+                     **({"tickvals": sizes, "ticktext": [str(n) for n in sizes]} if sizes else {}))
     fig.update_yaxes(title_text="perplexity", type=kind, range=y_range)
     if not points:
         _no_points_yet(fig, x_range)
@@ -1058,12 +1061,21 @@ def score_method_figure(points: Sequence[dict], dense: float | None = None) -> g
                 x=[r["ratio"] for r in rows], y=[r["ppl"] for r in rows], mode="lines+markers", name=name,
                 legendgroup=name, showlegend=name not in shown,
                 line={"color": color(method), "dash": "dot" if score == "wanda_sp" else "solid"},
+                # the score by marker too: with one ratio there is no line to show the dash
+                marker={"symbol": "diamond-open" if score == "wanda_sp" else "circle", "size": 10,
+                        "line": {"width": 2}},
             ), row=1, col=col)
             shown.add(name)
-        if dense is not None:
-            fig.add_hline(y=dense, line={"color": "black", "dash": "dot"}, row=1, col=col)
-    fig.update_xaxes(title_text="pruning ratio", tickformat=".0%")
-    fig.update_yaxes(title_text="perplexity", type="log")
+    x_range = _x_range([p["ratio"] for p in points], pad=0.1)
+    kind, y_range = _y_range([p["ppl"] for p in points], dense)
+    if dense is not None:  # a trace (a shape's y on a log axis would be read as a power of ten)
+        for col in range(1, len(sizes) + 1):
+            fig.add_trace(go.Scatter(x=x_range, y=[dense, dense], mode="lines", name=f"dense {dense:.2f}",
+                                     legendgroup="dense", showlegend=col == 1, hoverinfo="name",
+                                     line={"color": "black", "dash": "dot", "width": 1.5}), row=1, col=col)
+    ratios = sorted({p["ratio"] for p in points})
+    fig.update_xaxes(title_text="pruning ratio", range=x_range, tickvals=ratios, ticktext=[f"{r:.0%}" for r in ratios])
+    fig.update_yaxes(title_text="perplexity", type=kind, range=y_range)
     if not points:
         return _empty("Fig. 3: score x compensation", "No points yet: compute them below.")
     return _layout(fig, "Fig. 3: score x compensation at two calibration sizes", height=440, subplot_titles=True)
