@@ -45,41 +45,38 @@ def compensation_flops(d_out: int, d_in: int, k: int) -> dict:
     return parts
 
 
-def matmul_rate(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
-    """Best-of FLOP/s of an (n x n) @ (n x n) product in ``dtype``."""
+def best_seconds(fn, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` calls of ``fn`` after one warm-up call."""
     import time
 
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen, dtype=dtype)
-    b = torch.randn(n, n, generator=gen, dtype=dtype)
-    a @ b  # warm-up
+    fn()
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        fn()
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return best
+
+
+def matmul_rate(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
+    """Best-of FLOP/s of an (n x n) @ (n x n) product in ``dtype``."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen, dtype=dtype)
+    b = torch.randn(n, n, generator=gen, dtype=dtype)
+    return 2 * n**3 / best_seconds(lambda: a @ b, repeats)
 
 
 def svd_threads(n: int, repeats: int = 3) -> dict:
     """SVD of an (n x n) float64 matrix with torch's threads and with one thread."""
-    import time
-
     m = torch.randn(n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     threads = torch.get_num_threads()
     out = {}
     for count in (threads, 1):
         torch.set_num_threads(count)
         try:
-            torch.linalg.svd(m)
-            best = math.inf
-            for _ in range(repeats):
-                start = time.perf_counter()
-                torch.linalg.svd(m)
-                best = min(best, time.perf_counter() - start)
+            out[f"threads_{count}_s"] = best_seconds(lambda: torch.linalg.svd(m), repeats)
         finally:
             torch.set_num_threads(threads)
-        out[f"threads_{count}_s"] = best
     return {"n": n, **out}
 
 
@@ -92,25 +89,14 @@ def lapack_floor(d_out: int, d_in: int, repeats: int = 3) -> dict:
     eigenvalues of ``Q``'s symmetric part (rotation angles). LAPACK's symmetric and SVD solvers
     barely use a second core at these sizes, which is what bounds the explorer on 2 cores.
     """
-    import time
-
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     g = torch.randn(d_in, d_in, generator=gen, dtype=torch.float64)
     a = torch.randn(d_out, d_out, generator=gen, dtype=torch.float64)
     sym = a @ a.T
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    parts = {"W G": best(lambda: w @ g), "eigh": best(lambda: torch.linalg.eigh(sym)),
-             "svd": best(lambda: torch.linalg.svd(a)), "eigvalsh": best(lambda: torch.linalg.eigvalsh(sym))}
+    parts = {name: best_seconds(fn, repeats) for name, fn in (
+        ("W G", lambda: w @ g), ("eigh", lambda: torch.linalg.eigh(sym)), ("svd", lambda: torch.linalg.svd(a)),
+        ("eigvalsh", lambda: torch.linalg.eigvalsh(sym)))}
     return {**parts, "open_sublayer_s": 2 * parts["W G"] + parts["eigh"],
             "change_s": parts["svd"] + parts["eigh"] + parts["eigvalsh"]}
 

@@ -193,9 +193,57 @@ def browser_update(calib_samples: int, seq_len: int, layer: int) -> dict:
     return out
 
 
+def draw_costs(repeats: int = 4) -> dict:
+    """Milliseconds of one Plotly ``newPlot`` (what Streamlit does on every change of a chart's figure) in
+    headless Chromium, for SVG (``scatter``) and WebGL (``scattergl``) charts of two traces of 5, 200 and
+    800 markers each: the median of ``repeats``. What ``rcpu.figures`` chooses between."""
+    import json
+    import sys
+    import tempfile
+
+    import numpy as np
+    import plotly
+
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from apphelp import CHROMIUM, launch_browser
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        return {"skipped": f"playwright is missing ({exc})"}
+    if not CHROMIUM.exists():
+        return {"skipped": f"{CHROMIUM} is missing"}
+    script = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    rng = np.random.default_rng(0)
+    figures = {}
+    for kind in ("scatter", "scattergl"):
+        for n in (5, 200, 800):
+            data = [{"type": kind, "mode": "markers", "x": rng.random(n).tolist(), "y": rng.random(n).tolist(),
+                     "marker": {"size": 4}} for _ in range(2)]
+            figures[f"{kind} 2 x {n}"] = json.dumps({"data": data, "layout": {"width": 640, "height": 420}})
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        html = Path(tmp) / "draw.html"
+        html.write_text(f"<html><head><script src='{script.as_uri()}'></script></head>"
+                        "<body><div id=d style='width:640px'></div></body></html>")
+        browser = launch_browser(p)
+        page = browser.new_page()
+        page.goto(html.as_uri())
+        for _ in range(repeats):
+            for name, spec in figures.items():
+                ms = page.evaluate("""async (spec) => {
+                    const d = document.getElementById('d'); const f = JSON.parse(spec);
+                    const t0 = performance.now(); await Plotly.newPlot(d, f.data, f.layout);
+                    await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+                    const t1 = performance.now(); Plotly.purge(d); return t1 - t0; }""", spec)
+                out.setdefault(name, []).append(ms)
+        browser.close()
+    return {name: round(median(times), 1) for name, times in out.items()}
+
+
 def main() -> None:
     """``python -m benchmarks.page``: the browser measurement alone (quick settings: 32 x 512 tokens,
-    layer 15), written to ``benchmarks/results/browser.json``; docs/app.md quotes it."""
+    layer 15) and the cost of drawing one chart (``draw_costs``), written to
+    ``benchmarks/results/browser.json``; docs/app.md quotes it."""
     import json
     import platform
 
@@ -203,6 +251,7 @@ def main() -> None:
 
     settings = settings_for("quick")
     result = browser_update(settings.calib_samples, settings.seq_len, settings.explorer_layer)
+    result["draw_ms"] = draw_costs()
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                          "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                          "load_average": [round(x, 2) for x in os.getloadavg()]}  # others' work on the machine
@@ -211,6 +260,7 @@ def main() -> None:
     every = [c for s in result.get("sublayers", {}).values() for v in s["views"].values() for c in v["changes"]]
     print(f"{len(every)} widget changes (ratio steps and view switches): median {result.get('median_s', 0):.2f} s "
           f"to an idle page, browser busy {result.get('median_browser_busy_s', 0):.2f} s; wrote {out}")
+    print("one Plotly newPlot, ms: " + ", ".join(f"{k} {v}" for k, v in result["draw_ms"].items()))
 
 
 if __name__ == "__main__":

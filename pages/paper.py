@@ -25,6 +25,27 @@ SIZE_ENV = "RCPU_APP_PAPER_SIZES"  # the starting size preset (tests start on "t
 LOCAL_TASK = Path(__file__).resolve().parent.parent / "tests" / "data" / "zeroshot" / "tiny_mc.yaml"
 SIZE_LABELS = {"quick": "quick (minutes)", "paper": "the paper's sizes (hours on CPU)", "tiny": "tiny (tests)"}
 
+
+def with_progress(what: str, noun: str, run):
+    """``run(progress=..., on_point=...)`` under two progress bars (points done; layers of the current one),
+    holding the model for ``what``; the bars go when it ends."""
+    overall = st.progress(0.0, text="Dense model…")
+    current_bar = st.progress(0.0, text="")
+
+    def on_point(i: int, n: int, row: dict) -> None:
+        overall.progress(i / n, text=f"{i} of {n} {noun} ({row['config']} done)")
+
+    def on_layer(done: int, n: int, step: str) -> None:
+        current_bar.progress(min(done / max(n, 1), 1.0), text=f"Pruning: {step}")
+
+    with common.guarded(), common.model_in_use(what):
+        result = run(progress=on_layer, on_point=on_point)
+    overall.empty()
+    current_bar.empty()
+    return result
+
+
+
 data = common.sidebar()
 st.title("📄 Paper")
 st.caption(
@@ -88,20 +109,8 @@ if not exp.perplexity:  # Table 2: zero-shot accuracy through lm-evaluation-harn
                           icon="▶️", type="primary", key="paper_t2_compute")
         b2.button("Stop", key="paper_t2_stop", help="Interrupts the computation; finished results stay cached.")
         if start:
-            overall = st.progress(0.0, text="Dense model…")
-            current_bar = st.progress(0.0, text="")
-
-            def on_result(i: int, n: int, row: dict) -> None:
-                overall.progress(i / n, text=f"{i} of {n} results ({row['config']} done)")
-
-            def on_layer(done: int, n: int, what: str) -> None:
-                current_bar.progress(min(done / max(n, 1), 1.0), text=f"Pruning: {what}")
-
-            with common.guarded(), common.model_in_use("zero-shot accuracy"):
-                result = run_zeroshot_experiment(lm, data, sizes, tasks, configs=configs, progress=on_layer,
-                                                 on_point=on_result)
-            overall.empty()
-            current_bar.empty()
+            result = with_progress("zero-shot accuracy", "results", lambda **kw: run_zeroshot_experiment(
+                lm, data, sizes, tasks, configs=configs, **kw))
             chart.plotly_chart(figures.accuracy_figure(result["points"]),
                                key=f"fig_table2_done_{len(result['points'])}")
             measured.dataframe(result["measured"], hide_index=True)
@@ -150,19 +159,7 @@ if missing:
                         key="paper_compute")
     b2.button("Stop", key="paper_stop", help="Interrupts the computation; finished points stay cached.")
     if compute:
-        overall = st.progress(0.0, text="Dense model…")
-        current_bar = st.progress(0.0, text="")
-
-        def on_point(i: int, n: int, row: dict) -> None:
-            overall.progress(i / n, text=f"{i} of {n} points")
-
-        def on_layer(done: int, n: int, what: str) -> None:
-            current_bar.progress(min(done / max(n, 1), 1.0), text=f"Pruning: {what}")
-
-        with common.guarded(), common.model_in_use("this experiment"):
-            result = run_experiment(lm, name, data, sizes, progress=on_layer, on_point=on_point)
-        overall.empty()
-        current_bar.empty()
+        result = with_progress("this experiment", "points", lambda **kw: run_experiment(lm, name, data, sizes, **kw))
         show(result)
         measured.dataframe(result["measured"], hide_index=True)
         st.success(f"All {result['total']} points computed and cached.")

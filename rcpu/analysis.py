@@ -24,6 +24,7 @@ from .compensate import (
     check_lambda,
     check_method,
     compensate_problem,
+    kept_norm,
 )
 from .diagnostics import (
     compensated_outputs,
@@ -149,13 +150,12 @@ class MethodResult:
         # Kept for the spectrum (not dropped after it: results are shared between app sessions'
         # threads, and one must not see it gone while another computes the spectrum).
         self._weight_gram = None if from_kept is not None else weight_grams["calibration"]
-        if from_kept is not None:  # ||s R Z||^2 = s^2 ||Z||^2: no product with G[K,K]
-            errors = {split: p.relative_error(compensation.weight, compensation.bias,
-                                              own=from_kept.scale**2 * p.kept_own)
-                      for split, p in problems.items()}
-        else:
-            errors = {split: p.relative_error(compensation.weight, compensation.bias, weight_grams[split])
-                      for split, p in problems.items()}
+        errors = {  # a rotated, scaled Z keeps ||Z||: no product with G[K,K] (kept_norm)
+            split: p.relative_error(compensation.weight, compensation.bias,
+                                    None if weight_grams is None else weight_grams[split],
+                                    own=kept_norm(compensation, p.w_kept, p))
+            for split, p in problems.items()
+        }
         self.error_calibration: float = errors["calibration"]
         self.error_heldout: float = errors["heldout"]
         self.seconds = {**(seconds or {}), "errors": time.perf_counter() - start}

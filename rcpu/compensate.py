@@ -229,19 +229,20 @@ def validation_errors(p: KeptProblem, reg: Regularisation, candidates: Candidate
         held = rest[0] if len(rest) == 1 else KeptProblem(p.w, _sum_stats([q.stats for q in rest]), p.kept)
         for method, lam, name in candidates(train.gram_kk):
             comp = METHODS[method](train, Regularisation(reg.alpha, lam))
-            err, ref = held.error(comp.weight, comp.bias, own=_own_from_kept(comp, train, held))
+            err, ref = held.error(comp.weight, comp.bias, own=kept_norm(comp, train.w_kept, held))
             errors[name] = errors.get(name, 0.0) + err
             reference[name] = reference.get(name, 0.0) + ref
     return {name: math.sqrt(err / reference[name]) if reference[name] > 0 else 0.0 for name, err in errors.items()}
 
 
-def _own_from_kept(comp: Compensation, train: KeptProblem, held: KeptProblem) -> float | None:
-    """``||W' X_K||^2`` on ``held``'s tokens without a product with its ``G[K,K]`` when ``W' = s Q W_K``
-    (rotations keep norms: ``s^2 ||W_K X_K||^2``) or ``W' = W_K`` (none, bias); else None."""
+def kept_norm(comp: Compensation, w_kept: Tensor, problem: KeptProblem) -> float | None:
+    """``||W' X_K||^2`` on ``problem``'s tokens without a product with its ``G[K,K]``, where ``W'`` follows
+    from the ``W_K`` it was fitted to: ``s Q W_K`` (``Q`` orthogonal keeps norms: ``s^2 ||W_K X_K||^2``) or
+    ``W_K`` itself (none, bias). None for any other ``W'`` (the error formula then makes the product)."""
     if comp.rotation is not None and comp.kept_scale is not None:
-        return comp.kept_scale**2 * held.kept_own
-    if comp.rotation is None and comp.weight.shape == train.w_kept.shape and torch.equal(comp.weight, train.w_kept):
-        return held.kept_own
+        return comp.kept_scale**2 * problem.kept_own
+    if comp.rotation is None and comp.weight.shape == w_kept.shape and torch.equal(comp.weight, w_kept):
+        return problem.kept_own
     return None
 
 

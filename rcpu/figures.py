@@ -55,8 +55,8 @@ MAX_POINTS = 1000  # per scatter trace; keeps figures light in the browser
 PROJECTION_POINTS = 250  # per panel of the projection figure: up to ten panels redraw on every change
 LINE_ABOVE = 600  # input dimensions above which the score chart draws the kept ones as a line
 # Streamlit draws a chart anew (Plotly.newPlot) whenever its figure changes, so every widget change
-# pays each chart's full drawing cost. In headless Chromium, SVG markers cost about 25 ms per chart
-# plus 0.15 ms per point, WebGL about 250 ms per chart whatever the points: SVG, with point clouds
+# pays each chart's full drawing cost. In headless Chromium an SVG chart costs tens of ms plus a little per
+# marker, a WebGL one about 300 ms whatever its markers (`python -m benchmarks.page`): SVG, with point clouds
 # reduced to one marker per cell of a grid finer than a marker (``_visible``), draws fastest.
 CELL_PX = 2.0  # grid cell of ``_visible``, in screen pixels; markers are 4 px and larger
 

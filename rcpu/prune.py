@@ -18,7 +18,7 @@ import torch
 from .adapters import adapter_for
 from .allocate import FOLDS, allocate
 from .calibration import TokenSet, prepare_tokens
-from .compensate import Compensation, compensate_problem
+from .compensate import Compensation, compensate_problem, kept_norm
 from .config import DataConfig, PruneConfig
 from .flow import LayerFlow, Progress, layer_input_stats
 from .models import LoadedModel, count_parameters
@@ -187,7 +187,6 @@ def _errors(problems: dict[str, KeptProblem], comp: Compensation) -> dict:
     out = {}
     for split, problem in problems.items():
         out[f"error_uncompensated_{split}"] = problem.relative_error(problem.w_kept)
-        # A rotated, scaled W'_K = s Q W_K has ||W'_K X_K||^2 = s^2 ||W_K X_K||^2 (Q orthogonal): no new product.
-        own = None if comp.kept_scale is None or comp.rotation is None else comp.kept_scale**2 * problem.kept_own
-        out[f"error_{split}"] = problem.relative_error(comp.weight, comp.bias, own=own)
+        out[f"error_{split}"] = problem.relative_error(comp.weight, comp.bias,
+                                                       own=kept_norm(comp, problem.w_kept, problem))
     return out

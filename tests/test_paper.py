@@ -382,6 +382,20 @@ def test_reproduce_table2_on_a_local_task(tiny_model_dir, tmp_cache, tmp_path, c
     assert "offline" in capsys.readouterr().err
 
 
+def _open_paper_page(model_dir, experiment: str):
+    """A fresh app session (Streamlit's caches cleared) on the Paper page with ``model_dir`` and ``experiment``."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=300).run()
+    at.sidebar.text_input(key="model").set_value(str(model_dir)).run()
+    at.switch_page("pages/paper.py").run()
+    at.radio(key="pp_experiment").set_value(experiment).run()
+    return at
+
+
 def test_paper_page_computes_table2_on_a_local_task_then_reads_the_cache(tiny_model_dir, tmp_cache, monkeypatch,
                                                                           one_thread):
     """The Table 2 view: the tiny local task is the default, Compute runs the dense model and one config through
@@ -395,15 +409,9 @@ def test_paper_page_computes_table2_on_a_local_task_then_reads_the_cache(tiny_mo
     import rcpu.zeroshot
 
     monkeypatch.setenv("RCPU_APP_PAPER_SIZES", "tiny")
-    app = str(Path(__file__).resolve().parent.parent / "app.py")
 
     def open_table2() -> AppTest:
-        st.cache_data.clear()
-        st.cache_resource.clear()
-        at = AppTest.from_file(app, default_timeout=300).run()
-        at.sidebar.text_input(key="model").set_value(str(tiny_model_dir)).run()
-        at.switch_page("pages/paper.py").run()
-        at.radio(key="pp_experiment").set_value("table2").run()
+        at = _open_paper_page(tiny_model_dir, "table2")
         assert at.text_input(key="pp_tasks").value == TASK  # the repository's tiny task by default
         at.multiselect(key="pp_t2_configs").set_value(["rcpu:rotation"]).run()
         assert not at.exception, [e.value for e in at.exception]
@@ -454,15 +462,9 @@ def test_paper_page_computes_the_regime_with_held_out_layer_errors(tiny_model_di
     import rcpu.sweep
 
     monkeypatch.setenv("RCPU_APP_PAPER_SIZES", "tiny")
-    app = str(Path(__file__).resolve().parent.parent / "app.py")
 
     def open_regime() -> AppTest:
-        st.cache_data.clear()
-        st.cache_resource.clear()
-        at = AppTest.from_file(app, default_timeout=300).run()
-        at.sidebar.text_input(key="model").set_value(str(tiny_model_dir)).run()
-        at.switch_page("pages/paper.py").run()
-        at.radio(key="pp_experiment").set_value("regime").run()
+        at = _open_paper_page(tiny_model_dir, "regime")
         assert not at.exception, [e.value for e in at.exception]
         assert not at.error, [e.value for e in at.error]
         return at
