@@ -353,8 +353,9 @@ def _auto(r: dict) -> list[str]:
         f"Measured by `python -m benchmarks auto{'' if r['mode'] == 'full' else ' --' + r['mode']}`.", "",
         ("Every row is score `rcpu` (the same units removed), both targets; only the compensation differs. "
          "`auto` fits each candidate (rotation, rotation_scale, rotation_bias, bias, ls, ls_ridge at "
-         "lambda = a * trace(G[K,K]) / k for a in 1e-4..1e-1) on one half of the calibration windows, measures "
-         "it on the other half (both ways), and refits the winner on all of them. `greedy` removes exactly the "
+         "lambda = a * trace(G[K,K]) / k of the fit, for a in 1e-4..1) on three of four folds of the calibration "
+         "windows, measures it on the fourth (each fold in turn), and refits the winner on all of them (a ridge "
+         "winner with the absolute lambda its fits used). `greedy` removes exactly the "
          "uniform ratio's number of heads and of channels, placed where that fold error (relative to the "
          "residual stream's energy) rises least on the dense model. Perplexity is on the held-out part of the "
          "embedded text, read only after the pruned model exists. A greedy model's layers differ in shape, so "

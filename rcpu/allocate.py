@@ -3,8 +3,8 @@
 ``uniform`` removes the same share of units from every layer. ``greedy`` removes the same
 total number of units of each sublayer kind (so, in a model whose layers all have the same
 shapes, exactly the same number of parameters), but spends them where the measured cost is
-smallest: for each layer and sublayer the validation error of the compensated sublayer (fit
-on one calibration fold, measured on the other, as ``auto`` does) is measured at a few
+smallest: for each layer and sublayer the cross-validation error of the compensated sublayer
+(fit on all calibration folds but one, measured on that one, as ``auto`` does) is measured at a few
 pruning levels on the dense model, divided by the energy of the residual stream entering the
 layer (a sublayer's output is added to it, so this is the relative perturbation it causes),
 and units are removed one step at a time where the interpolated cost rises least.
@@ -29,7 +29,7 @@ from .scores import num_pruned, select, unit_seed
 log = logging.getLogger("rcpu")
 
 ALLOCATIONS = ("uniform", "greedy")
-FOLDS = 2  # calibration windows alternate between two folds (auto and greedy)
+FOLDS = 4  # calibration windows go round four folds (auto and greedy cross-validate on them)
 GRID_FACTORS = (0.5, 1.0, 1.5, 2.0, 2.5)  # pruning levels measured, as multiples of the uniform count
 MAX_SHARE = 0.8  # no sublayer loses more than this share of its units
 

@@ -195,10 +195,12 @@ def _rotation_diag(p: KeptProblem, reg: Regularisation) -> Compensation:
 
 
 # ``auto``'s candidates; ls_ridge is tried at each strength of AUTO_RIDGE_GRID, given relative to
-# trace(G[K,K]) / k so that a fold's fit (about half the tokens) and the refit on all tokens use
-# the same strength per token.
+# the fit's trace(G[K,K]) / k. The winner is refitted on all tokens with the *absolute* lambda its
+# folds used: lambda on the summed Gram is the noise-to-prior ratio of ridge toward W_K and does not
+# depend on the token count, so a strength relative to the fit's size would over-regularise the refit
+# by the ratio of their token counts.
 AUTO_CANDIDATES = ("rotation", "rotation_scale", "rotation_bias", "bias", "ls")
-AUTO_RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+AUTO_RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def auto_candidates(gram_kk: Tensor) -> list[tuple[str, float, str]]:
@@ -210,28 +212,47 @@ def auto_candidates(gram_kk: Tensor) -> list[tuple[str, float, str]]:
 Candidates = Callable[[Tensor], list[tuple[str, float, str]]]  # G[K,K] of the fit -> (method, lambda, name)
 
 
-def validation_errors(p: KeptProblem, reg: Regularisation, candidates: Candidates | None = None,
-                      fold_wg: list[Tensor] | None = None) -> dict[str, float]:
-    """Each candidate fitted on one calibration fold and measured on the others, summed over folds:
-    ``sqrt(sum ||Y - Yhat||^2 / sum ||Y||^2)`` on the held-back folds, from their Grams alone.
-    ``candidates`` defaults to ``auto``'s; ``fold_wg`` (``W G`` per fold) may be shared across kept sets."""
-    candidates = candidates or auto_candidates
+def fold_problems(p: KeptProblem, fold_wg: list[Tensor] | None = None) -> list[tuple[KeptProblem, KeptProblem]]:
+    """(fit, held) per calibration fold: the fit on every other fold (their Grams add up, so the
+    fit's are the full ones less the fold's), the held-back fold itself."""
     folds = p.stats.folds
     if not folds or len(folds) < 2:
         raise RcpuError("method 'auto' needs calibration statistics split into folds (a whole-model prune)")
-    fold_wg = fold_wg or [None] * len(folds)
-    problems = [KeptProblem(p.w, fold, p.kept, wg) for fold, wg in zip(folds, fold_wg, strict=True)]
+    fold_wg = fold_wg or [p.w @ fold.gram for fold in folds]  # the fits' are p.wg less each
+    pairs = []
+    for fold, wg in zip(folds, fold_wg, strict=True):
+        held = KeptProblem(p.w, fold, p.kept, wg)
+        if len(folds) == 2:
+            rest = next(f for f in folds if f is not fold)
+        else:
+            rest = LayerStats(gram=p.stats.gram - fold.gram, total=p.stats.total - fold.total,
+                              count=p.stats.count - fold.count, sample=fold.sample)
+        pairs.append((KeptProblem(p.w, rest, p.kept, p.wg - wg), held))
+    return pairs
+
+
+def validation_errors(p: KeptProblem, reg: Regularisation, candidates: Candidates | None = None,
+                      fold_wg: list[Tensor] | None = None, lambdas: dict[str, float] | None = None
+                      ) -> dict[str, float]:
+    """Cross-validation over the calibration folds: each candidate fitted on all folds but one and
+    measured on that one, summed over folds: ``sqrt(sum ||Y - Yhat||^2 / sum ||Y||^2)`` on the
+    held-back folds, from their Grams alone. ``candidates`` defaults to ``auto``'s; ``fold_wg``
+    (``W G`` per fold) may be shared across kept sets. ``lambdas``, when given, receives each
+    candidate's absolute lambda averaged over the fits."""
+    candidates = candidates or auto_candidates
+    pairs = fold_problems(p, fold_wg)
     errors: dict[str, float] = {}
     reference: dict[str, float] = {}
-    for i, train in enumerate(problems):
-        rest = [q for j, q in enumerate(problems) if j != i]
-        # the held-back folds together: their Grams add up
-        held = rest[0] if len(rest) == 1 else KeptProblem(p.w, _sum_stats([q.stats for q in rest]), p.kept)
+    lam_sum: dict[str, float] = {}
+    for train, held in pairs:
         for method, lam, name in candidates(train.gram_kk):
             comp = METHODS[method](train, Regularisation(reg.alpha, lam))
             err, ref = held.error(comp.weight, comp.bias, own=kept_norm(comp, train.w_kept, held))
             errors[name] = errors.get(name, 0.0) + err
             reference[name] = reference.get(name, 0.0) + ref
+            lam_sum[name] = lam_sum.get(name, 0.0) + lam
+    if lambdas is not None:
+        lambdas.update({name: total / len(pairs) for name, total in lam_sum.items()})
     return {name: math.sqrt(err / reference[name]) if reference[name] > 0 else 0.0 for name, err in errors.items()}
 
 
@@ -246,18 +267,15 @@ def kept_norm(comp: Compensation, w_kept: Tensor, problem: KeptProblem) -> float
     return None
 
 
-def _sum_stats(parts: list[LayerStats]) -> LayerStats:
-    return LayerStats(gram=sum(s.gram for s in parts), total=sum(s.total for s in parts),
-                      count=sum(s.count for s in parts), sample=parts[0].sample)
-
-
 def _auto(p: KeptProblem, reg: Regularisation) -> Compensation:
-    """The candidate with the lowest validation error across calibration folds, refitted on all
-    calibration tokens (the evaluation text is never seen: folds split calibration windows)."""
-    errors = validation_errors(p, reg)
+    """The candidate with the lowest cross-validation error over the calibration folds, refitted on
+    all calibration tokens (the evaluation text is never seen: folds split calibration windows)."""
+    lambdas: dict[str, float] = {}
+    errors = validation_errors(p, reg, lambdas=lambdas)
     ranked = sorted(errors, key=errors.get)
     winner = ranked[0]
-    method, lam, _ = next(c for c in auto_candidates(p.gram_kk) if c[2] == winner)
+    method = next(c[0] for c in auto_candidates(p.gram_kk) if c[2] == winner)
+    lam = lambdas[winner]  # the folds' absolute lambda (see AUTO_CANDIDATES)
     result = METHODS[method](p, Regularisation(reg.alpha, lam))
     runner_up = errors[ranked[1]] if len(ranked) > 1 else errors[winner]
     result.choice = {

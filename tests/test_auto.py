@@ -47,24 +47,35 @@ def test_folds_are_whole_windows_alternating_and_sum_to_the_full_statistics():
     assert stats.count == full.count == 35
 
 
-def _problem(tokens: int, d_in: int = 12, d_out: int = 5, seed: int = 0, kept: int = 8):
+def _problem(tokens: int, d_in: int = 12, d_out: int = 5, seed: int = 0, kept: int = 8, folds: int = 2):
     gen = torch.Generator().manual_seed(seed)
     mix = torch.randn(d_in, d_in, generator=gen, dtype=torch.float64)
     windows = (torch.randn(tokens // 4, 4, d_in, generator=gen, dtype=torch.float64) @ mix) + 0.5
     weight = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
-    return KeptProblem(weight, _fold_stats(windows), torch.arange(kept)), weight, mix
+    return KeptProblem(weight, _fold_stats(windows, folds), torch.arange(kept)), weight, windows
 
 
-def test_validation_error_is_the_held_out_fold_error_of_a_fit_on_the_other_fold():
-    problem, weight, _ = _problem(64)
-    errors = validation_errors(problem, Regularisation())
+@pytest.mark.parametrize("folds", [2, 3])
+def test_validation_error_is_the_cross_validation_error_over_the_folds(folds):
+    """Fit on every fold but one (from their windows, not from Gram differences), measure on that one."""
+    problem, weight, windows = _problem(64, folds=folds)
+    lambdas = {}
+    errors = validation_errors(problem, Regularisation(), lambdas=lambdas)
     assert set(errors) == set(AUTO_CANDIDATES) | {f"ls_ridge@{a:g}" for a in AUTO_RIDGE_GRID}
-    a, b = (KeptProblem(weight, f, problem.kept) for f in problem.stats.folds)
-    expect = 0.0
-    for train, held in ((a, b), (b, a)):
-        comp = METHODS["ls"](train, Regularisation())
+    expect, ridge_lams = 0.0, []
+    for i in range(folds):
+        rest = torch.cat([windows[j::folds] for j in range(folds) if j != i]).reshape(-1, windows.shape[-1])
+        fit = KeptProblem(weight, LayerStats.from_inputs(rest.T, sample_size=0), problem.kept)
+        held = KeptProblem(weight, LayerStats.from_inputs(windows[i::folds].reshape(-1, windows.shape[-1]).T,
+                                                          sample_size=0), problem.kept)
+        comp = METHODS["ls"](fit, Regularisation())
         expect += held.error(comp.weight, comp.bias)[0]
+        ridge_lams.append(0.1 * float(torch.trace(fit.gram_kk)) / len(problem.kept))
     assert errors["ls"] == pytest.approx(math.sqrt(expect / problem.reference), rel=1e-9)
+    # a ridge candidate's lambda is absolute on the fits' Grams (fewer tokens than all), averaged over folds
+    assert lambdas["ls_ridge@0.1"] == pytest.approx(sum(ridge_lams) / folds, rel=1e-12)
+    full = 0.1 * float(torch.trace(problem.gram_kk)) / len(problem.kept)
+    assert lambdas["ls_ridge@0.1"] == pytest.approx(full * (folds - 1) / folds, rel=0.2)
 
 
 def test_auto_refits_the_lowest_validation_error_on_all_calibration_tokens():
@@ -75,6 +86,18 @@ def test_auto_refits_the_lowest_validation_error_on_all_calibration_tokens():
     assert comp.choice["margin"] >= 0
     refit = compensate_problem(comp.choice["method"], problem, lam=comp.choice["lambda"] or 1e-4)
     torch.testing.assert_close(comp.weight, refit.weight)
+
+
+def test_a_ridge_winner_is_refitted_with_the_absolute_lambda_of_its_fits():
+    problem, _, _ = _problem(24, d_in=16, kept=12, folds=4)  # few tokens per input: a ridge wins
+    comp = compensate_problem("auto", problem)
+    assert comp.choice["method"] == "ls_ridge"
+    lambdas = {}
+    validation_errors(problem, Regularisation(), lambdas=lambdas)
+    assert comp.choice["lambda"] == lambdas[comp.choice["candidate"]]
+    a = float(comp.choice["candidate"].split("@")[1])
+    relative = a * float(torch.trace(problem.gram_kk)) / len(problem.kept)
+    assert comp.choice["lambda"] < relative  # fits on 3/4 of the tokens: a smaller absolute lambda
 
 
 def test_auto_picks_what_generalises():
