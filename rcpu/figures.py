@@ -19,6 +19,7 @@ from plotly.subplots import make_subplots
 
 from .analysis import SublayerAnalysis
 from .compensate import METHODS
+from .plotgrid import Grid
 from .scores import Selection
 
 KEPT = "#2563eb"
@@ -225,7 +226,7 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
     kept_line = analysis.d_in > LINE_ABOVE
     if kept_line:
         kept = kept[np.argsort(position[kept], kind="stable")]
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
+    grid = Grid(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
     for row, values, name in ((1, scores, "score"), (2, variance, "variance")):
         groups = ((kept, "kept", KEPT), (pruned, "pruned", PRUNED))
         shown = _visible([(position[idx], values[idx]) for idx, _, _ in groups], (1200, 170), log=(False, True))
@@ -234,7 +235,7 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
             idx = all_idx if line else all_idx[drawn]
             custom = np.stack([idx, idx // unit], axis=1) if unit > 1 else idx[:, None]
             hover = "column %{customdata[0]}" + (", head %{customdata[1]}" if unit > 1 else "")
-            fig.add_trace(
+            grid.add_trace(
                 go.Scatter(
                     x=position[idx], y=_positive(values[idx]), mode="lines" if line else "markers",
                     name=f"{what} ({len(all_idx)})", legendgroup=what, showlegend=row == 1, customdata=custom,
@@ -244,8 +245,9 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
                 ),
                 row=row, col=1,
             )
-        fig.update_yaxes(type="log", dtick=1, exponentformat="power",
-                         title_text=name if row == 2 else f"score ({sel.score})", row=row, col=1)
+        grid.update_yaxes(type="log", dtick=1, exponentformat="power",
+                          title_text=name if row == 2 else f"score ({sel.score})", row=row, col=1)
+    shapes, notes = [], []
     if unit > 1 and order == "index":
         n_units = sel.unit_scores.numel()
         shapes = [{"type": "rect", "xref": "x", "yref": "paper", "x0": u * unit - 0.5, "x1": (u + 1) * unit - 0.5,
@@ -254,10 +256,10 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
         notes = [{"x": (u + 0.5) * unit, "y": 1.0, "xref": "x", "yref": "paper", "yanchor": "bottom",
                   "text": f"head {u}" if n_units <= 12 else f"h{u}", "showarrow": False, "font": {"size": 10}}
                  for u in range(n_units)]
-        fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + notes)
     xtitle = "input dimension" if order == "index" else "rank (highest score first" + (
         ", heads kept together)" if unit > 1 else ")")
-    fig.update_xaxes(title_text=xtitle, row=2, col=1)
+    grid.update_xaxes(title_text=xtitle, row=2, col=1)
+    fig = grid.figure(shapes=shapes, annotations=notes)
     title = (f"Score and variance per input dimension ({'sorted' if order == 'sorted' else 'index order'}): "
              f"{effective_ratio_text(sel)} pruned")
     return _layout(fig, title, height=470, subplot_titles=unit > 1 and order == "index")
@@ -416,21 +418,21 @@ def directions_figure(analysis: SublayerAnalysis, methods: Sequence[str], column
     cosines = [direction_cosines(reference, res.top_directions) for _, res in panels]
     # Best match per row: directions of nearly equal variance may swap order, which the diagonal misses.
     titles = [f"{name}<br>mean best |cos| {np.mean(c.max(axis=1)):.2f}" for (name, _), c in zip(panels, cosines)]
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.04,
-                        vertical_spacing=0.2 if rows > 1 else 0.1)
+    grid = Grid(rows=rows, cols=cols, titles=titles, horizontal_spacing=0.04,
+                vertical_spacing=0.2 if rows > 1 else 0.1)
     for i, c in enumerate(cosines):
         r, k = i // cols + 1, i % cols + 1
         idx = np.arange(1, c.shape[0] + 1)
-        fig.add_trace(go.Heatmap(
+        grid.add_trace(go.Heatmap(
             z=c, x=idx, y=idx, zmin=0, zmax=1, colorscale="Blues", showscale=i == 0, name=panels[i][0],
             colorbar={"title": {"text": "|cos|"}, "len": 0.8}, xgap=1, ygap=1,
             hovertemplate="Y's direction %{y}, this output's %{x}: |cos| %{z:.2f}<extra></extra>",
         ), row=r, col=k)
-        fig.update_xaxes(title_text="output's direction", dtick=1, row=r, col=k)
-        fig.update_yaxes(title_text="Y's direction" if k == 1 else None, dtick=1, autorange="reversed",
-                         row=r, col=k)
+        grid.update_xaxes(title_text="output's direction", dtick=1, row=r, col=k)
+        grid.update_yaxes(title_text="Y's direction" if k == 1 else None, dtick=1, autorange="reversed",
+                          row=r, col=k)
     title = f"Alignment with Y's top {cosines[0].shape[0]} principal directions (|cos|; bright diagonal = aligned)"
-    return _layout(fig, title, height=300 * rows + 40, subplot_titles=True)
+    return _layout(grid.figure(), title, height=300 * rows + 40, subplot_titles=True)
 
 
 def projection_figure(analysis: SublayerAnalysis, methods: Sequence[str], columns: int = 3) -> go.Figure:
@@ -440,8 +442,8 @@ def projection_figure(analysis: SublayerAnalysis, methods: Sequence[str], column
     panels += [(label(m, score), analysis.methods[m].projection, color(m)) for m in _others(methods)]
     cols = min(columns, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p[0] for p in panels],
-                        horizontal_spacing=0.06, vertical_spacing=0.16 if rows > 1 else 0.1)
+    grid = Grid(rows=rows, cols=cols, titles=[p[0] for p in panels], horizontal_spacing=0.06,
+                vertical_spacing=0.16 if rows > 1 else 0.1)
     y = _np(analysis.projection_y)
     keep = _thin(y.shape[1], PROJECTION_POINTS)
     panel_px = (1200 / cols, 250)
@@ -449,14 +451,14 @@ def projection_figure(analysis: SublayerAnalysis, methods: Sequence[str], column
         r, c = i // cols + 1, i % cols + 1
         p = _np(proj)
         on_y, on_p = (keep[d] for d in _visible([(y[0, keep], y[1, keep]), (p[0, keep], p[1, keep])], panel_px))
-        fig.add_trace(go.Scatter(x=y[0, on_y], y=y[1, on_y], mode="markers", name="original Y",
-                                 legendgroup="y", showlegend=i == 0,
-                                 marker={"color": ORIGINAL, "size": 4, "opacity": 0.35}), row=r, col=c)
-        fig.add_trace(go.Scatter(x=p[0, on_p], y=p[1, on_p], mode="markers", name=name, showlegend=False,
-                                 marker={"color": col, "size": 4, "opacity": 0.6}), row=r, col=c)
-        fig.update_xaxes(title_text="PC1 of Y", row=r, col=c)
-        fig.update_yaxes(title_text="PC2 of Y" if c == 1 else None, row=r, col=c)
-    return _layout(fig, "Tokens on the top two principal components of Y", height=330 * rows + 40,
+        grid.add_trace(go.Scatter(x=y[0, on_y], y=y[1, on_y], mode="markers", name="original Y",
+                                  legendgroup="y", showlegend=i == 0,
+                                  marker={"color": ORIGINAL, "size": 4, "opacity": 0.35}), row=r, col=c)
+        grid.add_trace(go.Scatter(x=p[0, on_p], y=p[1, on_p], mode="markers", name=name, showlegend=False,
+                                  marker={"color": col, "size": 4, "opacity": 0.6}), row=r, col=c)
+        grid.update_xaxes(title_text="PC1 of Y", row=r, col=c)
+        grid.update_yaxes(title_text="PC2 of Y" if c == 1 else None, row=r, col=c)
+    return _layout(grid.figure(), "Tokens on the top two principal components of Y", height=330 * rows + 40,
                    subplot_titles=True)
 
 
@@ -489,8 +491,8 @@ def geometry_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Fi
     apart. The quantiles are computed here on every sample token, so the browser draws a few shapes.
     """
     score = _score_of(analysis)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("norm ratio ‖ŷ‖ / ‖y‖", "cosine(ŷ, y)"),
-                        horizontal_spacing=0.12, shared_yaxes=True)
+    grid = Grid(rows=1, cols=2, titles=("norm ratio ‖ŷ‖ / ‖y‖", "cosine(ŷ, y)"), horizontal_spacing=0.12,
+                shared_yaxes=True)
     names = [label(m, score) for m in methods]
     for c, key in ((1, "norm_ratio_values"), (2, "cosine_values")):
         for m, name in zip(methods, names):
@@ -499,18 +501,18 @@ def geometry_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Fi
             if not v.size:
                 continue
             q05, q25, q50, q75, q95 = np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95])
-            fig.add_trace(go.Box(
+            grid.add_trace(go.Box(
                 y=[name], q1=[q25], median=[q50], q3=[q75], lowerfence=[q05], upperfence=[q95],
                 mean=[float(v.mean())], orientation="h", name=name, legendgroup=m, showlegend=False,
                 marker_color=color(m), line={"color": color(m)}, fillcolor=color(m), opacity=0.75,
                 hovertemplate=f"{name}<br>median %{{median:.3f}}<extra></extra>",
             ), row=1, col=c)
-    fig.add_vline(x=1.0, line={"color": "black", "dash": "dot", "width": 1}, row=1, col=1)
-    fig.add_vline(x=1.0, line={"color": "black", "dash": "dot", "width": 1}, row=1, col=2)
-    fig.update_xaxes(title_text="‖ŷ_t‖ / ‖y_t‖ over sample tokens", row=1, col=1)
-    fig.update_xaxes(title_text="cos(ŷ_t, y_t) over sample tokens", row=1, col=2)
-    fig.update_yaxes(autorange="reversed", row=1, col=1)
-    return _layout(fig, "Per-token geometry (box: quartiles, whiskers 5–95 %; 1 is perfect for both)",
+    grid.add_vline(x=1.0, line={"color": "black", "dash": "dot", "width": 1}, row=1, col=1)
+    grid.add_vline(x=1.0, line={"color": "black", "dash": "dot", "width": 1}, row=1, col=2)
+    grid.update_xaxes(title_text="‖ŷ_t‖ / ‖y_t‖ over sample tokens", row=1, col=1)
+    grid.update_xaxes(title_text="cos(ŷ_t, y_t) over sample tokens", row=1, col=2)
+    grid.update_yaxes(autorange="reversed", row=1, col=1)
+    return _layout(grid.figure(), "Per-token geometry (box: quartiles, whiskers 5–95 %; 1 is perfect for both)",
                    height=max(260, 60 + 45 * len(methods)), subplot_titles=True)
 
 

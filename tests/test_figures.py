@@ -421,3 +421,36 @@ def test_dimension_figure_with_many_columns_draws_kept_as_one_line_in_x_order(or
         assert kept.mode == "lines" and pruned.mode == "markers"
         assert len(kept.x) == len(result.selection.kept) and list(kept.x) == sorted(kept.x)
         assert sorted([*kept.x, *pruned.x]) == list(range(D_IN))
+
+
+@pytest.mark.parametrize("rows, cols, shared", [(1, 4, None), (2, 3, None), (2, 1, "x"), (1, 2, "y")])
+def test_grid_lays_out_panels_as_make_subplots_does(rows, cols, shared):
+    """The explorer's panel figures skip make_subplots' validation (rcpu.plotgrid), not its layout."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from rcpu.plotgrid import Grid
+
+    titles = [f"panel {i}" for i in range(rows * cols - 1)]  # one panel without a title
+    kw = dict(rows=rows, cols=cols, horizontal_spacing=0.05, vertical_spacing=0.15,
+              shared_xaxes=shared == "x", shared_yaxes=shared == "y")
+    stock = make_subplots(subplot_titles=titles, **kw)
+    grid = Grid(titles=titles, **kw)
+    for r in range(1, rows + 1):
+        for c in range(1, cols + 1):
+            stock.add_trace(go.Scatter(x=[r], y=[c]), row=r, col=c)
+            grid.add_trace(go.Scatter(x=[r], y=[c]), row=r, col=c)
+    stock.update_xaxes(title_text="x title", dtick=1, row=rows, col=1)
+    grid.update_xaxes(title_text="x title", dtick=1, row=rows, col=1)
+    stock.update_yaxes(type="log")
+    grid.update_yaxes(type="log")
+    ours = grid.figure()
+    assert [(t.xaxis, t.yaxis) for t in ours.data] == [(t.xaxis, t.yaxis) for t in stock.data]
+    for name in [k for k in stock.layout.to_plotly_json() if k.startswith(("xaxis", "yaxis"))]:
+        a, b = ours.layout[name], stock.layout[name]
+        assert a.anchor == b.anchor and a.type == b.type and a.dtick == b.dtick, name
+        assert a.title.text == b.title.text, name
+        assert a.domain == pytest.approx(b.domain, abs=1e-9), name
+        assert (a.matches, bool(a.showticklabels is False)) == (b.matches, bool(b.showticklabels is False)), name
+    spots = [(n.text, round(n.x, 9), round(n.y, 9), n.xanchor, n.yanchor) for n in ours.layout.annotations]
+    assert spots == [(n.text, round(n.x, 9), round(n.y, 9), n.xanchor, n.yanchor) for n in stock.layout.annotations]
