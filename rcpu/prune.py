@@ -140,8 +140,9 @@ def prune_layer(adapter, index: int, flows: dict[str, LayerFlow], cfg: PruneConf
             adapter.unit_name(sub), rounding,
             group=cfg.head_group(adapter, index) if sub == "o_proj" else None,
         )
-        # One problem per split: compensation and the errors share W G and G[K,K].
-        problems = {split: KeptProblem(linear.weight, st[sub], sel.kept) for split, st in stats.items()}
+        # One problem per split: compensation and the errors share W G and G[K,K]; the splits share W in float64.
+        weight = linear.weight.detach().to(torch.float64)
+        problems = {split: KeptProblem(weight, st[sub], sel.kept) for split, st in stats.items()}
         if len(sel.pruned) == 0 or not cfg.compensates(sub):
             comp = _identity(linear.weight, sel.kept)  # nothing removed, or left uncompensated (ablation)
         else:
@@ -155,6 +156,9 @@ def prune_layer(adapter, index: int, flows: dict[str, LayerFlow], cfg: PruneConf
         record[sub]["ratio"] = len(sel.pruned_units) / n_units
         if comp.choice is not None:
             record[sub]["auto"] = comp.choice
+        del problems, weight  # the next sublayer's products and the recompute need none of this sublayer's
+        for st in stats.values():
+            del st[sub]
     t2 = time.perf_counter()
     for plan in layer_plans.values():
         apply_plan(adapter, index, plan)
