@@ -42,7 +42,8 @@ def regimes(settings: Settings) -> list[Regime]:
 def _rows(points: list[dict]) -> list[dict]:
     keep = ("config", "method", "allocation", "ratio", "calib_samples", "seq_len", "ppl", "ppl_dense",
             "params_before", "params_after", "eval_tokens", "allocated", "auto_wins", "cached")
-    return [{k: p.get(k) for k in keep} for p in points]
+    # seconds: the point's whole prune and evaluation when it was computed (a cached point keeps them)
+    return [{**{k: p.get(k) for k in keep}, "seconds": (p.get("timing_s") or {}).get("total")} for p in points]
 
 
 def _goals(rows: list[dict], label: str) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 from . import BENCHMARKS
@@ -385,6 +386,12 @@ def _auto(r: dict) -> list[str]:
                 row = by.get((config, x))
                 cells.append(_num(row["ppl"]) if row else "")
             lines.append(f"| {config} | " + " | ".join(cells) + " |")
+        auto_s = [row["seconds"] for row in rows if row["config"] == "rcpu:auto" and row.get("seconds")]
+        fixed_s = [row["seconds"] for row in rows if row.get("method") != "auto" and row.get("seconds")]
+        if auto_s and fixed_s:
+            lines.append(f"Seconds per point (prune and evaluation, when computed): `auto` median "
+                         f"{statistics.median(auto_s):.0f}, fixed methods median {statistics.median(fixed_s):.0f} "
+                         f"({statistics.median(auto_s) / statistics.median(fixed_s):.1f}x).")
         if table.get("missing_points"):
             lines.append(f"{table['missing_points']} point(s) of this table were not measured in this run "
                          "(`--cached-only` tabulates the points already computed; empty cells).")
