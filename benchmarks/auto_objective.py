@@ -18,7 +18,7 @@ from rcpu.models import load_model
 from rcpu.problem import KeptProblem
 
 LAYERS = (3, 15, 26)
-STRENGTHS = (0.001, 0.01, 0.075)  # a x (3/4): the refit's relative strength for a = 1e-3, 1e-2, 1e-1
+STRENGTHS = tuple(a * 3 / 4 for a in (1e-3, 1e-2, 1e-1))  # the refit's relative strength for these a (4 folds)
 
 
 def main() -> int:

@@ -221,38 +221,28 @@ def fold_problems(p: KeptProblem, fold_wg: list[Tensor] | None = None) -> list[t
     fold_wg = fold_wg or [p.w @ fold.gram for fold in folds]  # the fits' are p.wg less each
     pairs = []
     for fold, wg in zip(folds, fold_wg, strict=True):
-        held = KeptProblem(p.w, fold, p.kept, wg)
-        if len(folds) == 2:
-            rest = next(f for f in folds if f is not fold)
-        else:
-            rest = LayerStats(gram=p.stats.gram - fold.gram, total=p.stats.total - fold.total,
-                              count=p.stats.count - fold.count, sample=fold.sample)
-        pairs.append((KeptProblem(p.w, rest, p.kept, p.wg - wg), held))
+        rest = LayerStats(gram=p.stats.gram - fold.gram, total=p.stats.total - fold.total,
+                          count=p.stats.count - fold.count, sample=fold.sample)
+        pairs.append((KeptProblem(p.w, rest, p.kept, p.wg - wg), KeptProblem(p.w, fold, p.kept, wg)))
     return pairs
 
 
 def validation_errors(p: KeptProblem, reg: Regularisation, candidates: Candidates | None = None,
-                      fold_wg: list[Tensor] | None = None, lambdas: dict[str, float] | None = None
-                      ) -> dict[str, float]:
+                      fold_wg: list[Tensor] | None = None) -> dict[str, float]:
     """Cross-validation over the calibration folds: each candidate fitted on all folds but one and
     measured on that one, summed over folds: ``sqrt(sum ||Y - Yhat||^2 / sum ||Y||^2)`` on the
     held-back folds, from their Grams alone. ``candidates`` defaults to ``auto``'s; ``fold_wg``
-    (``W G`` per fold) may be shared across kept sets. ``lambdas``, when given, receives each
-    candidate's absolute lambda averaged over the fits."""
+    (``W G`` per fold) may be shared across kept sets."""
     candidates = candidates or auto_candidates
     pairs = fold_problems(p, fold_wg)
     errors: dict[str, float] = {}
     reference: dict[str, float] = {}
-    lam_sum: dict[str, float] = {}
     for train, held in pairs:
         for method, lam, name in candidates(train.gram_kk):
             comp = METHODS[method](train, Regularisation(reg.alpha, lam))
             err, ref = held.error(comp.weight, comp.bias, own=kept_norm(comp, train.w_kept, held))
             errors[name] = errors.get(name, 0.0) + err
             reference[name] = reference.get(name, 0.0) + ref
-            lam_sum[name] = lam_sum.get(name, 0.0) + lam
-    if lambdas is not None:
-        lambdas.update({name: total / len(pairs) for name, total in lam_sum.items()})
     return {name: math.sqrt(err / reference[name]) if reference[name] > 0 else 0.0 for name, err in errors.items()}
 
 
@@ -270,12 +260,14 @@ def kept_norm(comp: Compensation, w_kept: Tensor, problem: KeptProblem) -> float
 def _auto(p: KeptProblem, reg: Regularisation) -> Compensation:
     """The candidate with the lowest cross-validation error over the calibration folds, refitted on
     all calibration tokens (the evaluation text is never seen: folds split calibration windows)."""
-    lambdas: dict[str, float] = {}
-    errors = validation_errors(p, reg, lambdas=lambdas)
+    errors = validation_errors(p, reg)
     ranked = sorted(errors, key=errors.get)
     winner = ranked[0]
-    method = next(c[0] for c in auto_candidates(p.gram_kk) if c[2] == winner)
-    lam = lambdas[winner]  # the folds' absolute lambda (see AUTO_CANDIDATES)
+    method, lam_all, _ = next(c for c in auto_candidates(p.gram_kk) if c[2] == winner)
+    # The folds' absolute lambda (see AUTO_CANDIDATES), averaged over the fits: each fit's Gram is the
+    # full one less a fold, so together they hold (K-1)/K of it, and ridge_lambda is linear in it.
+    folds = len(p.stats.folds)
+    lam = lam_all * (folds - 1) / folds
     result = METHODS[method](p, Regularisation(reg.alpha, lam))
     runner_up = errors[ranked[1]] if len(ranked) > 1 else errors[winner]
     result.choice = {
