@@ -202,8 +202,10 @@ def _memory(r: dict) -> list[str]:
     seq = r["settings"]["seq_len"]
     lines = [
         "## 3. Peak memory of a whole-model prune", "", _provenance(r), "",
-        ("Each prune (rcpu:rotation, both targets, ratio 0.2) runs in a fresh subprocess; peak RSS is "
-        "`ru_maxrss`."), "",
+        ("Each prune (rcpu:rotation, both targets, ratio 0.2) runs in a fresh subprocess; peak RSS is its "
+        "`VmHWM`. The subprocesses run with glibc's mmap threshold fixed at 64 KiB, so that a freed large "
+        "buffer leaves the process and the peak is the peak of memory in use, not of the allocator's "
+        "reuse of freed buffers (`benchmarks/memory.py`)."), "",
         "| calibration | peak RSS before prune MiB | peak RSS MiB | prune s |", "|---|---|---|---|",
     ]
     for n in (small, large):

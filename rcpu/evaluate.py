@@ -21,20 +21,26 @@ from .text import consecutive_windows, load_text, tokenize
 
 
 def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress: Progress | None = None) -> dict:
-    """{ppl, nll, eval_tokens, windows, seconds, tokens_per_s} of a causal LM on windows (n, L)."""
+    """{ppl, nll, eval_tokens, windows, seconds, tokens_per_s, window_nll} of a causal LM on windows (n, L).
+
+    ``window_nll``: each window's mean NLL (their mean is ``nll``: every window has L - 1 predicted
+    tokens), for paired comparisons of two models on the same windows."""
     if len(windows) == 0:
         raise RcpuError("no evaluation windows: the evaluation text is shorter than one window")
     device = next(model.parameters()).device
     base, head = model.get_decoder(), model.get_output_embeddings()
     total_nll, total_tokens = 0.0, 0
+    window_nll: list[float] = []
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
             ids = windows[i : i + batch_size].to(device)
             hidden = base(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
             logits = head(hidden).float()  # (b, L-1, vocab)
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-            total_nll += float(nll)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+            per_window = nll.reshape(len(ids), -1).to(torch.float64).sum(dim=1)
+            window_nll.extend((per_window / (ids.shape[1] - 1)).tolist())
+            total_nll += float(per_window.sum())
             total_tokens += ids[:, 1:].numel()
             if progress:
                 progress(min(i + batch_size, len(windows)), len(windows), "perplexity")
@@ -52,6 +58,7 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
         "windows": len(windows),
         "seconds": seconds,
         "tokens_per_s": windows.numel() / seconds if seconds > 0 else None,
+        "window_nll": window_nll,
     }
 
 

@@ -146,6 +146,16 @@ def test_ratio_zero_is_dense_exactly():
     assert result.params_after == result.params_before
 
 
+def test_window_nll_are_each_windows_mean_and_average_to_the_nll():
+    model = make_tiny_llama(layers=2, **SHAPES["gqa"])
+    windows = _tokens(seed=3).calibration[:5]  # batches of 4 and 1
+    result = perplexity(model, windows)
+    assert len(result["window_nll"]) == len(windows)
+    assert sum(result["window_nll"]) / len(windows) == pytest.approx(result["nll"], rel=1e-12)
+    alone = perplexity(model, windows[2:3])  # a window's NLL does not depend on its batch
+    assert result["window_nll"][2] == pytest.approx(alone["nll"], rel=1e-5)
+
+
 def test_ratio_that_removes_every_unit_is_refused():
     model = make_tiny_llama(layers=1, heads=2, kv_heads=2, hidden=16)
     with pytest.raises(RcpuError, match="remove all"):
