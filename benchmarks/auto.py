@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rcpu.allocate import FOLDS
+
 from .common import Settings, format_goal, goal, say, write_result
 
 FIXED = ("rotation", "rotation_scale", "rotation_bias", "bias", "ls", "ls_ridge")
@@ -98,5 +100,5 @@ def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = F
         goals += _goals(rows, regime.name)
     for g in goals:
         say("  " + format_goal(g))
-    return write_result(out_dir, "auto", settings, {"ratios": list(ratios), "score": "rcpu", "tables": tables,
-                                                    "goals": goals}, started)
+    return write_result(out_dir, "auto", settings, {"ratios": list(ratios), "score": "rcpu", "folds": FOLDS,
+                                                    "tables": tables, "goals": goals}, started)

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from rcpu.allocate import FOLDS
 from rcpu.calibration import prepare_tokens
 from rcpu.config import DataConfig, EvalConfig, PruneConfig
 from rcpu.evaluate import evaluation_windows, perplexity
@@ -36,18 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
     parser.add_argument("--methods", nargs=2, default=["auto", "ls"], metavar=("A", "B"))
+    parser.add_argument("--folds", type=int, default=FOLDS, help=f"auto's calibration folds (default {FOLDS})")
     args = parser.parse_args(argv)
     lm = load_model("embedded")
     data = DataConfig(model="embedded", calib_samples=64, seq_len=128, heldout_samples=0)
     tokens = prepare_tokens(lm, data.data, data.sampling)
     windows = evaluation_windows(lm, data, EvalConfig(None, None))
     first, second = args.methods
-    print(f"{len(windows)} held-out windows of {data.seq_len} tokens; {first} against {second}")
+    print(f"{len(windows)} held-out windows of {data.seq_len} tokens; {first} against {second}; "
+          f"auto on {args.folds} folds")
     print("ratio windows  ppl " + f"{first:>8s} {second:>8s}  ratio  mean NLL difference +- standard error")
     for ratio in args.ratios:
         nll = {}
         for method in args.methods:
-            model = prune_model(lm, data, PruneConfig(ratio=ratio, method=method), tokens=tokens).model
+            model = prune_model(lm, data, PruneConfig(ratio=ratio, method=method), tokens=tokens,
+                                folds=args.folds).model
             nll[method] = perplexity(model, windows)["window_nll"]
             del model
         for n in (TABLE_WINDOWS, len(windows)):

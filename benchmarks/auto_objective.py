@@ -11,6 +11,7 @@ a diagnostic of the selection objective (nothing here feeds a choice).
 
 from __future__ import annotations
 
+from rcpu.allocate import FOLDS
 from rcpu.compensate import ridge_lambda
 from rcpu.config import DataConfig, LayerConfig
 from rcpu.explorer import LayerExplorer
@@ -18,7 +19,7 @@ from rcpu.models import load_model
 from rcpu.problem import KeptProblem
 
 LAYERS = (3, 15, 26)
-STRENGTHS = tuple(a * 3 / 4 for a in (1e-3, 1e-2, 1e-1))  # the refit's relative strength for these a (4 folds)
+STRENGTHS = tuple(a * (FOLDS - 1) / FOLDS for a in (1e-3, 1e-2, 1e-1))  # the refit's relative strength for these a
 
 
 def main() -> int:

@@ -7,6 +7,8 @@ import os
 import statistics
 from pathlib import Path
 
+from rcpu.allocate import FOLDS
+
 from . import BENCHMARKS
 from .common import format_goal
 from .svg import line_chart
@@ -351,14 +353,15 @@ def _size_note(q: dict) -> str:
 
 def _auto(r: dict) -> list[str]:
     """Section 7: auto and the greedy allocation against every fixed compensation."""
+    folds = r.get("folds", FOLDS)
     lines = [
         "## 7. Auto compensation and greedy allocation", "", _provenance(r), "",
         f"Measured by `python -m benchmarks auto{'' if r['mode'] == 'full' else ' --' + r['mode']}`.", "",
         ("Every row is score `rcpu` (the same units removed), both targets; only the compensation differs. "
          "`auto` fits each candidate (rotation, rotation_scale, rotation_bias, bias, ls, ls_ridge at "
-         "lambda = a * trace(G[K,K]) / k of the fit, for a in 1e-4..1) on three of four folds of the calibration "
-         "windows, measures it on the fourth (each fold in turn), and refits the winner on all of them (a ridge "
-         "winner with the absolute lambda its fits used). `greedy` removes exactly the "
+         f"lambda = a * trace(G[K,K]) / k of the fit, for a in 1e-4..1) on {folds - 1} of {folds} folds of the "
+         "calibration windows, measures it on the last (each fold in turn), and refits the winner on all of "
+         "them (a ridge winner with the absolute lambda its fits used). `greedy` removes exactly the "
          "uniform ratio's number of heads and of channels, placed where that fold error (relative to the "
          "residual stream's energy) rises least on the dense model. Perplexity is on the held-out part of the "
          "embedded text, read only after the pruned model exists. A greedy model's layers differ in shape, so "
@@ -368,6 +371,9 @@ def _auto(r: dict) -> list[str]:
          "parameters: with GQA a KV head goes with the last query head of its group, so a greedy model that "
          "empties a KV group removes more parameters than uniform (compare the parameters after, below); "
          "the compensation may also add an output bias (d_out parameters) where bias or rotation_bias wins."), "",
+        ("How far to trust a ratio: on 16 evaluation windows of 128 tokens, one standard error of the paired "
+         "perplexity ratio of two pruned models is near 9% (`python -m benchmarks.auto_noise`, "
+         "[auto.md](auto.md)), so a 2% goal is decided by the point estimate, not resolved by the windows."), "",
     ]
     for name, table in r["tables"].items():
         rows = table["rows"]

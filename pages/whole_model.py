@@ -11,7 +11,7 @@ import torch
 
 from rcpu import figures
 from rcpu.accounting import module_rows, params_by_module, unit_rows
-from rcpu.allocate import ALLOCATIONS
+from rcpu.allocate import ALLOCATIONS, FOLDS
 from rcpu.compensate import LAMBDA_METHODS, PRUNE_METHODS
 from rcpu.config import EvalConfig, PruneConfig
 from rcpu.eta import StageText
@@ -148,9 +148,9 @@ st.caption("Units and parameters summed over all layers, per module. A module wh
            "saved keeps its size although units were removed from another module's inputs.")
 if result.config.method == "auto":
     st.plotly_chart(figures.auto_choice_figure(result.layers, result.config.sublayers), key="fig_auto")
-    st.caption("Each sublayer's compensation was chosen by cross-validation on the calibration windows "
-               "(fitted on three of four folds, measured on the fourth, each fold in turn), then refitted on "
-               "all of them; the evaluation text is read only after the pruned model exists.")
+    st.caption(f"Each sublayer's compensation was chosen by cross-validation on the calibration windows "
+               f"(fitted on {FOLDS - 1} of {FOLDS} folds, measured on the last, each fold in turn), then refitted "
+               "on all of them; the evaluation text is read only after the pruned model exists.")
 st.plotly_chart(figures.allocation_heatmap(result.layers, result.config.sublayers), key="fig_allocation")
 if result.config.allocation != "uniform":
     totals = ", ".join(f"`{sub}` {a['total_removed']} units (uniform: {a['uniform_total_removed']})"

@@ -61,11 +61,13 @@ def prune_model(
     progress: Progress | None = None,
     on_layer: LayerCallback | None = None,
     batch_size: int = 8,
+    folds: int = FOLDS,
 ) -> PruneResult:
     """Prune every decoder layer of a copy of ``lm.model`` sequentially.
 
     ``progress(done, total, what)`` is called per layer; ``on_layer(record)`` gets each
-    layer's errors as soon as it is pruned (the app draws them as the run goes).
+    layer's errors as soon as it is pruned (the app draws them as the run goes). ``folds``: how
+    many calibration folds ``auto`` cross-validates on.
     """
     cfg.check(lm)  # before any work: a ratio that leaves some layer nothing fails here
     start = time.perf_counter()
@@ -76,7 +78,7 @@ def prune_model(
     t_alloc = time.perf_counter()
     allocated = allocate(lm, tokens, cfg, data.seed, batch_size, progress)
     allocation = _allocation_summary(cfg, allocated, adapter.num_layers)
-    folds = FOLDS if cfg.method == "auto" else 0  # a Gram per calibration fold, summing to the full one
+    folds = folds if cfg.method == "auto" else 0  # a Gram per calibration fold, summing to the full one
     flows = {"calibration": LayerFlow(adapter, tokens.calibration, batch_size)}
     if len(tokens.heldout):
         flows["heldout"] = LayerFlow(adapter, tokens.heldout, batch_size)

@@ -97,7 +97,19 @@ def test_a_ridge_winner_is_refitted_with_the_absolute_lambda_of_its_fits():
         fit_lams.append(a * float(torch.trace(fit.gram_kk)) / len(problem.kept))
     assert comp.choice["lambda"] == pytest.approx(sum(fit_lams) / folds, rel=1e-12)
     relative = a * float(torch.trace(problem.gram_kk)) / len(problem.kept)
-    assert comp.choice["lambda"] < relative  # fits on 3/4 of the tokens: a smaller absolute lambda
+    assert comp.choice["lambda"] < relative  # fits on (K-1)/K of the tokens: a smaller absolute lambda
+
+
+def test_folds_without_windows_are_left_out():
+    """Fewer calibration windows than folds: the empty folds neither count as validation folds nor
+    scale the refit's lambda; the choice is the one on the non-empty folds alone."""
+    problem, weight, windows = _problem(12, d_in=8, kept=6, folds=8)  # 3 windows: folds 3..7 are empty
+    assert [f.count for f in problem.stats.folds] == [4, 4, 4, 0, 0, 0, 0, 0]
+    three = KeptProblem(weight, _fold_stats(windows, folds=3), problem.kept)
+    assert validation_errors(problem, Regularisation()) == pytest.approx(validation_errors(three, Regularisation()))
+    got, want = compensate_problem("auto", problem).choice, compensate_problem("auto", three).choice
+    assert got["candidate"] == want["candidate"]
+    assert got["lambda"] == pytest.approx(want["lambda"], rel=1e-12)
 
 
 def test_auto_picks_what_generalises():
