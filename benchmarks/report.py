@@ -370,8 +370,8 @@ def _auto(r: dict) -> list[str]:
          "empties a KV group removes more parameters than uniform (compare the parameters after, below); "
          "the compensation may also add an output bias (d_out parameters) where bias or rotation_bias wins."), "",
         ("How far to trust a ratio: on 16 evaluation windows of 128 tokens, one standard error of the paired "
-         "perplexity ratio of two pruned models is near 9% (`python -m benchmarks.auto_noise`, "
-         "[auto.md](auto.md)), so a 2% goal is decided by the point estimate, not resolved by the windows."), "",
+         "perplexity ratio of two pruned models was 2 to 9% in the runs of `python -m benchmarks.auto_noise` "
+         "([auto.md](auto.md)), so a 2% goal is decided by the point estimate, not resolved by the windows."), "",
     ]
     for name, table in r["tables"].items():
         rows = table["rows"]
