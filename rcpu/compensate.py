@@ -215,15 +215,13 @@ Candidates = Callable[[Tensor], list[tuple[str, float, str]]]  # G[K,K] of the f
 def fold_problems(p: KeptProblem, fold_wg: list[Tensor] | None = None) -> list[tuple[KeptProblem, KeptProblem]]:
     """(fit, held) per calibration fold: the fit on every other fold (their Grams add up, so the
     fit's are the full ones less the fold's), the held-back fold itself."""
-    folds = p.stats.folds or []
-    fold_wg = fold_wg or [None] * len(folds)
-    kept = [(fold, wg) for fold, wg in zip(folds, fold_wg, strict=True) if fold.count > 0]  # fewer windows than folds
-    if len(kept) < 2:
-        raise RcpuError("method 'auto' needs calibration statistics split into at least two non-empty folds "
+    folds = p.stats.folds
+    if not folds or len(folds) < 2:
+        raise RcpuError("method 'auto' needs calibration statistics split into at least two folds "
                         "(a whole-model prune with at least two calibration windows)")
+    fold_wg = fold_wg or [p.w @ fold.gram for fold in folds]  # the fits' are p.wg less each
     pairs = []
-    for fold, wg in kept:
-        wg = p.w @ fold.gram if wg is None else wg  # the fits' are p.wg less each
+    for fold, wg in zip(folds, fold_wg, strict=True):
         rest = LayerStats(gram=p.stats.gram - fold.gram, total=p.stats.total - fold.total,
                           count=p.stats.count - fold.count, sample=fold.sample)
         pairs.append((KeptProblem(p.w, rest, p.kept, p.wg - wg), KeptProblem(p.w, fold, p.kept, wg)))
@@ -269,7 +267,7 @@ def _auto(p: KeptProblem, reg: Regularisation) -> Compensation:
     method, lam_all, _ = next(c for c in auto_candidates(p.gram_kk) if c[2] == winner)
     # The folds' absolute lambda (see AUTO_CANDIDATES), averaged over the fits: each fit's Gram is the
     # full one less a fold, so together they hold (K-1)/K of it, and ridge_lambda is linear in it.
-    folds = sum(1 for fold in p.stats.folds if fold.count > 0)
+    folds = len(p.stats.folds)
     lam = lam_all * (folds - 1) / folds
     result = METHODS[method](p, Regularisation(reg.alpha, lam))
     runner_up = errors[ranked[1]] if len(ranked) > 1 else errors[winner]

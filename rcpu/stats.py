@@ -52,7 +52,7 @@ class LayerStats:
     count: int  # number of tokens N
     sample: Tensor  # (d_in, m) float32, seeded token subsample for pictures
     abs_total: Tensor | None = None  # (d_in,) float64, sum of |inputs| over tokens
-    folds: list[LayerStats] | None = None  # statistics of each calibration fold (whole windows); they sum to these
+    folds: list[LayerStats] | None = None  # each non-empty calibration fold's (whole windows); they sum to these
 
     @property
     def d_in(self) -> int:
@@ -202,7 +202,7 @@ class StatsAccumulator:
             return LayerStats(
                 gram=sum(f.gram for f in folds), total=sum(f.total for f in folds), count=sum(f.count for f in folds),
                 sample=self._sample[: self._filled].T.contiguous(), abs_total=sum(f.abs_total for f in folds),
-                folds=folds,
+                folds=[f for f in folds if f.count > 0],  # a fold no window reached would validate nothing
             )
         self.gram.diagonal().copy_(self.squares)  # exact: variances of near-constant inputs stay 0
         return LayerStats(
