@@ -104,7 +104,9 @@ def _explorer(r: dict) -> list[str]:
         "and every diagnostic. Embedded: layer "
         f"{e['layer']} with real statistics ({e['calibration_tokens']:,} calibration tokens). Large shapes: random "
         f"weights, Gram = n (diag(d) + B B^T + mu mu^T) with B of {r['large']['rank']} columns, "
-        f"{r['large']['sample_tokens']} sample tokens."), "",
+        f"{r['large']['sample_tokens']} sample tokens."
+        + (" The embedded runs follow one untimed run in the same process (the app's server is warm; the "
+           "floor below is timed after a warm-up too)." if e.get("untimed_first_runs") else "")), "",
         "| sublayer | d_out x d_in | kept k | runs | median total s | median compensate s | compensate GFLOP/s |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -444,7 +446,23 @@ def _stream(r: dict) -> list[str]:
          f"{r['pruned_on_disk_gb']:.2f} | {_num(r['params_before'])} | {_num(r['params_after'])} | "
          f"{r['seconds']:.0f} |"), "",
         f"Resident memory after each layer (GiB): {after}. Time: {split}.", "",
-    ] + _goal_rows(r["goals"]) + [""]
+    ] + _stream_peak(r) + _goal_rows(r["goals"]) + [""]
+
+
+def _stream_peak(r: dict) -> list[str]:
+    """What the peak holds beyond the memory between layers: one layer's weights and float64 work."""
+    after = r.get("rss_after_each_layer_gb")
+    if not after:
+        return []
+    shape = r["shape"]
+    layer = (4 * shape["hidden"] ** 2 + 3 * shape["hidden"] * shape["intermediate"]) * 4 / 2**30
+    targets = {"attn": ("o_proj",), "mlp": ("down_proj",), "both": ("o_proj", "down_proj")}[r["targets"]]
+    d_in = max(shape["intermediate"] if t == "down_proj" else shape["hidden"] for t in targets)
+    return [(f"Between layers the process holds {max(after):.2f} GiB (embeddings, LM head, hidden states), the "
+             f"same after every layer. The peak, {r['peak_rss_gb'] - max(after):.2f} GiB above that, is reached "
+             f"while one layer is pruned: its float32 weights ({layer:.2f} GiB) and the float64 statistics and "
+             f"products of its compensation (the Gram of the {d_in}-wide input alone is "
+             f"{d_in**2 * 8 / 2**30:.2f} GiB); more layers add to the file, not to it."), ""]
 
 
 def _reduced(results: dict[str, dict]) -> list[str]:
