@@ -124,14 +124,17 @@ def synthetic_stats(d_in: int, tokens: int, rank: int, sample: int, seed: int):
                       abs_total=tokens * x.abs().mean(dim=1))
 
 
-def _time_analysis(weight, calibration, heldout, unit_size: int, repeats: int, what: str):
+def _time_analysis(weight, calibration, heldout, unit_size: int, repeats: int, what: str, warmup: bool = False):
+    """Median seconds of opening a sublayer and analysing it, over ``repeats`` runs; ``warmup``: after one
+    untimed run, as the floor's timings are (the app's server is warm; a fresh process's first LAPACK
+    calls are not)."""
     import time
 
     from rcpu.analysis import analyze_sublayer, prepare_sublayer
 
     runs = []
     analysis = None
-    for _ in range(repeats):
+    for attempt in range(repeats + warmup):
         start = time.perf_counter()
         basis = prepare_sublayer(weight, calibration, heldout)  # what the explorer keeps per sublayer
         prepared = time.perf_counter()
@@ -141,6 +144,8 @@ def _time_analysis(weight, calibration, heldout, unit_size: int, repeats: int, w
         ).complete()  # every diagnostic, not only those a page view asks for
         end = time.perf_counter()
         sec = analysis.methods[METHOD].seconds
+        if warmup and attempt == 0:
+            continue
         runs.append({"total_s": end - start, "open_sublayer_s": prepared - start, "change_s": end - prepared,
                      "compensate_s": sec["compensate"],
                      "method_diagnostics_s": sec["errors"] + sec["diagnostics"]})
@@ -170,7 +175,7 @@ def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = F
         weight = lm.adapter.sublayer(layer, sub).weight
         analysis_s = _time_analysis(
             weight, stats.calibration[sub], stats.heldout[sub], lm.adapter.unit_size(sub),
-            settings.explorer_repeats, lm.adapter.unit_name(sub),
+            settings.explorer_repeats, lm.adapter.unit_name(sub), warmup=True,
         )
         analysis_s["floor"] = lapack_floor(analysis_s["d_out"], analysis_s["d_in"])
         small[sub] = analysis_s
@@ -252,7 +257,7 @@ def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = F
     return write_result(out_dir, "explorer", settings, {
         "method": METHOD, "score": SCORE, "ratio": RATIO,
         "embedded": {"layer": layer, "model": lm.name, "calibration_tokens": stats.calibration["down_proj"].count,
-                     "statistics_from_cache": stats.from_cache, **small},
+                     "statistics_from_cache": stats.from_cache, "untimed_first_runs": 1, **small},
         "page_update": page,
         "svd_threads": svd_check,
         "matmul_flop_per_s": {"float64": rate64, "float32": rate32, "size": settings.gemm_size},
