@@ -30,9 +30,9 @@ TABLE_WINDOWS = 16  # what the auto benchmark's quick mode evaluates on
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of ``a - b`` and its standard error (windows as independent samples)."""
+    """Mean of ``a - b`` and its standard deviation per window."""
     d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    return float(d.mean()), float(d.std() / math.sqrt(len(d))) if len(d) > 1 else math.inf
+    return float(d.mean()), float(d.std()) if len(d) > 1 else math.inf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
             del model
         for n in (TABLE_WINDOWS, len(windows)):
             a, b = nll[first][:n], nll[second][:n]
-            diff, se = paired(a, b)
+            diff, spread = paired(a, b)  # windows as independent samples: standard error spread / sqrt(n)
             ppl_a, ppl_b = math.exp(sum(a) / n), math.exp(sum(b) / n)
-            print(f"{ratio:5g} {n:7d}      {ppl_a:8.2f} {ppl_b:8.2f}  {math.exp(diff):.3f}  {diff:+.4f} +- {se:.4f}")
+            print(f"{ratio:5g} {n:7d}      {ppl_a:8.2f} {ppl_b:8.2f}  {math.exp(diff):.3f}  {diff:+.4f} +- "
+                  f"{spread / math.sqrt(n):.4f}")
         # What a choice between the two measured end to end on calibration windows could resolve: each of
         # the calibration text's windows held back once, if its windows vary as the held-out ones do.
-        spread = se * math.sqrt(len(windows))
+        _, spread = paired(nll[first], nll[second])
         print(f"      per-window standard deviation of the difference {spread:.3f}; on the {data.calib_samples} "
               f"calibration windows, one held back at a time: standard error "
               f"{spread / math.sqrt(data.calib_samples):.4f}")

@@ -454,10 +454,12 @@ def _stream_peak(r: dict) -> list[str]:
     after = r.get("rss_after_each_layer_gb")
     if not after:
         return []
+    from rcpu.config import TARGETS
+
     shape = r["shape"]
-    layer = (4 * shape["hidden"] ** 2 + 3 * shape["hidden"] * shape["intermediate"]) * 4 / 2**30
-    targets = {"attn": ("o_proj",), "mlp": ("down_proj",), "both": ("o_proj", "down_proj")}[r["targets"]]
-    d_in = max(shape["intermediate"] if t == "down_proj" else shape["hidden"] for t in targets)
+    h, attention = shape["hidden"], (2 * shape["heads"] + 2 * shape["kv_heads"]) * shape["head_dim"]
+    layer = (h * attention + 3 * h * shape["intermediate"]) * 4 / 2**30  # q, k, v, o and the MLP in float32
+    d_in = max(shape["intermediate"] if t == "down_proj" else h for t in TARGETS[r["targets"]])
     return [(f"Between layers the process holds {max(after):.2f} GiB (embeddings, LM head, hidden states), the "
              f"same after every layer. The peak, {r['peak_rss_gb'] - max(after):.2f} GiB above that, is reached "
              f"while one layer is pruned: its float32 weights ({layer:.2f} GiB) and the float64 statistics and "
