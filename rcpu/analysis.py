@@ -34,7 +34,7 @@ from .diagnostics import (
     rotation_diagnostics,
     token_geometry,
 )
-from .problem import KeptProblem, covariance_from_gram
+from .problem import KeptProblem, covariance_from_gram, few_pruned
 from .scores import Selection, check_has_tokens, select
 from .stats import LayerStats
 
@@ -76,6 +76,13 @@ class SublayerBasis:
     def project(self, outputs: Tensor) -> Tensor:
         """Sample outputs (d_out, m) on Y's top two principal components, centred on Y's sample mean."""
         return self.top[:, :2].T @ (outputs - self.centre)
+
+    def kept_outputs(self, kept: Tensor) -> Tensor:
+        """``Z = W_K X_K`` (d_out, m) on the sample: ``Y`` less the pruned columns' part when they are few."""
+        pruned = few_pruned(kept, self.weight.shape[1])
+        if pruned is None:
+            return self.weight[:, kept] @ self.sample[kept]
+        return self.y - self.weight[:, pruned] @ self.sample[pruned]
 
     def inner_products(self, token_gram: Tensor) -> Tensor:
         """``<o_t, o_u>`` for the token pairs, read from the outputs' token Gram ``O^T O`` (m, m)."""
@@ -147,6 +154,7 @@ class MethodResult:
         self._from_kept = from_kept
         calib = problems["calibration"]
         self._kept, self._mean_kept, self._count = calib.kept, calib.mean_kept, calib.count
+        self._is_kept = compensation.weight is calib.w_kept  # W'_K = W_K: the uncompensated result
         # Kept for the spectrum (not dropped after it: results are shared between app sessions'
         # threads, and one must not see it gone while another computes the spectrum).
         self._weight_gram = None if from_kept is not None else weight_grams["calibration"]
@@ -190,6 +198,8 @@ class MethodResult:
     @cached_property
     def _weight_outputs(self) -> Tensor:
         """``W'_K X_K`` on the sample (d_out, m), kept for the results that have their own ``W'_K``."""
+        if self._is_kept:
+            return self._basis.kept_outputs(self._kept)
         return compensated_outputs(Compensation(weight=self.compensation.weight), self._basis.sample[self._kept])
 
     @property
@@ -357,7 +367,10 @@ def analyze_sublayer(
         comp = compensate_problem(name, problems["calibration"], alpha, lam)
         seconds = {"compensate": time.perf_counter() - start}
         from_kept = _from_kept(comp, w_kept, uncompensated)
-        grams = None if from_kept is not None else {split: p.weight_gram(comp.weight) for split, p in problems.items()}
+        grams = None if from_kept is not None else {
+            split: comp.fit_gram if split == "calibration" and comp.fit_gram is not None else p.weight_gram(comp.weight)
+            for split, p in problems.items()
+        }
         results[name] = MethodResult(name, comp, basis, problems, grams, from_kept, seconds)
     return SublayerAnalysis(
         d_in=basis.weight.shape[1],

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from .errors import RcpuError
-from .problem import KeptProblem
-from .stats import LayerStats
+from .problem import KeptProblem, complement
+from .stats import LayerStats, all_finite
 
 DEFAULT_ALPHA = 0.01  # ridge: lambda = alpha * trace(G[K,K]) / k
 DEFAULT_LAMBDA = 1e-4  # ls_ridge: absolute, on the summed Gram (the authors' default)
@@ -46,6 +46,9 @@ class Compensation:
     kept_scale: float | None = None  # set when weight == kept_scale * Q @ W_K (a rotated, scaled Z)
     rank: int | None = None  # numerical rank of M (rotation methods)
     choice: dict | None = None  # ``auto``: the winner and every candidate's validation error
+    # ``W'_K G[K,K]`` on the tokens the weight was fitted to, where the fit's normal equations give it
+    # (ls, ridge, ls_ridge solved exactly): the error and covariance on those tokens need no product.
+    fit_gram: Tensor | None = None
 
 
 def numerical_rank(singular_values: Tensor) -> int:
@@ -88,8 +91,9 @@ def procrustes(cross: Tensor, proper: bool = False) -> tuple[Tensor, Tensor]:
     return q, s
 
 
-def _solve_psd(matrix: Tensor, rhs_t: Tensor) -> Tensor:
-    """``rhs_t @ matrix^-1`` for symmetric PSD ``matrix``; least-norm when singular."""
+def _solve_psd(matrix: Tensor, rhs_t: Tensor) -> tuple[Tensor, bool]:
+    """``X = rhs_t @ matrix^-1`` for symmetric PSD ``matrix``, least-norm when singular; and whether
+    ``X matrix = rhs_t`` holds (to rounding: the exact solve), which the least-norm solution does not."""
     try:
         chol = torch.linalg.cholesky(matrix)
     except RuntimeError:
@@ -102,11 +106,11 @@ def _solve_psd(matrix: Tensor, rhs_t: Tensor) -> Tensor:
         # cannot be told from zero: such a matrix goes to the least-norm solver.
         residual = torch.diagonal(chol) ** 2 / torch.diagonal(matrix)
         if bool(residual.min() > torch.finfo(matrix.dtype).eps ** 0.5):
-            return torch.cholesky_solve(rhs_t.T, chol).T
+            return torch.cholesky_solve(rhs_t.T, chol).T, True
     # Eigenvalues of a Gram matrix below ~1e-12 of the largest are rounding noise of its
     # accumulation (the default cut, n * eps, keeps some of them and the solution is then not
     # least-norm); a direction that weak carries no measurable share of the output either.
-    return torch.linalg.lstsq(matrix, rhs_t.T, rcond=LSTSQ_RCOND, driver="gelsd").solution.T
+    return torch.linalg.lstsq(matrix, rhs_t.T, rcond=LSTSQ_RCOND, driver="gelsd").solution.T, False
 
 
 def _none(p: KeptProblem, reg: Regularisation) -> Compensation:
@@ -114,12 +118,24 @@ def _none(p: KeptProblem, reg: Regularisation) -> Compensation:
 
 
 def _bias(p: KeptProblem, reg: Regularisation) -> Compensation:
-    pruned = _complement(p.kept, p.w.shape[1])
+    pruned = complement(p.kept, p.w.shape[1])
     return Compensation(weight=p.w_kept.clone(), bias=p.w[:, pruned] @ p.stats.mean[pruned])
 
 
+def _fitted(p: KeptProblem, lam: float, towards: Tensor | None) -> Compensation:
+    """``W'_K = (W G[:, K] + lam B)(G[K, K] + lam I)^-1``, ``B`` = ``towards`` (or 0). Where solved exactly,
+    ``W'_K G[K, K] = W G[:, K] + lam (B - W'_K)`` (the normal equations) is the fit's ``fit_gram``."""
+    rhs = p.target if towards is None else p.target + lam * towards
+    matrix = p.gram_kk if lam == 0 else p.gram_kk + lam * torch.eye(p.gram_kk.shape[0], dtype=p.gram_kk.dtype)
+    weight, exact = _solve_psd(matrix, rhs)
+    fit_gram = None
+    if exact:
+        fit_gram = p.target if lam == 0 else rhs - lam * weight
+    return Compensation(weight=weight, fit_gram=fit_gram)
+
+
 def _ls(p: KeptProblem, reg: Regularisation) -> Compensation:
-    return Compensation(weight=_solve_psd(p.gram_kk, p.target))  # W G[:, K] G[K, K]^-1
+    return _fitted(p, 0.0, None)  # W G[:, K] G[K, K]^-1
 
 
 def ridge_lambda(gram_kk: Tensor, alpha: float) -> float:
@@ -128,15 +144,12 @@ def ridge_lambda(gram_kk: Tensor, alpha: float) -> float:
 
 
 def _ridge(p: KeptProblem, reg: Regularisation) -> Compensation:
-    lam = ridge_lambda(p.gram_kk, reg.alpha)
-    regularised = p.gram_kk + lam * torch.eye(p.gram_kk.shape[0], dtype=p.gram_kk.dtype)
-    return Compensation(weight=_solve_psd(regularised, p.target))
+    return _fitted(p, ridge_lambda(p.gram_kk, reg.alpha), None)
 
 
 def _ls_ridge(p: KeptProblem, reg: Regularisation) -> Compensation:
     """The paper's LS + ridge: ``(W G[:, K] + lambda W_K)(G[K, K] + lambda I)^-1``, toward ``W_K``."""
-    regularised = p.gram_kk + reg.lam * torch.eye(p.gram_kk.shape[0], dtype=p.gram_kk.dtype)
-    return Compensation(weight=_solve_psd(regularised, p.target + reg.lam * p.w_kept))
+    return _fitted(p, reg.lam, p.w_kept)
 
 
 def _rotation_parts(p: KeptProblem, centred: bool = False, proper: bool = False) -> tuple[Tensor, Tensor]:
@@ -320,12 +333,6 @@ def check_method(name: str, choices=METHODS) -> None:
         raise RcpuError(f"unknown method {name!r}{extra}; choose one of: {', '.join(choices)}")
 
 
-def _complement(kept: Tensor, d_in: int) -> Tensor:
-    mask = torch.ones(d_in, dtype=torch.bool)
-    mask[kept] = False
-    return torch.nonzero(mask).reshape(-1)
-
-
 def compensate(
     method: str, weight: Tensor, stats: LayerStats, kept: Tensor, alpha: float = DEFAULT_ALPHA,
     lam: float = DEFAULT_LAMBDA,
@@ -350,7 +357,7 @@ def compensate_problem(
     except torch.linalg.LinAlgError as exc:
         raise RcpuError(f"compensation {method!r} failed: {str(exc).splitlines()[0]}") from None
     parts = [result.weight] + ([result.bias] if result.bias is not None else [])
-    if not all(bool(torch.isfinite(p).all()) for p in parts):
+    if not all(all_finite(p) for p in parts):
         raise RcpuError(
             f"compensation {method!r} produced non-finite weights (statistics contain inf/NaN "
             "or are degenerate); try method 'ridge' or more calibration tokens"

@@ -15,7 +15,22 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from .stats import LayerStats
+from .stats import LayerStats, all_finite
+
+
+def complement(kept: Tensor, d_in: int) -> Tensor:
+    """The column indices not in ``kept`` (the pruned set P), ascending."""
+    mask = torch.ones(d_in, dtype=torch.bool)
+    mask[kept] = False
+    return torch.nonzero(mask).reshape(-1)
+
+
+def few_pruned(kept: Tensor, d_in: int) -> Tensor | None:
+    """P when it has fewer than half as many columns as K, else None. Then ``W_K B[K] = W B - W_P B[P]``
+    from a product ``W B`` made anyway costs a product over P instead of one over K."""
+    if (d_in - kept.numel()) * 2 >= kept.numel():
+        return None
+    return complement(kept, d_in)
 
 
 class KeptProblem:
@@ -39,7 +54,7 @@ class KeptProblem:
     @cached_property
     def inputs_finite(self) -> bool:
         """Whether ``W``, ``G`` and ``s`` hold no inf/NaN."""
-        return bool(torch.isfinite(self.w).all()) and self.stats.finite
+        return all_finite(self.w) and self.stats.finite
 
     @cached_property
     def wg(self) -> Tensor:
@@ -91,12 +106,10 @@ class KeptProblem:
     def kept_weight_gram(self) -> Tensor:
         """``W_K G[K, K]`` (d_out, k) = ``(W G)[:, K] - W_P G[P, K]`` (P the pruned columns): from the
         shared ``W G``, a product over the few pruned columns instead of the many kept ones."""
-        pruned = torch.ones(self.w.shape[1], dtype=torch.bool)
-        pruned[self.kept] = False
-        if int(pruned.sum()) * 2 >= self.kept.numel():  # pruned set not small: the direct product
+        pruned = few_pruned(self.kept, self.w.shape[1])
+        if pruned is None:
             return self.w_kept @ self.gram_kk
-        p_idx = pruned.nonzero().squeeze(1)
-        return self.target - self.w[:, p_idx] @ self.stats.gram[p_idx][:, self.kept]
+        return self.target - self.w[:, pruned] @ self.stats.gram[pruned][:, self.kept]
 
     @cached_property
     def kept_own(self) -> float:

@@ -193,6 +193,7 @@ def _errors(problems: dict[str, KeptProblem], comp: Compensation) -> dict:
     out = {}
     for split, problem in problems.items():
         out[f"error_uncompensated_{split}"] = problem.relative_error(problem.w_kept)
-        out[f"error_{split}"] = problem.relative_error(comp.weight, comp.bias,
+        fit_gram = comp.fit_gram if split == "calibration" else None  # the fit's own tokens
+        out[f"error_{split}"] = problem.relative_error(comp.weight, comp.bias, fit_gram,
                                                        own=kept_norm(comp, problem.w_kept, problem))
     return out

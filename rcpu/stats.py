@@ -29,6 +29,13 @@ GRAM_BLOCK = 512  # columns per block of the triangular Gram product
 FLOAT32_FROM = 2**24
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Whether ``tensor`` holds no inf/NaN. A finite sum proves it (an inf or NaN entry makes the sum
+    inf or NaN) at a fraction of an element-wise check's cost, which runs only when the sum is not
+    finite (an entry may be inf or NaN, or finite values may overflow)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def batch_gram(x: Tensor, block: int = GRAM_BLOCK) -> Tensor:
     """``X^T X`` (d, d) of rows ``x`` (N, d) in ``x``'s dtype, computing only the blocks on and above
     the diagonal (the rest is their transpose): (b+1)/(2b) of the full product for b blocks."""
@@ -62,7 +69,7 @@ class LayerStats:
     def finite(self) -> bool:
         """Whether ``G`` and ``s`` hold no inf/NaN (checked once per statistics object, which is never
         changed in place: every ratio, score and method of the explorer shares it)."""
-        return bool(torch.isfinite(self.gram).all()) and bool(torch.isfinite(self.total).all())
+        return all_finite(self.gram) and all_finite(self.total)
 
     @property
     def mean(self) -> Tensor:

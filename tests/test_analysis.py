@@ -158,6 +158,18 @@ def test_a_reused_basis_gives_the_same_analysis():
             torch.testing.assert_close(reused[key], fresh[key], msg=key)
 
 
+@pytest.mark.parametrize("pruned", [3, 20])
+def test_kept_outputs_are_the_kept_columns_product(pruned):
+    """``Z = W_K X_K`` on the sample, from ``Y - W_P X_P`` (few pruned) or directly (many)."""
+    w, x, x_held = make_case(9)
+    basis = prepare_sublayer(w, stats_of(x), stats_of(x_held))
+    kept = torch.sort(torch.randperm(D_IN, generator=torch.Generator().manual_seed(1))[pruned:]).values
+    direct = w[:, kept] @ basis.sample[kept]
+    eps = torch.finfo(torch.float64).eps
+    bound = 10 * D_IN * eps * float(torch.linalg.matrix_norm(w) * torch.linalg.matrix_norm(basis.sample))
+    assert float(torch.linalg.matrix_norm(basis.kept_outputs(kept) - direct)) <= bound
+
+
 def test_rotation_keeps_the_spectrum_of_the_pruned_outputs():
     w, x, x_held = make_case(8)
     analysis = analyze_sublayer(w, stats_of(x), stats_of(x_held), score="rcpu", ratio=0.3,
@@ -181,8 +193,15 @@ def test_diagnostics_are_computed_on_first_use_and_shared_where_identical(monkey
         calls["outputs"] += 1
         return real_outputs(comp, inputs)
 
+    real_kept_outputs = layer.SublayerBasis.kept_outputs
+
+    def kept_outputs(self, kept):  # Z from Y less the pruned columns' part: also a sample product
+        calls["outputs"] += 1
+        return real_kept_outputs(self, kept)
+
     monkeypatch.setattr(layer, "principal_directions", eigen)
     monkeypatch.setattr(layer, "compensated_outputs", outputs)
+    monkeypatch.setattr(layer.SublayerBasis, "kept_outputs", kept_outputs)
     calib, held = stats_of(x), stats_of(x_held)
     basis = prepare_sublayer(w, calib, held)
     calls.update(eigen=0, outputs=0)

@@ -281,6 +281,50 @@ def test_ls_is_least_norm_on_singular_gram():
     assert spurious >= 5  # the case really exercises a Cholesky that does not fail
 
 
+@pytest.mark.parametrize("method", ["ls", "ridge", "ls_ridge"])
+def test_fit_gram_is_the_product_with_the_fits_gram(method):
+    """The solved fits carry ``W'_K G[K,K]`` from their normal equations: the same matrix as the
+    product, to the solve's rounding (relative to ``||W'_K|| ||G[K,K]||``, which bounds both)."""
+    from rcpu.compensate import compensate_problem
+    from rcpu.problem import KeptProblem
+
+    w, x, kept = make_data(seed=3)
+    problem = KeptProblem(w, LayerStats.from_inputs(x), kept)
+    comp = compensate_problem(method, problem, alpha=0.05, lam=3.0)
+    direct = comp.weight @ problem.gram_kk
+    scale = float(torch.linalg.matrix_norm(comp.weight, 2) * torch.linalg.matrix_norm(problem.gram_kk, 2))
+    cond = float(torch.linalg.cond(problem.gram_kk))
+    eps = torch.finfo(torch.float64).eps
+    assert comp.fit_gram is not None
+    assert float(torch.linalg.matrix_norm(comp.fit_gram - direct)) <= 10 * D_IN * eps * scale
+    assert cond > 10  # not a trivially conditioned case
+
+
+def test_least_norm_fit_has_no_fit_gram():
+    """On a singular ``G[K,K]`` the least-norm solution does not satisfy the normal equations with
+    the target as given, so no product may be taken from them."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    x[7] = 0.0  # a dead input: G[K,K] singular, Cholesky fails outright
+    comp = compensate("ls", w, LayerStats.from_inputs(x), torch.arange(10))
+    assert comp.fit_gram is None
+
+
+def test_all_finite_is_the_element_wise_check():
+    from rcpu.stats import all_finite
+
+    big = torch.full((4,), 1e308, dtype=torch.float64)  # finite entries whose sum overflows
+    assert all_finite(big) and not torch.isfinite(big.sum())
+    for bad in (math.inf, -math.inf, math.nan):
+        t = torch.ones(5, dtype=torch.float64)
+        t[2] = bad
+        assert not all_finite(t)
+    t = torch.tensor([math.inf, -math.inf])  # inf - inf sums to NaN
+    assert not all_finite(t)
+    assert all_finite(torch.zeros(0))
+
+
 def test_ls_beats_every_method_without_bias_on_calibration(data):
     w, _x, kept, stats = data
     ls = relative_error(w, stats, kept, compensate("ls", w, stats, kept).weight)
