@@ -202,9 +202,9 @@ class MethodResult:
             return self._basis.kept_outputs(self._kept)
         return compensated_outputs(Compensation(weight=self.compensation.weight), self._basis.sample[self._kept])
 
-    @property
+    @cached_property
     def outputs(self) -> Tensor:
-        """``Yhat = W'_K X_K + b`` (d_out, m) on the sample tokens."""
+        """``Yhat = W'_K X_K + b`` (d_out, m) on the sample tokens (the projection and the geometry share it)."""
         if self._from_kept is not None:  # s R Z: not kept, Z's outputs are
             outputs = self._from_kept.apply(self._from_kept.base._weight_outputs)
         else:

@@ -175,15 +175,14 @@ def _rotation(p: KeptProblem, reg: Regularisation) -> Compensation:
     return _rotated(p, q, s)
 
 
-def rotation_scale_factor(singular_values: Tensor, w_kept: Tensor, gram_kk: Tensor) -> float:
-    """``s = trace(S) / trace(W_K G[K,K] W_K^T)``: least-squares isotropic scale."""
-    denom = torch.sum((w_kept @ gram_kk) * w_kept)
-    return float(singular_values.sum() / denom) if denom > 0 else 1.0
+def rotation_scale_factor(singular_values: Tensor, kept_own: float) -> float:
+    """``s = trace(S) / trace(W_K G[K,K] W_K^T)``: least-squares isotropic scale (``kept_own`` the trace)."""
+    return float(singular_values.sum() / kept_own) if kept_own > 0 else 1.0
 
 
 def _rotation_scale(p: KeptProblem, reg: Regularisation) -> Compensation:
     q, s = _rotation_parts(p)
-    return _rotated(p, q, s, scale=rotation_scale_factor(s, p.w_kept, p.gram_kk))
+    return _rotated(p, q, s, scale=rotation_scale_factor(s, p.kept_own))
 
 
 def _rotation_so(p: KeptProblem, reg: Regularisation) -> Compensation:

@@ -18,6 +18,12 @@ from torch import Tensor
 from .stats import LayerStats, all_finite
 
 
+def inner(a: Tensor, b: Tensor) -> float:
+    """``tr(A^T B)``, the sum of the entries of ``A * B``, as one dot product (no temporary matrix)."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return float(torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype)))
+
+
 def complement(kept: Tensor, d_in: int) -> Tensor:
     """The column indices not in ``kept`` (the pruned set P), ascending."""
     mask = torch.ones(d_in, dtype=torch.bool)
@@ -94,7 +100,7 @@ class KeptProblem:
     @cached_property
     def reference(self) -> float:
         """``||Y||_F^2 = tr(W G W^T)``."""
-        return float(torch.sum(self.wg * self.w))
+        return inner(self.wg, self.w)
 
     def weight_gram(self, new_weight: Tensor) -> Tensor:
         """``W' G[K, K]`` (d_out, k): shared by the error and the covariance of ``W' X_K``."""
@@ -114,7 +120,7 @@ class KeptProblem:
     @cached_property
     def kept_own(self) -> float:
         """``||W_K X_K||_F^2 = tr(W_K G[K,K] W_K^T)``."""
-        return float(torch.sum(self.kept_weight_gram * self.w_kept))
+        return inner(self.kept_weight_gram, self.w_kept)
 
     def error(
         self, new_weight: Tensor, bias: Tensor | None = None, weight_gram: Tensor | None = None,
@@ -130,8 +136,8 @@ class KeptProblem:
             own = self.kept_own
         if own is None:
             wg_kk = self.weight_gram(new_weight) if weight_gram is None else weight_gram
-            own = float(torch.sum(wg_kk * new_weight))
-        cross = torch.sum(self.target * new_weight)
+            own = inner(wg_kk, new_weight)
+        cross = inner(self.target, new_weight)
         err = self.reference - 2 * float(cross) + float(own)
         if bias is not None:
             residual_total = self.count * (self.output_mean - new_weight @ self.mean_kept)  # W s - W' s_K
