@@ -19,7 +19,7 @@ from plotly.subplots import make_subplots
 
 from .analysis import SublayerAnalysis
 from .compensate import METHODS
-from .plotgrid import Grid
+from .plotgrid import Grid, set_props
 from .scores import Selection
 
 KEPT = "#2563eb"
@@ -145,9 +145,9 @@ def _visible(clouds: Sequence[tuple[np.ndarray, np.ndarray]], size_px: tuple[flo
     return out
 
 
-def _legend_rows(fig: go.Figure, width_px: float = 540.0) -> int:
+def _legend_rows(traces: Sequence, width_px: float = 540.0) -> int:
     """Rough number of rows a horizontal legend takes in a half-width chart."""
-    names = [t.name for t in fig.data if t.name and t.showlegend is not False]
+    names = [t.name for t in traces if t.name and t.showlegend is not False]
     if not names:
         return 0
     rows, used = 1, 0.0
@@ -159,20 +159,23 @@ def _legend_rows(fig: go.Figure, width_px: float = 540.0) -> int:
     return rows
 
 
-def _layout(fig: go.Figure, title: str, height: int = 380, subplot_titles: bool = False) -> go.Figure:
-    """Common look: title top left, horizontal legend under it, then the plot area."""
-    rows = _legend_rows(fig)
+def _layout(fig: go.Figure | Grid, title: str, height: int = 380, subplot_titles: bool = False,
+            **grid_layout) -> go.Figure:
+    """Common look: title top left, horizontal legend under it, then the plot area. A ``Grid`` gets it
+    (and ``grid_layout``) as it becomes a figure, the cheapest way Plotly takes a layout."""
+    rows = _legend_rows(fig.traces if isinstance(fig, Grid) else fig.data)
     top = 42 + 26 * rows + (28 if subplot_titles else 6)
-    fig.update_layout(
-        title={"text": title, "x": 0.0, "xanchor": "left", "xref": "container", "y": 1.0 - 8 / height,
-               "yref": "container",
-                   "yanchor": "top", "pad": {"l": 8}, "font": {"size": 15}},
-        height=height + top - 60,
-        margin={"l": 60, "r": 20, "t": top, "b": 50},
-        legend={"orientation": "h", "x": 0.0, "xanchor": "left", "y": 1.0 - 40 / (height + top - 60),
-                "yref": "container",
-                    "yanchor": "top"},
-    )
+    look = {
+        "title": {"text": title, "x": 0.0, "xanchor": "left", "xref": "container", "y": 1.0 - 8 / height,
+                  "yref": "container", "yanchor": "top", "pad": {"l": 8}, "font": {"size": 15}},
+        "height": height + top - 60,
+        "margin": {"l": 60, "r": 20, "t": top, "b": 50},
+        "legend": {"orientation": "h", "x": 0.0, "xanchor": "left", "y": 1.0 - 40 / (height + top - 60),
+                   "yref": "container", "yanchor": "top"},
+    }
+    if isinstance(fig, Grid):
+        return fig.figure(**grid_layout, **look)
+    set_props(fig.layout, look)
     return fig
 
 
@@ -259,10 +262,10 @@ def dimension_figure(analysis: SublayerAnalysis, order: str = "index") -> go.Fig
     xtitle = "input dimension" if order == "index" else "rank (highest score first" + (
         ", heads kept together)" if unit > 1 else ")")
     grid.update_xaxes(title_text=xtitle, row=2, col=1)
-    fig = grid.figure(shapes=shapes, annotations=notes)
     title = (f"Score and variance per input dimension ({'sorted' if order == 'sorted' else 'index order'}): "
              f"{effective_ratio_text(sel)} pruned")
-    return _layout(fig, title, height=470, subplot_titles=unit > 1 and order == "index")
+    return _layout(grid, title, height=470, subplot_titles=unit > 1 and order == "index", shapes=shapes,
+                   annotations=notes)
 
 
 def effective_ratio_text(selection: Selection) -> str:
@@ -432,7 +435,7 @@ def directions_figure(analysis: SublayerAnalysis, methods: Sequence[str], column
         grid.update_yaxes(title_text="Y's direction" if k == 1 else None, dtick=1, autorange="reversed",
                           row=r, col=k)
     title = f"Alignment with Y's top {cosines[0].shape[0]} principal directions (|cos|; bright diagonal = aligned)"
-    return _layout(grid.figure(), title, height=300 * rows + 40, subplot_titles=True)
+    return _layout(grid, title, height=300 * rows + 40, subplot_titles=True)
 
 
 def projection_figure(analysis: SublayerAnalysis, methods: Sequence[str], columns: int = 3) -> go.Figure:
@@ -458,7 +461,7 @@ def projection_figure(analysis: SublayerAnalysis, methods: Sequence[str], column
                                   marker={"color": col, "size": 4, "opacity": 0.6}), row=r, col=c)
         grid.update_xaxes(title_text="PC1 of Y", row=r, col=c)
         grid.update_yaxes(title_text="PC2 of Y" if c == 1 else None, row=r, col=c)
-    return _layout(grid.figure(), "Tokens on the top two principal components of Y", height=330 * rows + 40,
+    return _layout(grid, "Tokens on the top two principal components of Y", height=330 * rows + 40,
                    subplot_titles=True)
 
 
@@ -512,7 +515,7 @@ def geometry_figure(analysis: SublayerAnalysis, methods: Sequence[str]) -> go.Fi
     grid.update_xaxes(title_text="‖ŷ_t‖ / ‖y_t‖ over sample tokens", row=1, col=1)
     grid.update_xaxes(title_text="cos(ŷ_t, y_t) over sample tokens", row=1, col=2)
     grid.update_yaxes(autorange="reversed", row=1, col=1)
-    return _layout(grid.figure(), "Per-token geometry (box: quartiles, whiskers 5–95 %; 1 is perfect for both)",
+    return _layout(grid, "Per-token geometry (box: quartiles, whiskers 5–95 %; 1 is perfect for both)",
                    height=max(260, 60 + 45 * len(methods)), subplot_titles=True)
 
 

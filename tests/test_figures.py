@@ -11,6 +11,7 @@ from rcpu import figures
 from rcpu.analysis import analyze_sublayer
 from rcpu.compensate import METHODS, PRUNE_METHODS
 from rcpu.learn import ToyConfig, build_example
+from rcpu.plotgrid import Grid
 from rcpu.scores import select
 from rcpu.stats import LayerStats
 
@@ -454,3 +455,47 @@ def test_grid_lays_out_panels_as_make_subplots_does(rows, cols, shared):
         assert (a.matches, bool(a.showticklabels is False)) == (b.matches, bool(b.showticklabels is False)), name
     spots = [(n.text, round(n.x, 9), round(n.y, 9), n.xanchor, n.yanchor) for n in ours.layout.annotations]
     assert spots == [(n.text, round(n.x, 9), round(n.y, 9), n.xanchor, n.yanchor) for n in stock.layout.annotations]
+
+
+def test_set_props_is_update_layout():
+    """``set_props`` (each property set once) gives the figure ``update_layout`` gives: nested dicts
+    merge into what is already set, other values replace it."""
+    import json
+
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from rcpu.plotgrid import set_props
+
+    def made() -> go.Figure:
+        fig = go.Figure(go.Scatter(x=[1, 2], y=[3, 4], name="a"))
+        fig.update_layout(legend={"traceorder": "reversed", "font": {"color": "red"}},
+                          title={"font": {"family": "serif"}}, annotations=[{"text": "old", "x": 0, "y": 0}])
+        return fig
+
+    props = {"title": {"text": "T", "x": 0.0, "pad": {"l": 8}, "font": {"size": 15}}, "height": 300,
+             "legend": {"orientation": "h", "font": {"size": 9}}, "margin": {"l": 60},
+             "annotations": [{"text": "new", "x": 1, "y": 1}]}
+    stock, ours = made(), made()
+    stock.update_layout(**props)
+    set_props(ours.layout, props)
+    assert json.loads(pio.to_json(ours)) == json.loads(pio.to_json(stock))
+
+
+def test_layout_of_a_grid_is_the_layout_of_its_figure():
+    """A grid gets the common look as it becomes a figure; the same look as set on the built figure."""
+    import json
+
+    import plotly.io as pio
+
+    def grid() -> Grid:
+        g = Grid(rows=1, cols=2, titles=["a", "b"])
+        g.add_trace(go.Scatter(x=[1, 2], y=[1, 2], name="first"), row=1, col=1)
+        g.add_trace(go.Scatter(x=[1, 2], y=[2, 1], name="second"), row=1, col=2)
+        return g
+
+    notes = [{"text": "extra", "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper", "showarrow": False}]
+    ours = figures._layout(grid(), "title", height=300, subplot_titles=True, annotations=notes)
+    built = figures._layout(grid().figure(annotations=notes), "title", height=300, subplot_titles=True)
+    assert json.loads(pio.to_json(ours)) == json.loads(pio.to_json(built))
+    assert ours.layout.title.text == "title" and ours.layout.legend.orientation == "h"
