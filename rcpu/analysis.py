@@ -34,7 +34,7 @@ from .diagnostics import (
     rotation_diagnostics,
     token_geometry,
 )
-from .problem import KeptProblem, covariance_from_gram, few_pruned
+from .problem import KeptProblem, covariance_from_gram, few_pruned, output_covariance
 from .scores import Selection, check_has_tokens, select
 from .stats import LayerStats
 
@@ -64,6 +64,7 @@ class SublayerBasis:
 
     weight: Tensor  # W, float64
     wg: dict[str, Tensor]  # split -> W G
+    output_gram: Tensor  # (d_out, d_out) W G W^T on the calibration tokens
     evals_y: Tensor  # largest eigenvalues of Y's covariance, descending
     variance_y: float  # trace of Y's covariance: the total the spectrum is a share of
     top: Tensor  # (d_out, r) Y's top-r principal directions
@@ -95,7 +96,8 @@ def prepare_sublayer(weight: Tensor, calibration: LayerStats, heldout: LayerStat
     check_has_tokens(calibration)
     w = weight.detach().to(torch.float64)
     wg = {"calibration": w @ calibration.gram, "heldout": w @ heldout.gram}
-    cov_y = covariance_from_gram(w, wg["calibration"], calibration.mean, calibration.count)  # W G W^T / n - ...
+    output_gram = wg["calibration"] @ w.T  # Y Y^T = W G W^T
+    cov_y = output_covariance(output_gram, w @ calibration.mean, calibration.count)
     evals_y, evecs_y = principal_directions(cov_y, SPECTRUM_COMPONENTS)
     sample = heldout.sample if heldout.sample.shape[1] > 1 else calibration.sample
     if sample.shape[1] > PICTURE_TOKENS:  # the reservoir's slots are not in random order: draw a subset
@@ -104,7 +106,8 @@ def prepare_sublayer(weight: Tensor, calibration: LayerStats, heldout: LayerStat
     sample = sample.to(torch.float64)
     y = w @ sample
     return SublayerBasis(
-        weight=w, wg=wg, evals_y=evals_y, variance_y=float(torch.trace(cov_y)), top=evecs_y[:, :TOP_DIRECTIONS],
+        weight=w, wg=wg, output_gram=output_gram, evals_y=evals_y, variance_y=float(torch.trace(cov_y)),
+        top=evecs_y[:, :TOP_DIRECTIONS],
         sample=sample, y=y, token_gram_y=y.T @ y, centre=y.mean(dim=1, keepdim=True),
         pairs=_pairs(sample.shape[1], seed=seed),
     )
@@ -139,8 +142,9 @@ class MethodResult:
     The errors are computed at once (from the Gram matrices); the spectrum, principal
     angles, token-level geometry and rotation diagnostics on first use, so a page that
     shows one view pays only for that view. ``weight_grams``: ``W'_K G[K,K]`` per split,
-    shared by the errors and the covariance (None with ``from_kept``). ``from_kept``: how ``W'_K`` follows from
-    ``W_K``, when it does, so that the spectrum follows from ``Z``'s.
+    shared by the errors and the covariance (None with ``from_kept`` and for ``Z`` itself).
+    ``from_kept``: how ``W'_K`` follows from ``W_K``, when it does, so that the spectrum follows
+    from ``Z``'s.
     """
 
     def __init__(
@@ -157,7 +161,8 @@ class MethodResult:
         self._is_kept = compensation.weight is calib.w_kept  # W'_K = W_K: the uncompensated result
         # Kept for the spectrum (not dropped after it: results are shared between app sessions'
         # threads, and one must not see it gone while another computes the spectrum).
-        self._weight_gram = None if from_kept is not None else weight_grams["calibration"]
+        self._weight_gram = None if weight_grams is None else weight_grams["calibration"]
+        self._calibration = calib  # Z's output Gram, for the uncompensated result's covariance
         errors = {  # a rotated, scaled Z keeps ||Z||: no product with G[K,K] (kept_norm)
             split: p.relative_error(compensation.weight, compensation.bias,
                                     None if weight_grams is None else weight_grams[split],
@@ -175,7 +180,11 @@ class MethodResult:
             evals, top, total = self._from_kept.base._eigen
             square = self._from_kept.scale**2
             return square * evals, self._from_kept.rotate(top), square * total
-        cov = covariance_from_gram(self.compensation.weight, self._weight_gram, self._mean_kept, self._count)
+        if self._is_kept:  # Z itself: its output Gram comes from Y's less the pruned columns' part
+            p = self._calibration
+            cov = output_covariance(p.kept_output_gram, p.w_kept @ self._mean_kept, self._count)
+        else:
+            cov = covariance_from_gram(self.compensation.weight, self._weight_gram, self._mean_kept, self._count)
         evals, evecs = principal_directions(cov, SPECTRUM_COMPONENTS)
         return evals, evecs[:, :TOP_DIRECTIONS], float(torch.trace(cov))
 
@@ -355,12 +364,13 @@ def analyze_sublayer(
     sel = select(basis.weight, calibration, score, ratio, unit_size, seed if score_seed is None else score_seed,
                  what, rounding)
     problems = {
-        split: KeptProblem(basis.weight, stats, sel.kept, basis.wg[split])
+        split: KeptProblem(basis.weight, stats, sel.kept, basis.wg[split],
+                           basis.output_gram if split == "calibration" else None)
         for split, stats in (("calibration", calibration), ("heldout", heldout))
     }
     w_kept = problems["calibration"].w_kept
-    grams_kept = {split: p.kept_weight_gram for split, p in problems.items()}  # W_K G[K,K]
-    uncompensated = MethodResult("none", Compensation(weight=w_kept), basis, problems, grams_kept)
+    # Z's errors need only ||Z||^2 (kept_own) and its covariance Z Z^T (kept_output_gram): no W_K G[K,K]
+    uncompensated = MethodResult("none", Compensation(weight=w_kept), basis, problems, None)
     results = {}
     for name in methods:
         start = time.perf_counter()

@@ -46,11 +46,13 @@ class KeptProblem:
     same statistics (it does not depend on ``K``).
     """
 
-    def __init__(self, weight: Tensor, stats: LayerStats, kept: Tensor, wg: Tensor | None = None):
+    def __init__(self, weight: Tensor, stats: LayerStats, kept: Tensor, wg: Tensor | None = None,
+                 output_gram: Tensor | None = None):
         self.w = weight.detach().to(torch.float64)
         self.stats = stats
         self.kept = kept
         self._wg = wg
+        self._output_gram = output_gram
         self.rotations: dict[tuple[bool, bool], tuple[Tensor, Tensor]] = {}  # (centred, proper) -> (Q, sigma)
 
     @property
@@ -66,6 +68,22 @@ class KeptProblem:
     def wg(self) -> Tensor:
         """``W G`` (d_out, d_in)."""
         return self.w @ self.stats.gram if self._wg is None else self._wg
+
+    @cached_property
+    def output_gram(self) -> Tensor:
+        """``W G W^T`` (d_out, d_out), ``Y``'s uncentred output Gram (may be passed in, like ``wg``)."""
+        return self.wg @ self.w.T if self._output_gram is None else self._output_gram
+
+    @cached_property
+    def pruned(self) -> Tensor | None:
+        """The pruned columns P where they are few enough for the routes over P (``few_pruned``), else None."""
+        return few_pruned(self.kept, self.w.shape[1])
+
+    @cached_property
+    def _pruned_parts(self) -> tuple[Tensor, Tensor]:
+        """``W_P`` and ``W_P G[P, P]``, the products over P that the routes below share."""
+        w_p = self.w[:, self.pruned]
+        return w_p, w_p @ self.stats.gram[self.pruned][:, self.pruned]
 
     @cached_property
     def w_kept(self) -> Tensor:
@@ -112,15 +130,29 @@ class KeptProblem:
     def kept_weight_gram(self) -> Tensor:
         """``W_K G[K, K]`` (d_out, k) = ``(W G)[:, K] - W_P G[P, K]`` (P the pruned columns): from the
         shared ``W G``, a product over the few pruned columns instead of the many kept ones."""
-        pruned = few_pruned(self.kept, self.w.shape[1])
-        if pruned is None:
+        if self.pruned is None:
             return self.w_kept @ self.gram_kk
-        return self.target - self.w[:, pruned] @ self.stats.gram[pruned][:, self.kept]
+        return self.target - self.w[:, self.pruned] @ self.stats.gram[self.pruned][:, self.kept]
 
     @cached_property
     def kept_own(self) -> float:
-        """``||W_K X_K||_F^2 = tr(W_K G[K,K] W_K^T)``."""
-        return inner(self.kept_weight_gram, self.w_kept)
+        """``||Z||_F^2 = tr(W_K G[K,K] W_K^T)`` (``Z = W_K X_K``). With few pruned columns, from
+        ``Y = Z + Y_P`` (``Y_P = W_P X_P``): ``||Z||^2 = ||Y||^2 - 2 <Y, Y_P> + ||Y_P||^2``, products over P only."""
+        if self.pruned is None:
+            return inner(self.kept_weight_gram, self.w_kept)
+        w_p, w_p_gpp = self._pruned_parts
+        return self.reference - 2 * inner(self.wg[:, self.pruned], w_p) + inner(w_p_gpp, w_p)
+
+    @cached_property
+    def kept_output_gram(self) -> Tensor:
+        """``Z Z^T = W_K G[K,K] W_K^T`` (d_out, d_out). With few pruned columns, ``Y Y^T`` less the blocks
+        that hold P: ``Y Y^T - B - B^T - W_P G[P,P] W_P^T`` with ``B = W_K G[K,P] W_P^T``, and
+        ``W_K G[K,P] = (W G)[:, P] - W_P G[P,P]``: products over P and the shared ``W G W^T``."""
+        if self.pruned is None:
+            return self.kept_weight_gram @ self.w_kept.T
+        w_p, w_p_gpp = self._pruned_parts
+        b = (self.wg[:, self.pruned] - w_p_gpp) @ w_p.T
+        return self.output_gram - b - b.T - w_p_gpp @ w_p.T
 
     def error(
         self, new_weight: Tensor, bias: Tensor | None = None, weight_gram: Tensor | None = None,
@@ -155,6 +187,10 @@ class KeptProblem:
 
 def covariance_from_gram(new_weight: Tensor, weight_gram: Tensor, mean_kept: Tensor, count: int) -> Tensor:
     """``W' G[K,K] W'^T / n - (W' mu_K)(W' mu_K)^T``, symmetrised, from ``weight_gram = W' G[K,K]``."""
-    mean = new_weight @ mean_kept
-    cov = weight_gram @ new_weight.T / max(count, 1) - torch.outer(mean, mean)
+    return output_covariance(weight_gram @ new_weight.T, new_weight @ mean_kept, count)
+
+
+def output_covariance(output_gram: Tensor, mean: Tensor, count: int) -> Tensor:
+    """``O O^T / n - m m^T``, symmetrised: the covariance of outputs from their uncentred Gram and mean."""
+    cov = output_gram / max(count, 1) - torch.outer(mean, mean)
     return (cov + cov.T) / 2

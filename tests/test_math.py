@@ -670,3 +670,20 @@ def test_kept_weight_gram_from_the_shared_product_equals_the_direct_one():
     y, z = w @ x, problem.w_kept @ x[kept]
     assert problem.kept_own == pytest.approx(float((z**2).sum()), rel=1e-11)
     assert output_error(w, stats, kept, problem.w_kept)[0] == pytest.approx(err2(y, z), rel=1e-9)
+
+
+@pytest.mark.parametrize("pruned", [3, 12])
+def test_kept_norm_and_output_gram_by_either_route_are_the_token_sums(pruned):
+    """``||Z||^2`` and ``Z Z^T`` (``Z = W_K X_K``): from ``Y``'s less the pruned columns' part (few pruned)
+    or directly (many), each equal to the sums over the tokens to rounding relative to ``||Y||^2``."""
+    from rcpu.problem import KeptProblem
+
+    w, x, _ = make_data(seed=6)
+    kept = torch.sort(torch.randperm(D_IN, generator=torch.Generator().manual_seed(2))[pruned:]).values
+    problem = KeptProblem(w, LayerStats.from_inputs(x), kept)
+    assert (problem.pruned is not None) == (pruned * 2 < D_IN - pruned)
+    y, z = w @ x, w[:, kept] @ x[kept]
+    scale = float((y**2).sum())  # both routes round relative to ||Y||^2 at most
+    eps = torch.finfo(torch.float64).eps
+    assert abs(problem.kept_own - float((z**2).sum())) <= 100 * D_IN * eps * scale
+    assert float(torch.linalg.matrix_norm(problem.kept_output_gram - z @ z.T)) <= 100 * D_IN * eps * scale
