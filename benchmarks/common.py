@@ -47,7 +47,7 @@ class Settings:
     floor_repeats: int = 2  # best of
     # explorer
     explorer_layer: int = 15
-    explorer_repeats: int = 5  # median of, embedded shapes
+    explorer_repeats: int = 9  # median of, embedded shapes (each run ~0.3 s: cheap against this host's noise)
     large_repeats: int = 3  # median of, LLaMA-7B shapes
     large_shapes: dict = field(
         default_factory=lambda: {"down_proj": (4096, 11008, 1), "o_proj": (4096, 4096, 128)}
@@ -90,7 +90,7 @@ def settings_for(mode: str) -> Settings:
         return Settings()
     if mode == "quick":
         return Settings(
-            mode="quick", floor_samples=16, floor_repeats=1, explorer_repeats=3, large_repeats=1,
+            mode="quick", floor_samples=16, floor_repeats=1, explorer_repeats=7, large_repeats=1,
             large_shapes={"down_proj": (4096, 11008, 1)}, memory_samples=(8, 32), eval_windows=8,
             eval_repeats=1, ratios=(0.2,), configs=("wanda_sp:none", "fluctuation:bias", "rcpu:rotation"),
             quality_eval_windows=4, curve_configs=("rcpu:rotation", "rcpu:ls"), curve_samples=(8, 32),
