@@ -24,7 +24,8 @@ from .compensate import (
     check_lambda,
     check_method,
     compensate_problem,
-    kept_norm,
+    split_errors,
+    weight_gram,
 )
 from .diagnostics import (
     compensated_outputs,
@@ -157,18 +158,12 @@ class MethodResult:
         self._basis = basis
         self._from_kept = from_kept
         calib = problems["calibration"]
-        self._kept, self._mean_kept, self._count = calib.kept, calib.mean_kept, calib.count
+        self._calibration = calib  # K, mu_K, n, and Z's output Gram for the uncompensated result's covariance
         self._is_kept = compensation.weight is calib.w_kept  # W'_K = W_K: the uncompensated result
         # Kept for the spectrum (not dropped after it: results are shared between app sessions'
         # threads, and one must not see it gone while another computes the spectrum).
         self._weight_gram = None if weight_grams is None else weight_grams["calibration"]
-        self._calibration = calib  # Z's output Gram, for the uncompensated result's covariance
-        errors = {  # a rotated, scaled Z keeps ||Z||: no product with G[K,K] (kept_norm)
-            split: p.relative_error(compensation.weight, compensation.bias,
-                                    None if weight_grams is None else weight_grams[split],
-                                    own=kept_norm(compensation, p.w_kept, p))
-            for split, p in problems.items()
-        }
+        errors = split_errors(compensation, problems, weight_grams)
         self.error_calibration: float = errors["calibration"]
         self.error_heldout: float = errors["heldout"]
         self.seconds = {**(seconds or {}), "errors": time.perf_counter() - start}
@@ -180,11 +175,11 @@ class MethodResult:
             evals, top, total = self._from_kept.base._eigen
             square = self._from_kept.scale**2
             return square * evals, self._from_kept.rotate(top), square * total
+        p = self._calibration
         if self._is_kept:  # Z itself: its output Gram comes from Y's less the pruned columns' part
-            p = self._calibration
-            cov = output_covariance(p.kept_output_gram, p.w_kept @ self._mean_kept, self._count)
+            cov = output_covariance(p.kept_output_gram, p.w_kept @ p.mean_kept, p.count)
         else:
-            cov = covariance_from_gram(self.compensation.weight, self._weight_gram, self._mean_kept, self._count)
+            cov = covariance_from_gram(self.compensation.weight, self._weight_gram, p.mean_kept, p.count)
         evals, evecs = principal_directions(cov, SPECTRUM_COMPONENTS)
         return evals, evecs[:, :TOP_DIRECTIONS], float(torch.trace(cov))
 
@@ -208,8 +203,9 @@ class MethodResult:
     def _weight_outputs(self) -> Tensor:
         """``W'_K X_K`` on the sample (d_out, m), kept for the results that have their own ``W'_K``."""
         if self._is_kept:
-            return self._basis.kept_outputs(self._kept)
-        return compensated_outputs(Compensation(weight=self.compensation.weight), self._basis.sample[self._kept])
+            return self._basis.kept_outputs(self._calibration.kept)
+        return compensated_outputs(Compensation(weight=self.compensation.weight),
+                                   self._basis.sample[self._calibration.kept])
 
     @cached_property
     def outputs(self) -> Tensor:
@@ -377,10 +373,7 @@ def analyze_sublayer(
         comp = compensate_problem(name, problems["calibration"], alpha, lam)
         seconds = {"compensate": time.perf_counter() - start}
         from_kept = _from_kept(comp, w_kept, uncompensated)
-        grams = None if from_kept is not None else {
-            split: comp.fit_gram if split == "calibration" and comp.fit_gram is not None else p.weight_gram(comp.weight)
-            for split, p in problems.items()
-        }
+        grams = None if from_kept is not None else {split: weight_gram(comp, split, p) for split, p in problems.items()}
         results[name] = MethodResult(name, comp, basis, problems, grams, from_kept, seconds)
     return SublayerAnalysis(
         d_in=basis.weight.shape[1],

@@ -270,6 +270,33 @@ def kept_norm(comp: Compensation, w_kept: Tensor, problem: KeptProblem) -> float
     return None
 
 
+FIT_SPLIT = "calibration"  # the split of the statistics every compensation is fitted on
+
+
+def fitted_gram(comp: Compensation, split: str) -> Tensor | None:
+    """``W'_K G[K,K]`` on ``split``'s tokens where the fit carries it (its own tokens, ``fit_gram``), else None."""
+    return comp.fit_gram if split == FIT_SPLIT else None
+
+
+def weight_gram(comp: Compensation, split: str, problem: KeptProblem) -> Tensor:
+    """``W'_K G[K,K]`` on ``problem``'s tokens (``split``): the fit's own where it has one, else the product."""
+    gram = fitted_gram(comp, split)
+    return problem.weight_gram(comp.weight) if gram is None else gram
+
+
+def split_errors(comp: Compensation, problems: dict[str, KeptProblem],
+                 weight_grams: dict[str, Tensor] | None = None) -> dict[str, float]:
+    """``comp``'s relative output error on each split's problem (``problems[FIT_SPLIT]``: the tokens it was
+    fitted to). A product with ``G[K,K]`` only where needed: none for a rotated, scaled or kept ``Z``
+    (``kept_norm``) or on the fit's own tokens (``fit_gram``); ``weight_grams`` when already made."""
+    return {
+        split: p.relative_error(comp.weight, comp.bias,
+                                fitted_gram(comp, split) if weight_grams is None else weight_grams[split],
+                                own=kept_norm(comp, p.w_kept, p))
+        for split, p in problems.items()
+    }
+
+
 def _auto(p: KeptProblem, reg: Regularisation) -> Compensation:
     """The candidate with the lowest cross-validation error over the calibration folds, refitted on
     all calibration tokens (the evaluation text is never seen: folds split calibration windows)."""

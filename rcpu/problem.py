@@ -128,11 +128,8 @@ class KeptProblem:
 
     @cached_property
     def kept_weight_gram(self) -> Tensor:
-        """``W_K G[K, K]`` (d_out, k) = ``(W G)[:, K] - W_P G[P, K]`` (P the pruned columns): from the
-        shared ``W G``, a product over the few pruned columns instead of the many kept ones."""
-        if self.pruned is None:
-            return self.w_kept @ self.gram_kk
-        return self.target - self.w[:, self.pruned] @ self.stats.gram[self.pruned][:, self.kept]
+        """``W_K G[K, K]`` (d_out, k), where no route over the pruned columns avoids it (many pruned)."""
+        return self.w_kept @ self.gram_kk
 
     @cached_property
     def kept_own(self) -> float:

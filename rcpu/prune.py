@@ -18,7 +18,7 @@ import torch
 from .adapters import adapter_for
 from .allocate import FOLDS, allocate
 from .calibration import TokenSet, prepare_tokens
-from .compensate import Compensation, compensate_problem, kept_norm
+from .compensate import Compensation, compensate_problem, split_errors
 from .config import DataConfig, PruneConfig
 from .flow import LayerFlow, Progress, layer_input_stats
 from .models import LoadedModel, count_parameters
@@ -190,10 +190,9 @@ def _allocation_summary(cfg: PruneConfig, plan: dict, n_layers: int) -> dict:
 
 def _errors(problems: dict[str, KeptProblem], comp: Compensation) -> dict:
     """Relative output errors, compensated and not, on each split's statistics."""
+    errors = split_errors(comp, problems)
     out = {}
     for split, problem in problems.items():
         out[f"error_uncompensated_{split}"] = problem.relative_error(problem.w_kept)
-        fit_gram = comp.fit_gram if split == "calibration" else None  # the fit's own tokens
-        out[f"error_{split}"] = problem.relative_error(comp.weight, comp.bias, fit_gram,
-                                                       own=kept_norm(comp, problem.w_kept, problem))
+        out[f"error_{split}"] = errors[split]
     return out
