@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="quality: also evaluate on this text (a .txt file or folder); repeatable")
     p.add_argument("--cached-only", action="store_true",
                    help="auto: tabulate only the sweep points already cached (compute none)")
+    p.add_argument("--regime", action="append", default=[],
+                   help="auto: run only this calibration regime (repeatable; the others keep their tables from "
+                        "the previous result)")
     p.add_argument("--profile", action="store_true", help="cProfile the timed work; top functions go in the JSON")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for this run (default: torch's choice)")
     p.add_argument("--samples", type=int, help=argparse.SUPPRESS)  # memory-worker
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         extra = {"eval_data": args.eval_data} if name == "quality" else {}
         if name == "auto":
-            extra = {"cached_only": args.cached_only}
+            extra = {"cached_only": args.cached_only, "only": tuple(args.regime)}
         modules[name].run(lm, settings, args.results_dir, started, profile=args.profile, **extra)
         say(f"  ({name}: {time.perf_counter() - started:.0f} s)")
         write_docs(args.results_dir, args.docs, command)

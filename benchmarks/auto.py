@@ -13,12 +13,14 @@ greedy allocation below uniform ``auto`` at the largest ratio.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from rcpu.allocate import FOLDS
+from rcpu.text import Sampling
 
-from .common import Settings, format_goal, goal, say, write_result
+from .common import Settings, format_goal, goal, now, say, write_result
 
 FIXED = ("rotation", "rotation_scale", "rotation_bias", "bias", "ls", "ls_ridge")
 
@@ -33,12 +35,26 @@ class Regime:
 
 def regimes(settings: Settings) -> list[Regime]:
     """The default calibration of the mode, and ~1.5 tokens per down_proj input (1536 in the embedded model);
-    quick: 1.5 and 5.3 tokens per input (where rotation matters, and where least squares' freedom pays)."""
+    quick: 1.5 and 5.3 tokens per input (where rotation matters, and where least squares' freedom pays), and
+    the tool's own default (32 x 512 tokens, 10.7 per input: what ``rcpu prune`` uses unless told)."""
     if settings.mode == "tiny":
         return [Regime("default", 4, 32, 2), Regime("paper tokens per dimension", 2, 32, 2)]
+    default = Regime("default", Sampling.calib_samples, Sampling.seq_len, 8)
     if settings.mode == "quick":  # 128-token windows: a prune of the embedded model takes a minute or two on 2 cores
-        return [Regime("paper tokens per dimension", 18, 128, 16), Regime("more tokens per dimension", 64, 128, 16)]
-    return [Regime("default", 32, 512, 8), Regime("paper tokens per dimension", 18, 128, 32)]
+        return [Regime("paper tokens per dimension", 18, 128, 16), Regime("more tokens per dimension", 64, 128, 16),
+                default]
+    return [default, Regime("paper tokens per dimension", 18, 128, 32)]
+
+
+def _kept_tables(out_dir: Path, settings: Settings) -> dict:
+    """The tables of the previous result in ``out_dir`` (same mode), for the regimes this run leaves alone."""
+    try:
+        previous = json.loads((out_dir / "auto.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if previous.get("mode") != settings.mode:
+        return {}
+    return {name: {"date": previous.get("date"), **table} for name, table in (previous.get("tables") or {}).items()}
 
 
 def _rows(points: list[dict]) -> list[dict]:
@@ -66,14 +82,26 @@ def _goals(rows: list[dict], label: str) -> list[dict]:
 
 
 def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = False,
-        cached_only: bool = False) -> dict:
-    """``cached_only``: tabulate the points already cached, compute none (the rest are listed as missing)."""
+        cached_only: bool = False, only: tuple[str, ...] = ()) -> dict:
+    """``cached_only``: tabulate the points already cached, compute none (the rest are listed as missing).
+    ``only``: run these regimes (by name); the others keep their tables from the previous result, each with
+    the date it was measured (a regime's points take up to an hour on 2 cores)."""
     from rcpu.config import DataConfig, EvalConfig, SweepConfig
     from rcpu.sweep import run_sweep
 
     ratios = tuple(settings.size_ratios)
-    tables, goals = {}, []
+    names = [regime.name for regime in regimes(settings)]
+    unknown = set(only) - set(names)
+    if unknown:
+        raise SystemExit(f"auto: no regime {sorted(unknown)} in {settings.mode} mode; there are {names}")
+    kept = _kept_tables(out_dir, settings) if only else {}
+    tables = {}
     for regime in regimes(settings):
+        if only and regime.name not in only:
+            if regime.name in kept:
+                tables[regime.name] = kept[regime.name]
+                say(f"auto ({regime.name}): kept from the previous result ({kept[regime.name]['date']})")
+            continue
         data = DataConfig(model=settings.model, calib_samples=regime.calib_samples, seq_len=regime.seq_len,
                           heldout_samples=0)
         evaluation = EvalConfig(None, regime.eval_windows)
@@ -94,10 +122,10 @@ def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = F
             missing += result["missing"]
         rows = _rows(points)
         tokens_per_dim = regime.calib_samples * regime.seq_len / lm.adapter.num_units(0, "down_proj")
-        tables[regime.name] = {"calib_samples": regime.calib_samples, "seq_len": regime.seq_len,
+        tables[regime.name] = {"date": now(), "calib_samples": regime.calib_samples, "seq_len": regime.seq_len,
                                "tokens_per_down_proj_input": tokens_per_dim, "eval_windows": regime.eval_windows,
                                "dense": dense, "rows": rows, "missing_points": missing}
-        goals += _goals(rows, regime.name)
+    goals = [g for name, table in tables.items() for g in _goals(table["rows"], name)]
     for g in goals:
         say("  " + format_goal(g))
     return write_result(out_dir, "auto", settings, {"ratios": list(ratios), "score": "rcpu", "folds": FOLDS,

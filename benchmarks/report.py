@@ -356,7 +356,9 @@ def _auto(r: dict) -> list[str]:
     folds = r.get("folds", 4)  # results written before the count was recorded used four folds
     lines = [
         "## 7. Auto compensation and greedy allocation", "", _provenance(r), "",
-        f"Measured by `python -m benchmarks auto{'' if r['mode'] == 'full' else ' --' + r['mode']}`.", "",
+        (f"Measured by `python -m benchmarks auto{'' if r['mode'] == 'full' else ' --' + r['mode']}`; "
+         "`--regime NAME` measures one table alone and keeps the others, so each table says when it was "
+         "measured."), "",
         ("Every row is score `rcpu` (the same units removed), both targets; only the compensation differs. "
          "`auto` fits each candidate (rotation, rotation_scale, rotation_bias, bias, ls, ls_ridge at "
          f"lambda = a * trace(G[K,K]) / k of the fit, for a in 1e-4..1) on {folds - 1} of {folds} folds of the "
@@ -382,7 +384,8 @@ def _auto(r: dict) -> list[str]:
         lines += [
             (f"**{name}**: {table['calib_samples']} x {table['seq_len']} calibration tokens "
              f"({table['tokens_per_down_proj_input']:.2f} per `down_proj` input), {table['eval_windows']} "
-             f"evaluation windows; dense perplexity {_num(dense)}."), "",
+             f"evaluation windows; dense perplexity {_num(dense)}"
+             f"{'; measured ' + table['date'] if table.get('date') else ''}."), "",
             "| config | " + " | ".join(f"ppl at {x:g}" for x in ratios) + " |",
             "|---|" + "---|" * len(ratios),
         ]
@@ -397,9 +400,10 @@ def _auto(r: dict) -> list[str]:
         auto_s = [row["seconds"] for row in rows if row["config"] == "rcpu:auto" and row.get("seconds")]
         fixed_s = [row["seconds"] for row in rows if row.get("method") != "auto" and row.get("seconds")]
         if auto_s and fixed_s:
-            lines.append(f"Seconds per point (prune and evaluation, when computed): `auto` median "
-                         f"{statistics.median(auto_s):.0f}, fixed methods median {statistics.median(fixed_s):.0f} "
-                         f"({statistics.median(auto_s) / statistics.median(fixed_s):.1f}x).")
+            lines += ["", (f"Seconds per point (prune and evaluation, when computed): `auto` median "
+                           f"{statistics.median(auto_s):.0f}, fixed methods median "
+                           f"{statistics.median(fixed_s):.0f} "
+                           f"({statistics.median(auto_s) / statistics.median(fixed_s):.1f}x).")]
         if table.get("missing_points"):
             lines.append(f"{table['missing_points']} point(s) of this table were not measured in this run "
                          "(`--cached-only` tabulates the points already computed; empty cells).")

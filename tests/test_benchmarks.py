@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from benchmarks import BENCHMARKS
 from benchmarks.__main__ import main
 from benchmarks.common import DOCS_PATH, RESULTS_DIR, goal, settings_for
@@ -41,6 +43,16 @@ def test_all_tiny_writes_results_and_docs(tmp_cache, tmp_path, capsys):
     auto = json.loads((results / "auto.json").read_text())
     for table in auto["tables"].values():  # every fixed method, auto and auto + greedy at every ratio
         assert len(table["rows"]) == 8 * 3
+    # one regime alone: the other keeps its table (and its date) from the previous result
+    assert main(["auto", "--tiny", "--regime", "paper tokens per dimension", "--results-dir", str(results),
+                 "--docs", str(docs)]) == 0
+    again = json.loads((results / "auto.json").read_text())
+    assert again["tables"]["default"] == auto["tables"]["default"]  # rows and the date it was measured
+    remeasured = again["tables"]["paper tokens per dimension"]["rows"]  # this time from the point cache
+    assert len(remeasured) == 8 * 3 and all(row["cached"] for row in remeasured)
+    assert {g["name"].split(" ratio")[0] for g in again["goals"]} == set(auto["tables"])
+    with pytest.raises(SystemExit, match="no regime"):
+        main(["auto", "--tiny", "--regime", "nonesuch", "--results-dir", str(results), "--docs", str(docs)])
     size = json.loads((results / "size.json").read_text())
     for m in size["models"].values():  # dense and every ratio, with the shapes the prune records
         dense, rows = m["rows"]["dense"], m["rows"]
