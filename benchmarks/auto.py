@@ -101,6 +101,8 @@ def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = F
             if regime.name in kept:
                 tables[regime.name] = kept[regime.name]
                 say(f"auto ({regime.name}): kept from the previous result ({kept[regime.name]['date']})")
+            else:
+                say(f"auto ({regime.name}): not run, and no previous {settings.mode} result holds it")
             continue
         data = DataConfig(model=settings.model, calib_samples=regime.calib_samples, seq_len=regime.seq_len,
                           heldout_samples=0)
