@@ -38,7 +38,7 @@ def regimes(settings: Settings) -> list[Regime]:
     quick: 1.5 and 5.3 tokens per input (where rotation matters, and where least squares' freedom pays), and
     the tool's own default (32 x 512 tokens, 10.7 per input: what ``rcpu prune`` uses unless told)."""
     if settings.mode == "tiny":
-        return [Regime("default", 4, 32, 2), Regime("paper tokens per dimension", 2, 32, 2)]
+        return [Regime("default", 4, 32, 2), Regime("paper tokens per dimension", 4, 16, 2)]
     default = Regime("default", Sampling.calib_samples, Sampling.seq_len, 8)
     if settings.mode == "quick":  # 128-token windows: a prune of the embedded model takes a minute or two on 2 cores
         return [Regime("paper tokens per dimension", 18, 128, 16), Regime("more tokens per dimension", 64, 128, 16),

@@ -420,9 +420,11 @@ def _auto(r: dict) -> list[str]:
                 alloc = greedy.get("allocated") or {}
                 totals = ", ".join(f"`{sub}` {a['total_removed']} units (uniform {a['uniform_total_removed']}), "
                                    f"per layer {min(a['removed'])}-{max(a['removed'])}"
-                                   for sub, a in alloc.items() if isinstance(a, dict))
-                parts.append(f"greedy removed {totals}; parameters after: greedy {_num(greedy['params_after'])}, "
-                             f"uniform {_num(auto_row['params_after'])}")
+                                   for sub, a in alloc.items() if isinstance(a, dict) and "removed" in a)
+                spread = alloc.get("spread")
+                chosen = f" (spread {spread['chosen']:g}x, chosen on held-back calibration windows)" if spread else ""
+                parts.append(f"greedy removed {totals}{chosen}; parameters after: greedy "
+                             f"{_num(greedy['params_after'])}, uniform {_num(auto_row['params_after'])}")
             if parts:
                 lines.append(f"- ratio {x:g}: " + "; ".join(parts) + ".")
         lines.append("")

@@ -18,7 +18,7 @@ from rcpu.eta import StageText
 from rcpu.export import save_pruned, zip_pruned
 from rcpu.footprint import benchmark_rows, compare, footprint, measure_speed, speed_sample
 from rcpu.pipeline import prune_and_evaluate
-from rcpu.reports import units_removed_text
+from rcpu.reports import spread_text, units_removed_text
 from rcpu.scores import SCORES
 from rcpu.sweep import save_point
 from ui import common
@@ -153,9 +153,10 @@ if result.config.method == "auto":
                "on all of them; the evaluation text is read only after the pruned model exists.")
 st.plotly_chart(figures.allocation_heatmap(result.layers, result.config.sublayers), key="fig_allocation")
 if result.config.allocation != "uniform":
-    totals = ", ".join(f"`{sub}` {a['total_removed']} units (uniform: {a['uniform_total_removed']})"
-                       for sub, a in summary["allocated"].items() if isinstance(a, dict))
-    st.caption(f"Removed in total: {totals}.")
+    allocated = summary["allocated"]
+    totals = ", ".join(f"`{sub}` {allocated[sub]['total_removed']} units (uniform: "
+                       f"{allocated[sub]['uniform_total_removed']})" for sub in result.config.sublayers)
+    st.caption(f"Removed in total: {totals}. {spread_text(allocated.get('spread'))}")
 with st.expander("Per-layer table"):
     rows = [{"layer": r["layer"], "sublayer": sub, **{k: v for k, v in r[sub].items() if k != "auto"},
              **({"auto choice": r[sub]["auto"]["candidate"]} if "auto" in r[sub] else {}),

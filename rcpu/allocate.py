@@ -9,19 +9,28 @@ pruning levels on the dense model, divided by the energy of the residual stream 
 layer (a sublayer's output is added to it, so this is the relative perturbation it causes),
 and units are removed one step at a time where the interpolated cost rises least.
 
-The evaluation text is never used; the statistics come from one extra pass of the dense
-model over the calibration windows.
+That cost is measured one sublayer at a time, so it cannot see what removing most of several
+consecutive layers does downstream. How far a sublayer may go above the uniform count (the
+*spread*, 1x to 2.5x; 1x is uniform) is therefore chosen by the loss of the pruned model: every
+``HOLD_BACK``-th calibration window is held back, the costs and one trial prune per spread (with
+a cheap stand-in for ``auto``) use the others, and the spread whose trial model has the lowest
+loss on the held-back windows wins. The final prune uses every calibration window.
+
+The evaluation text is never used; the statistics come from the calibration windows only.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Callable
+from dataclasses import replace
 from itertools import pairwise
 
 import torch
 
 from .compensate import AUTO_RIDGE_GRID, Regularisation, ridge_lambda, validation_errors
+from .errors import RcpuError
 from .flow import LayerFlow, layer_input_stats
 from .problem import KeptProblem
 from .scores import num_pruned, select, unit_seed
@@ -33,12 +42,17 @@ ALLOCATIONS = ("uniform", "greedy")
 # of the tokens, close to the refit's all (four folds' 3/4 chose worse: docs/auto.md).
 FOLDS = 8
 GRID_FACTORS = (0.5, 1.0, 1.5, 2.0, 2.5)  # pruning levels measured, as multiples of the uniform count
+SPREADS = tuple(f for f in GRID_FACTORS if f >= 1.0)  # the caps greedy tries; 1.0 places exactly uniform's counts
 MAX_SHARE = 0.8  # no sublayer loses more than this share of its units
+HOLD_BACK = 4  # greedy holds back every 4th calibration window to choose its spread
+STAND_IN_ALPHA = AUTO_RIDGE_GRID[len(AUTO_RIDGE_GRID) // 2]  # ridge in the middle of auto's grid
+ALLOCATION_VERSION = 2  # in the keys of cached points: 2 chooses the spread on held-back windows
+
+# (counts per (layer, sublayer), fit windows, held-back windows, what to show) -> mean NLL on the held-back ones
+TrialLoss = Callable[[dict, torch.Tensor, torch.Tensor, str], float]
 
 
 def check_allocation(name: str) -> None:
-    from .errors import RcpuError
-
     if name not in ALLOCATIONS:
         raise RcpuError(f"unknown allocation {name!r}; choose one of: {', '.join(ALLOCATIONS)}")
 
@@ -47,9 +61,29 @@ def curve_candidates(method: str, gram_kk: torch.Tensor, lam: float) -> list[tup
     """The fit whose validation error is a sublayer's cost: the method itself, or for ``auto`` one
     cheap stand-in for its candidate set (ls_ridge in the middle of its grid)."""
     if method == "auto":
-        a = AUTO_RIDGE_GRID[len(AUTO_RIDGE_GRID) // 2]
-        return [("ls_ridge", ridge_lambda(gram_kk, a), "ls_ridge")]
+        return [("ls_ridge", ridge_lambda(gram_kk, STAND_IN_ALPHA), "ls_ridge")]
     return [(method, lam, method)]
+
+
+def trial_config(cfg):
+    """The configuration of a spread's trial prune: ``cfg``, with ``auto`` (eight fits per candidate)
+    replaced by the same stand-in its cost uses (``ridge``, relative strength STAND_IN_ALPHA)."""
+    return replace(cfg, method="ridge", alpha=STAND_IN_ALPHA) if cfg.method == "auto" else cfg
+
+
+def check_windows(allocation: str, calib_samples: int) -> None:
+    """Refuse a greedy allocation with too few calibration windows to hold one back."""
+    if allocation != "uniform" and calib_samples < HOLD_BACK:
+        raise RcpuError(f"the greedy allocation holds back every {HOLD_BACK}th calibration window to choose how "
+                        f"far from uniform it may go, so it needs at least {HOLD_BACK} calibration windows "
+                        f"(--calib-samples); got {calib_samples}")
+
+
+def heldback_split(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held back): every HOLD_BACK-th calibration window is held back."""
+    check_windows("greedy", len(windows))
+    held = torch.arange(len(windows)) % HOLD_BACK == HOLD_BACK - 1
+    return windows[~held], windows[held]
 
 
 def greedy_counts(costs: dict[tuple[int, str], list[tuple[int, float]]], steps: dict[tuple[int, str], int],
@@ -93,17 +127,29 @@ def _interp(points: list[tuple[int, float]], n: int) -> float:
 
 def grid_counts(uniform: int, units: int, step: int) -> list[int]:
     """0 and the measured pruning levels around the uniform count, in whole steps, at most MAX_SHARE."""
+    return sorted({0, _level(1.0, uniform, units, step)} | {_level(f, uniform, units, step) for f in GRID_FACTORS})
+
+
+def _level(factor: float, uniform: int, units: int, step: int) -> int:
+    """``factor`` times the uniform count in whole steps, at most MAX_SHARE of the units (1.0: uniform's)."""
     cap = max(step, min(units - step, int(MAX_SHARE * units) // step * step))
-    levels = {0, min(uniform, cap)}
-    for f in GRID_FACTORS:
-        levels.add(min(cap, round(f * uniform / step) * step))
-    return sorted(levels)
+    return min(cap, uniform if factor == 1.0 else round(factor * uniform / step) * step)
 
 
-def allocate(lm, tokens, cfg, seed: int, batch_size: int = 8, progress=None) -> dict:
+def capped(costs: dict[tuple[int, str], list[tuple[int, float]]], spread: float, uniform: dict, units: dict,
+           steps: dict) -> dict[tuple[int, str], list[tuple[int, float]]]:
+    """The measured points of each sublayer up to ``spread`` times its uniform count."""
+    return {key: [p for p in points if p[0] <= _level(spread, uniform[key], units[key], steps[key])]
+            for key, points in costs.items()}
+
+
+def allocate(lm, tokens, cfg, seed: int, batch_size: int = 8, progress=None, trial: TrialLoss | None = None) -> dict:
     """Units to remove per layer and sublayer for ``cfg.allocation`` (``uniform``: ``cfg.ratio`` each).
 
-    Returns {"counts": {(layer, sub): n}, "uniform": {(layer, sub): n}, "units": {(layer, sub): n}}.
+    ``trial`` (greedy only): the held-back loss of a trial prune with given counts (``rcpu.prune`` gives it).
+    Returns {"counts": {(layer, sub): n}, "uniform": {(layer, sub): n}, "units": {(layer, sub): n}}, and for
+    greedy also "costs", "placements" (the counts of each spread tried) and "spread" (the spread chosen, each
+    one's held-back loss, the windows used).
     """
     adapter = lm.adapter
     uniform, units, steps = {}, {}, {}
@@ -118,7 +164,36 @@ def allocate(lm, tokens, cfg, seed: int, batch_size: int = 8, progress=None) -> 
             steps[index, sub] = n_units // group if group else 1  # one head from every KV group at a time
     if cfg.allocation == "uniform":
         return {"counts": dict(uniform), "uniform": uniform, "units": units}
-    flow = LayerFlow(adapter, tokens.calibration, batch_size)
+    if trial is None:
+        raise ValueError("the greedy allocation needs a trial loss to choose its spread")
+    fit, held = heldback_split(tokens.calibration)
+    costs = sublayer_costs(adapter, fit, cfg, seed, uniform, units, steps, batch_size, progress)
+    totals: dict[str, int] = {}
+    for (index, sub), n in uniform.items():
+        totals[sub] = totals.get(sub, 0) + n
+    placements = {spread: greedy_counts(capped(costs, spread, uniform, units, steps), steps, totals)
+                  for spread in SPREADS}
+    tried: list[tuple[dict, float]] = []  # (counts, held-back NLL); a spread that places the same counts is not re-run
+    losses: dict[str, float] = {}
+    for spread, counts in placements.items():
+        nll = next((nll for c, nll in tried if c == counts), None)
+        if nll is None:
+            nll = trial(counts, fit, held, f"spread {spread:g}x")
+            tried.append((counts, nll))
+        losses[f"{spread:g}"] = nll
+    best = min(SPREADS, key=lambda f: losses[f"{f:g}"])  # the first (closest to uniform) on a tie
+    log.info("greedy allocation: spread %gx (held-back NLL %s)", best, losses)
+    spread = {"chosen": best, "heldback_nll": losses, "fit_windows": len(fit), "heldback_windows": len(held),
+              "trial_method": trial_config(cfg).method}
+    return {"counts": placements[best], "uniform": uniform, "units": units, "costs": costs, "spread": spread,
+            "placements": placements}
+
+
+def sublayer_costs(adapter, windows: torch.Tensor, cfg, seed: int, uniform: dict, units: dict, steps: dict,
+                   batch_size: int, progress=None) -> dict[tuple[int, str], list[tuple[int, float]]]:
+    """Each sublayer's cost at its measured pruning levels: the cross-validation error of the compensated
+    sublayer on the dense model's inputs over ``windows``, relative to the residual stream's energy."""
+    flow = LayerFlow(adapter, windows, batch_size)
     costs: dict[tuple[int, str], list[tuple[int, float]]] = {}
     for index in range(adapter.num_layers):
         if progress:
@@ -143,7 +218,4 @@ def allocate(lm, tokens, cfg, seed: int, batch_size: int = 8, progress=None) -> 
                                            lambda g: curve_candidates(cfg.method, g, cfg.lam), fold_wg)
                 points.append((count, min(errors.values()) ** 2 * problem.reference / max(residual, 1e-300)))
             costs[key] = points
-    totals: dict[str, int] = {}
-    for (index, sub), n in uniform.items():
-        totals[sub] = totals.get(sub, 0) + n
-    return {"counts": greedy_counts(costs, steps, totals), "uniform": uniform, "units": units, "costs": costs}
+    return costs

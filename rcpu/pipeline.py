@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from .allocate import check_windows
 from .cache import cache_root, key_of, load_json, save_json
 from .calibration import prepare_tokens
 from .config import DataConfig, EvalConfig, PruneConfig
@@ -45,6 +46,7 @@ def check_before_work(lm: LoadedModel, points: list[tuple[DataConfig, PruneConfi
     windows (of the first point's sequence length) are returned."""
     for data, cfg in points:
         cfg.check(lm)
+        check_windows(cfg.allocation, data.sampling.calib_samples)
     for data in {d.sampling: d for d, _ in points}.values():
         prepare_tokens(lm, data.data, data.sampling)
     return evaluation_windows(lm, points[0][0], evaluation)

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import adapter_for
-from .allocate import FOLDS, allocate
+from .allocate import FOLDS, TrialLoss, allocate, trial_config
 from .calibration import TokenSet, prepare_tokens
 from .compensate import Compensation, compensate_problem, split_errors
 from .config import DataConfig, PruneConfig
+from .evaluate import perplexity
 from .flow import LayerFlow, Progress, layer_input_stats
 from .models import LoadedModel, count_parameters
 from .problem import KeptProblem
@@ -62,36 +63,42 @@ def prune_model(
     on_layer: LayerCallback | None = None,
     batch_size: int = 8,
     folds: int = FOLDS,
+    counts: dict[tuple[int, str], int] | None = None,
 ) -> PruneResult:
     """Prune every decoder layer of a copy of ``lm.model`` sequentially.
 
     ``progress(done, total, what)`` is called per layer; ``on_layer(record)`` gets each
     layer's errors as soon as it is pruned (the app draws them as the run goes). ``folds``: how
-    many calibration folds ``auto`` cross-validates on.
+    many calibration folds ``auto`` cross-validates on. ``counts``: units to remove per (layer,
+    sublayer), given instead of allocated (the greedy allocation's trial prunes).
     """
     cfg.check(lm)  # before any work: a ratio that leaves some layer nothing fails here
     start = time.perf_counter()
     tokens = tokens or prepare_tokens(lm, data.data, data.sampling)
+    t_alloc = time.perf_counter()
+    allocation: dict = {}
+    if counts is None:  # the allocation runs trial prunes of its own: before this prune's copy of the model
+        allocated = allocate(lm, tokens, cfg, data.seed, batch_size, progress,
+                             trial=_trial_loss(lm, data, cfg, batch_size, progress))
+        allocation = _allocation_summary(cfg, allocated, lm.adapter.num_layers)
+        counts = None if cfg.allocation == "uniform" else allocated["counts"]
+    seconds_allocating = time.perf_counter() - t_alloc
     model = copy.deepcopy(lm.model)
     adapter = adapter_for(model)
-
-    t_alloc = time.perf_counter()
-    allocated = allocate(lm, tokens, cfg, data.seed, batch_size, progress)
-    allocation = _allocation_summary(cfg, allocated, adapter.num_layers)
     folds = folds if cfg.method == "auto" else 0  # a Gram per calibration fold, summing to the full one
     flows = {"calibration": LayerFlow(adapter, tokens.calibration, batch_size)}
     if len(tokens.heldout):
         flows["heldout"] = LayerFlow(adapter, tokens.heldout, batch_size)
-    timing = {"allocation": time.perf_counter() - t_alloc, "statistics": 0.0, "compensation": 0.0, "recompute": 0.0}
+    timing = {"allocation": seconds_allocating, "statistics": 0.0, "compensation": 0.0, "recompute": 0.0}
     plans: list[dict[str, SublayerPlan]] = []
     records: list[dict] = []
     n_layers = adapter.num_layers
     for index in range(n_layers):
         if progress:
             progress(index, n_layers, f"layer {index}")
-        counts = None if cfg.allocation == "uniform" else {
-            sub: allocated["counts"][index, sub] for sub in cfg.sublayers}
-        layer_plans, record = prune_layer(adapter, index, flows, cfg, data.seed, timing, folds=folds, counts=counts)
+        layer_counts = None if counts is None else {sub: counts[index, sub] for sub in cfg.sublayers}
+        layer_plans, record = prune_layer(adapter, index, flows, cfg, data.seed, timing, folds=folds,
+                                          counts=layer_counts)
         plans.append(layer_plans)
         records.append(record)
         if on_layer:
@@ -177,9 +184,31 @@ def prune_layer(adapter, index: int, flows: dict[str, LayerFlow], cfg: PruneConf
     return layer_plans, record
 
 
+def _trial_loss(lm: LoadedModel, data: DataConfig, cfg: PruneConfig, batch_size: int,
+                progress: Progress | None) -> TrialLoss:
+    """The greedy allocation's trial: prune with the given counts on the fit windows (``auto`` by its
+    stand-in), and return the pruned model's mean NLL on the held-back calibration windows."""
+    stand_in = trial_config(cfg)
+
+    def loss(counts: dict, fit: torch.Tensor, held: torch.Tensor, label: str) -> float:
+        def trial_progress(done: int, total: int, what: str) -> None:
+            if progress:
+                progress(done, total, f"allocation, trial of {label}: {what}")
+
+        fit_only = TokenSet(calibration=fit, heldout=fit[:0], heldout_ids=fit.new_zeros(0))
+        result = prune_model(lm, data, stand_in, tokens=fit_only, progress=trial_progress, batch_size=batch_size,
+                             counts=counts)
+        return perplexity(result.model, held)["nll"]
+
+    return loss
+
+
 def _allocation_summary(cfg: PruneConfig, plan: dict, n_layers: int) -> dict:
-    """Units removed per sublayer kind, per layer and in total, against the uniform ratio's."""
+    """Units removed per sublayer kind, per layer and in total, against the uniform ratio's, and for
+    greedy the spread it chose on held-back calibration windows."""
     out: dict = {"rule": cfg.allocation}
+    if "spread" in plan:
+        out["spread"] = plan["spread"]
     for sub in cfg.sublayers:
         counts = [plan["counts"][i, sub] for i in range(n_layers)]
         uniform = [plan["uniform"][i, sub] for i in range(n_layers)]

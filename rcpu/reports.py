@@ -124,6 +124,17 @@ def units_removed_text(summary: dict) -> str:
                      for s in summary["units_pruned"])
 
 
+def spread_text(spread: dict | None) -> str:
+    """What the greedy allocation's choice of spread was made on, in a sentence (empty without one)."""
+    if not spread:
+        return ""
+    losses = ", ".join(f"{s}x {nll:.4f}" for s, nll in spread["heldback_nll"].items())
+    return (f"No sublayer lost more than {spread['chosen']:g}x the uniform count: of the spreads tried "
+            f"(1x is uniform), the one whose trial prune ({spread['trial_method']}, fitted on "
+            f"{spread['fit_windows']} calibration windows) had the lowest loss on the "
+            f"{spread['heldback_windows']} held-back calibration windows (mean NLL: {losses}).")
+
+
 def auto_wins(layers: list[dict], sublayers: tuple[str, ...]) -> dict:
     """How many layers each ``auto`` candidate won, per sublayer."""
     wins: dict = {}

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from .allocate import ALLOCATION_VERSION
 from .cache import load_json, save_json
 from .config import DataConfig, EvalConfig, PruneConfig, SweepConfig
 from .flow import Progress
@@ -25,6 +26,8 @@ def point_path(lm: LoadedModel, data: DataConfig, evaluation: EvalConfig, cfg: P
     prune = asdict(cfg)
     if prune["allocation"] == "uniform":
         del prune["allocation"]  # the key points cached before allocations existed had
+    else:
+        prune["allocation_version"] = ALLOCATION_VERSION  # a point of an earlier rule is not this rule's
     if prune["compensate"] == "both":  # the default: keys of points cached before the option existed still hold
         del prune["compensate"]
     fields = {**eval_fields(lm, data, evaluation), "sampling": asdict(data.sampling), "prune": prune}

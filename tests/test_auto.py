@@ -11,7 +11,7 @@ from conftest import make_tiny_llama
 from conftest import random_tokens as _tokens
 from conftest import tiny_lm as _lm
 
-from rcpu.allocate import greedy_counts, grid_counts
+from rcpu.allocate import HOLD_BACK, SPREADS, allocate, capped, greedy_counts, grid_counts, heldback_split
 from rcpu.compensate import (
     AUTO_CANDIDATES,
     AUTO_RIDGE_GRID,
@@ -149,6 +149,74 @@ def test_grid_counts_stay_in_steps_and_keep_units():
     assert all(n % 3 == 0 and n < 9 for n in levels)
 
 
+def test_a_spread_caps_every_sublayer_and_spread_one_is_uniform():
+    uniform = {(i, sub): 4 for i in range(3) for sub in ("down_proj", "o_proj")}
+    units, steps = dict.fromkeys(uniform, 20), dict.fromkeys(uniform, 1)
+    costs = {key: [(n, (0.1 if key[0] == 0 else 1.0) * n) for n in grid_counts(4, 20, 1)] for key in uniform}
+    totals = {"down_proj": 12, "o_proj": 12}
+    assert greedy_counts(capped(costs, 1.0, uniform, units, steps), steps, totals) == uniform
+    for spread in SPREADS:
+        counts = greedy_counts(capped(costs, spread, uniform, units, steps), steps, totals)
+        assert counts[0, "down_proj"] == min(round(spread * 4), 12)  # the cheap layer goes to its cap, no further
+        assert sum(counts[i, "o_proj"] for i in range(3)) == 12
+
+
+def test_heldback_windows_are_every_fourth_and_too_few_windows_are_refused():
+    from rcpu.errors import RcpuError
+
+    windows = torch.arange(10)[:, None].expand(10, 3)
+    fit, held = heldback_split(windows)
+    assert held[:, 0].tolist() == [i for i in range(10) if i % HOLD_BACK == HOLD_BACK - 1] == [3, 7]
+    assert sorted(fit[:, 0].tolist() + held[:, 0].tolist()) == list(range(10))
+    with pytest.raises(RcpuError, match="at least 4 calibration windows"):
+        heldback_split(windows[:3])
+
+
+def test_greedy_keeps_the_spread_whose_trial_loses_least_on_held_back_windows(one_thread):
+    """The trial of each spread fits on the other windows and is judged on the held-back ones; the spread
+    with the lowest held-back loss is kept (the one closest to uniform on a tie), a spread that places the
+    same counts as one already tried is not tried again, and the costs never see a held-back window."""
+    import rcpu.allocate
+
+    lm = _lm(make_tiny_llama(heads=4, kv_heads=4, layers=3, intermediate=48))
+    tokens = _tokens(n=8)
+    cfg = PruneConfig(ratio=0.25, method="auto", allocation="greedy")
+    seen: list[torch.Tensor] = []
+    real_flow = rcpu.allocate.LayerFlow
+
+    def flow(adapter, windows, batch_size=8):
+        seen.append(windows)
+        return real_flow(adapter, windows, batch_size)
+
+    for losses, expected in (({"1": 3.0, "1.5": 1.0, "2": 2.0, "2.5": 1.0}, 1.5),
+                             ({"1": 1.0, "1.5": 1.0, "2": 1.0, "2.5": 1.0}, 1.0)):
+        trials: list[tuple[dict, str]] = []
+
+        def trial(counts, fit, held, label, losses=losses, trials=trials):
+            assert torch.equal(held, tokens.calibration[HOLD_BACK - 1 :: HOLD_BACK])
+            assert len(fit) + len(held) == len(tokens.calibration)
+            trials.append((counts, label))
+            spread = label.removeprefix("spread ").removesuffix("x")
+            return losses[spread]
+
+        seen.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rcpu.allocate, "LayerFlow", flow)
+            plan = allocate(lm, tokens, cfg, seed=0, trial=trial)
+        assert plan["spread"]["chosen"] == expected
+        nll = plan["spread"]["heldback_nll"]
+        assert set(nll) == set(losses)
+        label_of = [(c, label.removeprefix("spread ").removesuffix("x")) for c, label in trials]
+        for spread, counts in plan["placements"].items():  # a spread placing counts already tried shares their loss
+            assert nll[f"{spread:g}"] == losses[next(label for c, label in label_of if c == counts)]
+        placed = [c for c, _ in trials]
+        assert len(placed) == len({tuple(sorted(c.items())) for c in placed})  # no placement tried twice
+        assert placed[0] == plan["uniform"]  # spread 1x is uniform
+        assert plan["counts"] == next(c for c, label in trials if label == f"spread {expected:g}x")
+        held = tokens.calibration[HOLD_BACK - 1 :: HOLD_BACK]
+        assert seen and all(not (w[:, None] == held[None]).all(-1).any() for w in seen)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_prune_with_auto_and_greedy_allocation_removes_the_uniform_total(kv_heads, one_thread):
     model = make_tiny_llama(heads=4, kv_heads=kv_heads, layers=3, intermediate=48)
@@ -173,9 +241,11 @@ def test_prune_with_auto_and_greedy_allocation_removes_the_uniform_total(kv_head
 
 def test_evaluation_windows_are_never_read_before_the_pruned_model_exists(monkeypatch, tmp_path, one_thread):
     """Instrument the evaluation-window loader, the perplexity and the pruning: no perplexity runs and
-    no evaluation window reaches a model before ``prune_model`` has returned the pruned model, and no
-    window the pruning runs on is an evaluation window."""
+    no evaluation window reaches a model before ``prune_model`` has returned the pruned model, no
+    window the pruning runs on is an evaluation window, and the greedy allocation's trials are judged
+    on held-back calibration windows."""
     import rcpu.flow
+    import rcpu.prune
     from rcpu import pipeline
     from rcpu.config import EvalConfig
 
@@ -205,8 +275,16 @@ def test_evaluation_windows_are_never_read_before_the_pruned_model_exists(monkey
         flow_windows.append(windows)
         real_flow(self, adapter, windows, batch_size)
 
+    trial_windows: list[torch.Tensor] = []
+    real_trial_ppl = rcpu.prune.perplexity
+
+    def trial_ppl(model, windows, **kwargs):  # the greedy allocation's held-back loss
+        trial_windows.append(windows)
+        return real_trial_ppl(model, windows, **kwargs)
+
     monkeypatch.setattr(pipeline, "prune_model", prune)
     monkeypatch.setattr(pipeline, "perplexity", ppl)
+    monkeypatch.setattr(rcpu.prune, "perplexity", trial_ppl)
     monkeypatch.setattr(rcpu.flow.LayerFlow, "__init__", flow_init)
     monkeypatch.setattr(lm, "fingerprint", "tiny-ordering-test", raising=False)
     report = pipeline.prune_and_evaluate(lm, DataConfig(seq_len=32), PruneConfig(ratio=0.25, method="auto",
@@ -216,6 +294,7 @@ def test_evaluation_windows_are_never_read_before_the_pruned_model_exists(monkey
     assert "eval windows" not in events[:done] and "perplexity" not in events[:done]
     assert events[done:].count("perplexity") == 2  # dense and pruned, both after
     assert flow_windows and all(not bool((w[:, None] == eval_windows[None]).all(-1).any()) for w in flow_windows)
+    assert trial_windows and all(torch.equal(w, tokens.calibration[3::4]) for w in trial_windows)
     assert math.isfinite(report.pruned["ppl"])
 
 
@@ -236,7 +315,8 @@ def test_greedy_prune_figures_and_what_it_costs_in_stock_loadability(one_thread)
         [r[sub]["pruned_units"] / (r[sub]["pruned_units"] + r[sub]["kept_units"]) for r in greedy.layers]
         for sub in ("o_proj", "down_proj")]
     bars = figures.auto_choice_figure(greedy.layers)
-    assert sum(len(t.x) for t in bars.data) == 2 * len(greedy.layers)  # one bar per layer and sublayer
+    chose = sum("auto" in r[sub] for r in greedy.layers for sub in ("o_proj", "down_proj"))
+    assert sum(len(t.x) for t in bars.data) == chose  # one bar per sublayer that lost units (and so chose)
     assert all(y >= 0 for t in bars.data for y in t.y)
     assert "auto" in figures.auto_choice_figure([]).layout.annotations[0].text
     assert stock_verdict(uniform.model).loadable
