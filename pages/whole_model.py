@@ -132,7 +132,7 @@ after, before = summary["ppl"], summary["ppl_dense"]
 m[2].metric("Perplexity after", f"{after:.2f}", delta=f"{after - before:+.2f}", delta_color="inverse")
 m[3].metric("Pruning time", f"{summary['timing_s']['prune']:.0f} s")
 per_dim = ", ".join(f"`{s}` {v:.1f}" for s, v in summary["calibration_tokens_per_input_dim"].items())
-st.caption(f"Perplexity on {summary['eval_tokens']} tokens of {summary['eval_data']}. Removed per layer: "
+st.caption(f"Perplexity on {summary['eval_tokens']} tokens of {summary['eval_data']}. Removed: "
            f"{units_removed_text(summary)} ({summary['rounding']} rounding). Calibration tokens per input "
            f"dimension: {per_dim} (few favour rotation, many favour least squares).")
 st.plotly_chart(figures.layer_errors_figure(result.layers, n_layers, result.config.sublayers),

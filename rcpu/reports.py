@@ -119,9 +119,15 @@ class LayerReport:
 
 
 def units_removed_text(summary: dict) -> str:
-    """``"2 of 9 heads, 307 of 1536 channels"`` from a ``PruneReport`` JSON (per layer)."""
+    """``"2 of 9 heads, 307 of 1536 channels per layer"`` from a ``PruneReport`` JSON; with a non-uniform
+    allocation the totals over all layers and the range per layer."""
+    allocated = summary.get("allocated") or {}
+    if allocated.get("rule", "uniform") != "uniform":
+        return ", ".join(f"{a['total_removed']} of {sum(a['units'])} {DecoderAdapter.unit_name(s)} in all layers "
+                         f"({min(a['removed'])} to {max(a['removed'])} per layer)"
+                         for s in summary["units_pruned"] for a in [allocated[s]])
     return ", ".join(f"{summary['units_pruned'][s]} of {summary['units'][s]} {DecoderAdapter.unit_name(s)}"
-                     for s in summary["units_pruned"])
+                     for s in summary["units_pruned"]) + " per layer"
 
 
 def spread_text(spread: dict | None) -> str:

@@ -303,6 +303,20 @@ def test_whole_model_run_updates_chart_metrics_and_downloads(tiny_model, tmp_cac
     assert not at.warning
 
 
+def test_whole_model_greedy_run_says_which_spread_it_chose_and_on_what(tiny_model, tmp_cache):
+    at = set_model(open_page("pages/whole_model.py"), tiny_model)
+    at.radio(key="wm_allocation").set_value("greedy").run()
+    at.button(key="run_prune").click().run()
+    ok(at)
+    spread = at.session_state["whole_model_run"]["report"].to_json()["allocated"]["spread"]
+    assert spread["chosen"] in (1.0, 1.5, 2.0, 2.5) and spread["heldback_windows"] >= 1
+    assert spread["heldback_nll"][f"{spread['chosen']:g}"] == min(spread["heldback_nll"].values())
+    assert any(f"{spread['heldback_windows']} held-back calibration windows" in c.value
+               and f"more than {spread['chosen']:g}x the uniform count" in c.value for c in at.caption)
+    heat = chart(at, "Ratio removed per layer and module")
+    assert len(heat["data"][0]["z"]) == 2  # o_proj and down_proj, one row each
+
+
 def test_whole_model_shows_what_pruning_buys(tiny_model, tmp_cache):
     at = set_model(open_page("pages/whole_model.py"), tiny_model)
     at.button(key="run_prune").click().run()

@@ -42,6 +42,20 @@ def test_prune_save_eval_roundtrip(tiny_model_dir, tmp_cache, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_greedy_prune_reports_totals_and_its_spread_and_refuses_too_few_windows(tiny_model_dir, tmp_cache,
+                                                                                  tmp_path, capsys):
+    report = tmp_path / "greedy.json"
+    args = ["prune", "--model", str(tiny_model_dir), "--ratio", "0.34", "--allocation", "greedy", *FAST]
+    assert main(args) == 2  # two calibration windows: none can be held back, refused before any work
+    assert "at least 4 calibration windows" in capsys.readouterr().err
+    assert main([*args, "--calib-samples", "4", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    allocated = json.loads(report.read_text())["allocated"]
+    removed = [r["o_proj"]["pruned_units"] for r in json.loads(report.read_text())["layers"]]
+    assert f"{sum(removed)} of {sum(allocated['o_proj']['units'])} heads in all layers" in out
+    assert f"lowest loss on the {allocated['spread']['heldback_windows']} held-back calibration windows" in out
+
+
 def test_sweep_twice_computes_nothing_the_second_time(tiny_model_dir, tmp_cache, tmp_path, monkeypatch):
     args = ["sweep", "--model", str(tiny_model_dir), "--ratios", "0,0.34", "--configs",
             "rcpu:rotation,wanda_sp:none", *FAST, "--json", str(tmp_path / "a.json"), "--csv", str(tmp_path / "a.csv")]

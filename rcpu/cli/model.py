@@ -62,7 +62,7 @@ def add_commands(sub) -> None:
 def run_prune(args: argparse.Namespace) -> int:
     from ..export import check_output_dir, save_pruned
     from ..pipeline import prune_and_evaluate
-    from ..reports import units_removed_text
+    from ..reports import spread_text, units_removed_text
 
     data = common.data_config(args)
     cfg = PruneConfig(args.ratio, args.targets, args.score, args.method, args.alpha, args.lam, args.rounding,
@@ -91,7 +91,7 @@ def run_prune(args: argparse.Namespace) -> int:
     units = units_removed_text(payload)
     per_dim = ", ".join(f"{s} {v:.2f}" for s, v in payload["calibration_tokens_per_input_dim"].items())
     print(
-        f"pruned {cfg.ratio:.0%} of heads/channels ({cfg.targets}) by {cfg.label}: {units} per layer "
+        f"pruned {cfg.ratio:.0%} of heads/channels ({cfg.targets}) by {cfg.label}: {units} "
         f"({cfg.rounding}); params {payload['params_before']:,} -> {payload['params_after']:,}\n"
         f"calibration tokens per input dimension: {per_dim}\n"
         + "all layers: "
@@ -101,6 +101,7 @@ def run_prune(args: argparse.Namespace) -> int:
         + "\n"
         f"perplexity {payload['ppl_dense']:.3f} (dense) -> {payload['ppl']:.3f} on {payload['eval_tokens']} tokens; "
         f"took {payload['timing_s']['total']:.1f} s"
+        + (f"\nallocation: {spread_text(payload['allocated']['spread'])}" if "spread" in payload["allocated"] else "")
         + (f"\nsaved to {out}" if out else "")
     )
     common.write_json(json_out, payload)
