@@ -55,7 +55,8 @@ if any(c.split(":")[1] in LAMBDA_METHODS for c in configs):
 allocations = tuple(st.multiselect(
     "Ratios per layer (each is a line)", list(ALLOCATIONS), key="pv_allocations",
     help="uniform: the ratio in every layer; greedy: the same total per module, placed by calibration-fold "
-         "error (method 'auto' chooses each sublayer's compensation the same way)")) or start.allocations
+         "error (method 'auto' chooses each sublayer's compensation the same way), as far from uniform as "
+         "trial prunes judged on held-back calibration windows allow")) or start.allocations
 eval_data, eval_windows = common.evaluation_settings("pv", data)
 
 with common.guarded():

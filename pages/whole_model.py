@@ -51,8 +51,9 @@ method = c[3].selectbox("Compensation", list(PRUNE_METHODS), format_func=lambda 
                         key="wm_method")
 allocation = st.radio("Ratios per layer", list(ALLOCATIONS), horizontal=True, key="wm_allocation",
                       help="uniform: the ratio in every layer. greedy: the same total per module, placed where "
-                           "the error on a held-back part of the calibration windows rises least (layers then "
-                           "differ in shape: not stock-loadable, rcpu.load_pruned loads it).")
+                           "the error on a held-back part of the calibration windows rises least, as far from uniform "
+                           "as trial prunes judged on held-back calibration windows allow (layers then differ in "
+                           "shape: not stock-loadable, rcpu.load_pruned loads it).")
 eval_data, eval_windows = common.evaluation_settings("wm", data)
 lam = start.lam
 if method in LAMBDA_METHODS:
