@@ -13,7 +13,7 @@ That cost is measured one sublayer at a time, so it cannot see what removing mos
 consecutive layers does downstream. How far a sublayer may go above the uniform count (the
 *spread*, 1x to 2.5x; 1x is uniform) is therefore chosen by the loss of the pruned model: every
 ``HOLD_BACK``-th calibration window is held back, the costs and one trial prune per spread (with
-a cheap stand-in for ``auto``) use the others, and the spread whose trial model has the lowest
+the stand-in of the cost for ``auto``) use the others, and the spread whose trial model has the lowest
 loss on the held-back windows wins. The final prune uses every calibration window.
 
 The evaluation text is never used; the statistics come from the calibration windows only.
@@ -24,12 +24,11 @@ from __future__ import annotations
 import heapq
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from itertools import pairwise
 
 import torch
 
-from .compensate import AUTO_RIDGE_GRID, Regularisation, ridge_lambda, validation_errors
+from .compensate import AUTO_RIDGE_GRID, METHODS, Compensation, Regularisation, ridge_lambda, validation_errors
 from .errors import RcpuError
 from .flow import LayerFlow, layer_input_stats
 from .problem import KeptProblem
@@ -46,7 +45,7 @@ SPREADS = tuple(f for f in GRID_FACTORS if f >= 1.0)  # the caps greedy tries; 1
 MAX_SHARE = 0.8  # no sublayer loses more than this share of its units
 HOLD_BACK = 4  # greedy holds back every 4th calibration window to choose its spread
 STAND_IN_ALPHA = AUTO_RIDGE_GRID[len(AUTO_RIDGE_GRID) // 2]  # ridge in the middle of auto's grid
-ALLOCATION_VERSION = 2  # in the keys of cached points: 2 chooses the spread on held-back windows
+ALLOCATION_VERSION = 3  # in the keys of cached points: 3 chooses the spread on held-back windows
 
 # (counts per (layer, sublayer), fit windows, held-back windows, what to show) -> mean NLL on the held-back ones
 TrialLoss = Callable[[dict, torch.Tensor, torch.Tensor, str], float]
@@ -59,16 +58,27 @@ def check_allocation(name: str) -> None:
 
 def curve_candidates(method: str, gram_kk: torch.Tensor, lam: float) -> list[tuple[str, float, str]]:
     """The fit whose validation error is a sublayer's cost: the method itself, or for ``auto`` one
-    cheap stand-in for its candidate set (ls_ridge in the middle of its grid)."""
+    cheap stand-in for its candidate set (ls_ridge toward W_K, at STAND_IN_ALPHA relative strength)."""
     if method == "auto":
         return [("ls_ridge", ridge_lambda(gram_kk, STAND_IN_ALPHA), "ls_ridge")]
     return [(method, lam, method)]
 
 
-def trial_config(cfg):
-    """The configuration of a spread's trial prune: ``cfg``, with ``auto`` (eight fits per candidate)
-    replaced by the same stand-in its cost uses (``ridge``, relative strength STAND_IN_ALPHA)."""
-    return replace(cfg, method="ridge", alpha=STAND_IN_ALPHA) if cfg.method == "auto" else cfg
+def trial_fit(cfg) -> Callable[[KeptProblem], Compensation] | None:
+    """How a spread's trial prune compensates: ``auto`` (eight fits per candidate) by the stand-in its cost
+    uses, any other method by itself (None)."""
+    if cfg.method != "auto":
+        return None
+
+    def stand_in(problem: KeptProblem) -> Compensation:
+        method, lam, _ = curve_candidates("auto", problem.gram_kk, cfg.lam)[0]
+        return METHODS[method](problem, Regularisation(cfg.alpha, lam))
+
+    return stand_in
+
+
+def trial_label(cfg) -> str:
+    return f"ls_ridge at relative strength {STAND_IN_ALPHA:g}" if cfg.method == "auto" else cfg.method
 
 
 def check_windows(allocation: str, calib_samples: int) -> None:
@@ -184,7 +194,7 @@ def allocate(lm, tokens, cfg, seed: int, batch_size: int = 8, progress=None, tri
     best = min(SPREADS, key=lambda f: losses[f"{f:g}"])  # the first (closest to uniform) on a tie
     log.info("greedy allocation: spread %gx (held-back NLL %s)", best, losses)
     spread = {"chosen": best, "heldback_nll": losses, "fit_windows": len(fit), "heldback_windows": len(held),
-              "trial_method": trial_config(cfg).method}
+              "trial_method": trial_label(cfg)}
     return {"counts": placements[best], "uniform": uniform, "units": units, "costs": costs, "spread": spread,
             "placements": placements}
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import adapter_for
-from .allocate import FOLDS, TrialLoss, allocate, trial_config
+from .allocate import FOLDS, TrialLoss, allocate, trial_fit
 from .calibration import TokenSet, prepare_tokens
 from .compensate import Compensation, compensate_problem, split_errors
 from .config import DataConfig, PruneConfig
@@ -64,13 +64,15 @@ def prune_model(
     batch_size: int = 8,
     folds: int = FOLDS,
     counts: dict[tuple[int, str], int] | None = None,
+    fit: Callable[[KeptProblem], Compensation] | None = None,
 ) -> PruneResult:
     """Prune every decoder layer of a copy of ``lm.model`` sequentially.
 
     ``progress(done, total, what)`` is called per layer; ``on_layer(record)`` gets each
     layer's errors as soon as it is pruned (the app draws them as the run goes). ``folds``: how
     many calibration folds ``auto`` cross-validates on. ``counts``: units to remove per (layer,
-    sublayer), given instead of allocated (the greedy allocation's trial prunes).
+    sublayer), given instead of allocated, and ``fit``: the compensation instead of ``cfg.method`` (both
+    for the greedy allocation's trial prunes).
     """
     cfg.check(lm)  # before any work: a ratio that leaves some layer nothing fails here
     start = time.perf_counter()
@@ -98,7 +100,7 @@ def prune_model(
             progress(index, n_layers, f"layer {index}")
         layer_counts = None if counts is None else {sub: counts[index, sub] for sub in cfg.sublayers}
         layer_plans, record = prune_layer(adapter, index, flows, cfg, data.seed, timing, folds=folds,
-                                          counts=layer_counts)
+                                          counts=layer_counts, fit=fit)
         plans.append(layer_plans)
         records.append(record)
         if on_layer:
@@ -121,13 +123,15 @@ def prune_model(
 
 def prune_layer(adapter, index: int, flows: dict[str, LayerFlow], cfg: PruneConfig, seed: int,
                 timing: dict[str, float], folds: int = 0,
-                counts: dict[str, int] | None = None) -> tuple[dict[str, SublayerPlan], dict]:
+                counts: dict[str, int] | None = None,
+                fit: Callable[[KeptProblem], Compensation] | None = None) -> tuple[dict[str, SublayerPlan], dict]:
     """Prune layer ``index`` of ``adapter``'s model in place and move every flow past it.
 
     The dense run records only the statistics the targets read (and stops after the last of
     them) and keeps the attention output; the pruned run reuses it (``rcpu.flow``). ``folds``:
     a Gram per calibration fold (``auto``); ``counts``: units to remove per sublayer (an
-    allocation) instead of ``cfg.ratio``. Adds the seconds of each part to ``timing``; returns
+    allocation) instead of ``cfg.ratio``; ``fit``: the compensation instead of ``cfg.method``.
+    Adds the seconds of each part to ``timing``; returns
     the layer's plans and its record."""
     sublayers = cfg.sublayers
     t0 = time.perf_counter()
@@ -155,7 +159,8 @@ def prune_layer(adapter, index: int, flows: dict[str, LayerFlow], cfg: PruneConf
         if len(sel.pruned) == 0 or not cfg.compensates(sub):
             comp = _identity(linear.weight, sel.kept)  # nothing removed, or left uncompensated (ablation)
         else:
-            comp = compensate_problem(cfg.method, problems["calibration"], cfg.alpha, cfg.lam)
+            comp = fit(problems["calibration"]) if fit else compensate_problem(cfg.method, problems["calibration"],
+                                                                                cfg.alpha, cfg.lam)
         plan = SublayerPlan(sub, sel.kept_units, sel.kept, comp)
         layer_plans[sub] = plan
         record[sub] = _errors(problems, comp)
@@ -188,16 +193,16 @@ def _trial_loss(lm: LoadedModel, data: DataConfig, cfg: PruneConfig, batch_size:
                 progress: Progress | None) -> TrialLoss:
     """The greedy allocation's trial: prune with the given counts on the fit windows (``auto`` by its
     stand-in), and return the pruned model's mean NLL on the held-back calibration windows."""
-    stand_in = trial_config(cfg)
+    stand_in = trial_fit(cfg)
 
-    def loss(counts: dict, fit: torch.Tensor, held: torch.Tensor, label: str) -> float:
+    def loss(counts: dict, fit_windows: torch.Tensor, held: torch.Tensor, label: str) -> float:
         def trial_progress(done: int, total: int, what: str) -> None:
             if progress:
                 progress(done, total, f"allocation, trial of {label}: {what}")
 
-        fit_only = TokenSet(calibration=fit, heldout=fit[:0], heldout_ids=fit.new_zeros(0))
-        result = prune_model(lm, data, stand_in, tokens=fit_only, progress=trial_progress, batch_size=batch_size,
-                             counts=counts)
+        fit_only = TokenSet(calibration=fit_windows, heldout=fit_windows[:0], heldout_ids=fit_windows.new_zeros(0))
+        result = prune_model(lm, data, cfg, tokens=fit_only, progress=trial_progress, batch_size=batch_size,
+                             folds=0, counts=counts, fit=stand_in)  # no folds: the stand-in needs none
         return perplexity(result.model, held)["nll"]
 
     return loss
