@@ -11,7 +11,17 @@ from conftest import make_tiny_llama
 from conftest import random_tokens as _tokens
 from conftest import tiny_lm as _lm
 
-from rcpu.allocate import HOLD_BACK, SPREADS, allocate, capped, greedy_counts, grid_counts, heldback_split
+from rcpu.allocate import (
+    HOLD_BACK,
+    SPREADS,
+    STAND_IN_ALPHA,
+    allocate,
+    capped,
+    greedy_counts,
+    grid_counts,
+    heldback_split,
+    trial_fit,
+)
 from rcpu.compensate import (
     AUTO_CANDIDATES,
     AUTO_RIDGE_GRID,
@@ -170,6 +180,21 @@ def test_heldback_windows_are_every_fourth_and_too_few_windows_are_refused():
     assert sorted(fit[:, 0].tolist() + held[:, 0].tolist()) == list(range(10))
     with pytest.raises(RcpuError, match="at least 4 calibration windows"):
         heldback_split(windows[:3])
+
+
+def test_auto_trials_fit_the_costs_stand_in_toward_the_kept_weights():
+    """auto's trial prunes compensate with ls_ridge toward W_K at STAND_IN_ALPHA relative strength, the fit
+    whose fold error is the cost; a fixed method's trials use the method itself."""
+    from rcpu.compensate import ridge_lambda
+
+    gen = torch.Generator().manual_seed(3)
+    stats = LayerStats.from_inputs(torch.randn(6, 40, generator=gen), sample_size=0)
+    problem = KeptProblem(torch.randn(5, 6, generator=gen, dtype=torch.float64), stats, torch.arange(4))
+    lam = ridge_lambda(problem.gram_kk, STAND_IN_ALPHA)
+    expected = compensate_problem("ls_ridge", problem, lam=lam).weight
+    assert torch.equal(trial_fit(PruneConfig(method="auto"))(problem).weight, expected)
+    assert not torch.allclose(expected, compensate_problem("ridge", problem, alpha=STAND_IN_ALPHA).weight)
+    assert trial_fit(PruneConfig(method="rotation")) is None
 
 
 def test_greedy_keeps_the_spread_whose_trial_loses_least_on_held_back_windows(one_thread):
