@@ -12,7 +12,8 @@ and units are removed one step at a time where the interpolated cost rises least
 That cost is measured one sublayer at a time, so it cannot see what removing most of several
 consecutive layers does downstream. How far a sublayer may go above the uniform count (the
 *spread*, 1x to 2.5x; 1x is uniform) is therefore chosen by the loss of the pruned model: every
-``HOLD_BACK``-th calibration window is held back, the costs and one trial prune per spread (with
+``HOLD_BACK``-th calibration window is held back (and any other window sharing tokens with it left
+out), the costs and one trial prune per spread (with
 the stand-in of the cost for ``auto``) use the others, and the spread whose trial model has the lowest
 loss on the held-back windows wins. The final prune uses every calibration window.
 
@@ -45,7 +46,7 @@ SPREADS = tuple(f for f in GRID_FACTORS if f >= 1.0)  # the caps greedy tries; 1
 MAX_SHARE = 0.8  # no sublayer loses more than this share of its units
 HOLD_BACK = 4  # greedy holds back every 4th calibration window to choose its spread
 STAND_IN_ALPHA = AUTO_RIDGE_GRID[len(AUTO_RIDGE_GRID) // 2]  # ridge in the middle of auto's grid
-ALLOCATION_VERSION = 3  # in the keys of cached points: 3 chooses the spread on held-back windows
+ALLOCATION_VERSION = 4  # in the keys of cached points: 4 chooses the spread on held-back windows
 
 # (counts per (layer, sublayer), fit windows, held-back windows, what to show) -> mean NLL on the held-back ones
 TrialLoss = Callable[[dict, torch.Tensor, torch.Tensor, str], float]
@@ -89,11 +90,19 @@ def check_windows(allocation: str, calib_samples: int) -> None:
                         f"(--calib-samples); got {calib_samples}")
 
 
-def heldback_split(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fit, held back): every HOLD_BACK-th calibration window is held back."""
+def heldback_split(windows: torch.Tensor, starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held back): every HOLD_BACK-th calibration window is held back. With the windows' ``starts`` in
+    the text, a fit window that shares a token with a held-back one is left out of both (random windows
+    can overlap, and a held-back loss on tokens the trial was fitted to would favour the closest fit)."""
     check_windows("greedy", len(windows))
     held = torch.arange(len(windows)) % HOLD_BACK == HOLD_BACK - 1
-    return windows[~held], windows[held]
+    fit = ~held
+    if starts is not None:
+        fit &= ~((starts[:, None] - starts[None, held]).abs() < windows.shape[1]).any(dim=1)
+        if not fit.any():
+            raise RcpuError("every calibration window overlaps a held-back one, so the greedy allocation has none "
+                            "to fit its trials on: use a longer calibration text or fewer, shorter windows")
+    return windows[fit], windows[held]
 
 
 def greedy_counts(costs: dict[tuple[int, str], list[tuple[int, float]]], steps: dict[tuple[int, str], int],
@@ -176,7 +185,7 @@ def allocate(lm, tokens, cfg, seed: int, batch_size: int = 8, progress=None, tri
         return {"counts": dict(uniform), "uniform": uniform, "units": units}
     if trial is None:
         raise ValueError("the greedy allocation needs a trial loss to choose its spread")
-    fit, held = heldback_split(tokens.calibration)
+    fit, held = heldback_split(tokens.calibration, tokens.calibration_starts)
     costs = sublayer_costs(adapter, fit, cfg, seed, uniform, units, steps, batch_size, progress)
     totals: dict[str, int] = {}
     for (index, sub), n in uniform.items():

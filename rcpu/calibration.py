@@ -15,6 +15,7 @@ from .models import LoadedModel
 from .stats import LayerStats
 from .text import (
     Sampling,
+    calibration_starts,
     calibration_windows,
     consecutive_windows,
     load_text,
@@ -36,6 +37,7 @@ class TokenSet:
     calibration: Tensor  # (calib_samples, seq_len)
     heldout: Tensor  # (<= heldout_samples, seq_len), consecutive windows of the held-out part
     heldout_ids: Tensor  # the whole held-out part, 1-D
+    calibration_starts: Tensor | None = None  # where each calibration window starts (None: unknown)
 
 
 _TOKEN_CACHE: dict[tuple, TokenSet] = {}
@@ -49,6 +51,7 @@ def prepare_tokens(lm: LoadedModel, data: str, sampling: Sampling) -> TokenSet:
         calib, heldout = split_tokens(ids, sampling.seq_len, data)
         _TOKEN_CACHE[key] = TokenSet(
             calibration=calibration_windows(calib, sampling),
+            calibration_starts=calibration_starts(len(calib), sampling),
             heldout=consecutive_windows(heldout, sampling.seq_len, sampling.heldout_samples),
             heldout_ids=heldout,
         )

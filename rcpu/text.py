@@ -167,10 +167,15 @@ def split_tokens(ids: Tensor, seq_len: int, source: str = "text") -> tuple[Tenso
     return calib, heldout
 
 
+def calibration_starts(n_tokens: int, sampling: Sampling) -> Tensor:
+    """Where each of the ``calib_samples`` seeded random windows starts in a text of ``n_tokens``."""
+    gen = torch.Generator().manual_seed(sampling.seed)
+    return torch.randint(0, n_tokens - sampling.seq_len + 1, (sampling.calib_samples,), generator=gen)
+
+
 def calibration_windows(calib: Tensor, sampling: Sampling) -> Tensor:
     """``calib_samples`` seeded random windows of ``seq_len`` tokens, shape (n, seq_len)."""
-    gen = torch.Generator().manual_seed(sampling.seed)
-    starts = torch.randint(0, len(calib) - sampling.seq_len + 1, (sampling.calib_samples,), generator=gen)
+    starts = calibration_starts(len(calib), sampling)
     return torch.stack([calib[s : s + sampling.seq_len] for s in starts.tolist()])
 
 

@@ -180,6 +180,12 @@ def test_heldback_windows_are_every_fourth_and_too_few_windows_are_refused():
     assert sorted(fit[:, 0].tolist() + held[:, 0].tolist()) == list(range(10))
     with pytest.raises(RcpuError, match="at least 4 calibration windows"):
         heldback_split(windows[:3])
+    # Random windows may overlap: a fit window sharing a token with a held-back one is left out.
+    starts = torch.tensor([0, 100, 200, 300, 396, 500, 600, 700, 650, 900])  # held back: 300 and 700
+    fit, held = heldback_split(torch.arange(10)[:, None].expand(10, 5), starts)  # 5-token windows: no overlap
+    assert held[:, 0].tolist() == [3, 7] and fit[:, 0].tolist() == [0, 1, 2, 4, 5, 6, 8, 9]
+    fit, held = heldback_split(torch.arange(10)[:, None].expand(10, 100), starts)  # 396 and 650 overlap
+    assert held[:, 0].tolist() == [3, 7] and fit[:, 0].tolist() == [0, 1, 2, 5, 6, 9]
 
 
 def test_auto_trials_fit_the_costs_stand_in_toward_the_kept_weights():

@@ -11,6 +11,7 @@ from rcpu.errors import RcpuError
 from rcpu.text import (
     HELDOUT_FRACTION,
     Sampling,
+    calibration_starts,
     calibration_windows,
     consecutive_windows,
     load_text,
@@ -154,6 +155,7 @@ def test_windows_deterministic_per_seed():
     assert a.shape == (16, 32) and a.dtype == calib.dtype
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+    assert calibration_starts(len(calib), s).tolist() == a[:, 0].tolist()  # calib is arange: a window's first id
 
 
 def test_windows_come_only_from_the_calibration_part():
