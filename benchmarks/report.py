@@ -399,9 +399,11 @@ def _auto(r: dict) -> list[str]:
             lines.append(f"| {config} | " + " | ".join(cells) + " |")
         auto_s = [row["seconds"] for row in rows if row["config"] == "rcpu:auto" and row.get("seconds")]
         fixed_s = [row["seconds"] for row in rows if row.get("method") != "auto" and row.get("seconds")]
+        greedy_s = [row["seconds"] for row in rows if row.get("allocation") == "greedy" and row.get("seconds")]
         if auto_s and fixed_s:
+            greedy_text = f", `auto [greedy]` median {statistics.median(greedy_s):.0f}" if greedy_s else ""
             lines += ["", (f"Seconds per point (prune and evaluation, when computed): `auto` median "
-                           f"{statistics.median(auto_s):.0f}, fixed methods median "
+                           f"{statistics.median(auto_s):.0f}{greedy_text}, fixed methods median "
                            f"{statistics.median(fixed_s):.0f} "
                            f"({statistics.median(auto_s) / statistics.median(fixed_s):.1f}x).")]
         if table.get("missing_points"):
@@ -422,7 +424,11 @@ def _auto(r: dict) -> list[str]:
                                    f"per layer {min(a['removed'])}-{max(a['removed'])}"
                                    for sub, a in alloc.items() if isinstance(a, dict) and "removed" in a)
                 spread = alloc.get("spread")
-                chosen = f" (spread {spread['chosen']:g}x, chosen on held-back calibration windows)" if spread else ""
+                chosen = ""
+                if spread:
+                    losses = ", ".join(f"{f}x {nll:.3f}" for f, nll in spread["heldback_nll"].items())
+                    chosen = (f" (spread {spread['chosen']:g}x, chosen on {spread['heldback_windows']} held-back "
+                              f"calibration windows, mean NLL of the trials: {losses})")
                 parts.append(f"greedy removed {totals}{chosen}; parameters after: greedy "
                              f"{_num(greedy['params_after'])}, uniform {_num(auto_row['params_after'])}")
             if parts:
