@@ -12,10 +12,10 @@ and units are removed one step at a time where the interpolated cost rises least
 That cost is measured one sublayer at a time, so it cannot see what removing most of several
 consecutive layers does downstream. How far a sublayer may go above the uniform count (the
 *spread*, 1x to 2.5x; 1x is uniform) is therefore chosen by the loss of the pruned model: every
-``HOLD_BACK``-th calibration window is held back (and any other window sharing tokens with it left
-out), the costs and one trial prune per spread (with
-the stand-in of the cost for ``auto``) use the others, and the spread whose trial model has the lowest
-loss on the held-back windows wins. The final prune uses every calibration window.
+``HOLD_BACK``-th calibration window is held back, the costs and one trial prune per spread (``auto``
+by the stand-in of its cost) are fitted on the windows that share no token with those, and the
+spread whose trial model has the lowest loss on the held-back windows wins. The final prune uses
+every calibration window.
 
 The evaluation text is never used; the statistics come from the calibration windows only.
 """
@@ -92,7 +92,7 @@ def check_windows(allocation: str, calib_samples: int) -> None:
 
 def heldback_split(windows: torch.Tensor, starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fit, held back): every HOLD_BACK-th calibration window is held back. With the windows' ``starts`` in
-    the text, a fit window that shares a token with a held-back one is left out of both (random windows
+    the text, a window that shares a token with a held-back one is not a fit window either (random windows
     can overlap, and a held-back loss on tokens the trial was fitted to would favour the closest fit)."""
     check_windows("greedy", len(windows))
     held = torch.arange(len(windows)) % HOLD_BACK == HOLD_BACK - 1
