@@ -96,3 +96,20 @@ def test_svg_chart_is_small_and_valid():
                      xlabel="x", ylabel="y", log_x=True, hline=(15.0, "dense"))
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     assert "t &lt;1&gt;" in svg and len(svg) < 10_000
+
+
+def test_kept_greedy_rows_of_the_fixed_cap_rule_are_marked_in_the_table_and_goal():
+    from benchmarks.auto import _goals, _mark_earlier_rule
+
+    def row(allocation, ppl, allocated):
+        return {"config": "rcpu:auto" + (" [greedy]" if allocation == "greedy" else ""), "method": "auto",
+                "allocation": allocation, "ratio": 0.3, "ppl": ppl, "allocated": allocated}
+
+    old = {"rows": [row("uniform", 20.0, {"rule": "uniform"}), row("greedy", 19.0, {"rule": "greedy"})]}
+    marked = _mark_earlier_rule(_mark_earlier_rule(old))  # idempotent: a table kept twice is marked once
+    assert [r["config"] for r in marked["rows"]] == ["rcpu:auto", "rcpu:auto [greedy] (fixed 2.5x cap)"]
+    name = "t ratio 0.3: ppl auto greedy (fixed 2.5x cap) / auto uniform"
+    assert [g["name"] for g in _goals(marked["rows"], "t")] == [name]
+    new = {"rows": [old["rows"][0], row("greedy", 19.0, {"rule": "greedy", "spread": {"chosen": 1.5}})]}
+    assert _mark_earlier_rule(new) == new
+    assert _goals(new["rows"], "t")[0]["name"] == "t ratio 0.3: ppl auto greedy / auto uniform"
