@@ -40,6 +40,15 @@ class StageText:
         return (now - start) / steps * (total - done)
 
     def __call__(self, stage: str, done: int, total: int, what: str = "") -> tuple[float, str]:
+        if stage == "prune" and what.startswith("allocation"):
+            # The greedy allocation's passes over the layers (its costs, then a trial prune per spread) come
+            # before the prune itself: each is a step of its own, with its own estimate.
+            step = what.rpartition(": ")[0] or what
+            left = self.left(step, done, total)
+            text = f"{step[0].upper()}{step[1:]}: layer {min(done + 1, total)} of {total}"
+            if left is not None:
+                text += f" · about {duration_text(left)} left"
+            return min(done / max(total, 1), 1.0), text
         left = self.left(stage, done, total)
         if stage == "prune":
             text = (f"Pruning: layer {done + 1} of {total}" if done < total

@@ -345,6 +345,20 @@ def test_stage_text_counts_layers_and_estimates_time_left():
     assert "computed once" in text("dense", 4, 44, "perplexity")[1]
     assert duration_text(45) == "45 s" and duration_text(3725) == "1 h 02 min"
 
+    # A greedy allocation's passes (costs, then one trial prune per spread) are steps of their own, each with
+    # its own estimate, and they do not start the prune's clock.
+    greedy = StageText(clock=lambda: now[0])
+    now[0] = 0.0
+    assert greedy("prune", 0, 30, "allocation: layer 0")[1] == "Allocation: layer 1 of 30"
+    now[0] = 20.0
+    assert greedy("prune", 10, 30, "allocation: layer 10")[1] == "Allocation: layer 11 of 30 · about 40 s left"
+    trial = "allocation, trial of spread 1.5x"
+    assert greedy("prune", 0, 30, f"{trial}: layer 0")[1] == "Allocation, trial of spread 1.5x: layer 1 of 30"
+    now[0] = 30.0
+    assert greedy("prune", 5, 30, f"{trial}: layer 5")[1].endswith("layer 6 of 30 · about 50 s left")
+    assert greedy("prune", 30, 30, f"{trial}: done")[1] == "Allocation, trial of spread 1.5x: layer 30 of 30"
+    assert greedy("prune", 0, 30, "layer 0") == (0.0, "Pruning: layer 1 of 30")  # the prune's own clock starts now
+
 
 def test_accounting_rows():
     from torch import nn
