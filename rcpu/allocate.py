@@ -146,13 +146,16 @@ def _interp(points: list[tuple[int, float]], n: int) -> float:
 
 def grid_counts(uniform: int, units: int, step: int) -> list[int]:
     """0 and the measured pruning levels around the uniform count, in whole steps, at most MAX_SHARE."""
-    return sorted({0, _level(1.0, uniform, units, step)} | {_level(f, uniform, units, step) for f in GRID_FACTORS})
+    return sorted({0} | {_level(f, uniform, units, step) for f in GRID_FACTORS})
 
 
 def _level(factor: float, uniform: int, units: int, step: int) -> int:
-    """``factor`` times the uniform count in whole steps, at most MAX_SHARE of the units (1.0: uniform's)."""
+    """``factor`` times the uniform count in whole steps, at most MAX_SHARE of the units.
+
+    A uniform count is itself a whole number of steps (``allocate``), so factor 1 gives it back exactly.
+    """
     cap = max(step, min(units - step, int(MAX_SHARE * units) // step * step))
-    return min(cap, uniform if factor == 1.0 else round(factor * uniform / step) * step)
+    return min(cap, round(factor * uniform / step) * step)
 
 
 def capped(costs: dict[tuple[int, str], list[tuple[int, float]]], spread: float, uniform: dict, units: dict,
