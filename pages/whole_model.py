@@ -14,7 +14,7 @@ from rcpu.accounting import module_rows, params_by_module, unit_rows
 from rcpu.allocate import ALLOCATIONS, FOLDS
 from rcpu.compensate import LAMBDA_METHODS, PRUNE_METHODS
 from rcpu.config import EvalConfig, PruneConfig
-from rcpu.eta import StageText
+from rcpu.eta import Every, StageText
 from rcpu.export import save_pruned, zip_pruned
 from rcpu.footprint import benchmark_rows, compare, footprint, measure_speed, speed_sample
 from rcpu.pipeline import prune_and_evaluate
@@ -24,6 +24,7 @@ from rcpu.sweep import save_point
 from ui import common
 
 RESULT = "whole_model_run"  # session-state key of the last run (kept across reruns, e.g. downloads)
+LIVE_CHART_EVERY_S = 5.0  # the live chart is redrawn at most this often (the browser's drawing shares the cores)
 PARTIAL = "whole_model_partial"  # the per-layer records of a run in progress; left behind when it is stopped
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TARGET_LABELS = {"both": "both (o_proj + down_proj)", "attn": "attention heads only (o_proj)",
@@ -74,10 +75,12 @@ if run:
     # the next run shows what was done instead of forgetting it.
     st.session_state[PARTIAL] = {"config": cfg, "layers": records}
     stage_text = StageText()
+    redraw = Every(LIVE_CHART_EVERY_S)
 
     def on_layer(record: dict) -> None:
         records.append(record)
-        live.plotly_chart(figures.layer_errors_figure(records, n_layers, cfg.sublayers))
+        if redraw(last=len(records) == n_layers):
+            live.plotly_chart(figures.layer_errors_figure(records, n_layers, cfg.sublayers))
 
     def on_progress(stage: str, done: int, total: int, what: str) -> None:
         fraction, text = stage_text(stage, done, total, what)

@@ -61,3 +61,20 @@ class StageText:
         if left is not None:
             text += f" · about {duration_text(left)} left"
         return min(done / max(total, 1), 1.0), text
+
+
+class Every:
+    """Says yes at most once per ``seconds`` (the first call, and any ``last`` one, always): paces the
+    redraws of a live chart, so that drawing it in the browser does not slow down the run it shows."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.perf_counter):
+        self.seconds = seconds
+        self.clock = clock
+        self.previous: float | None = None
+
+    def __call__(self, last: bool = False) -> bool:
+        now = self.clock()
+        if last or self.previous is None or now - self.previous >= self.seconds:
+            self.previous = now
+            return True
+        return False

@@ -360,6 +360,19 @@ def test_stage_text_counts_layers_and_estimates_time_left():
     assert greedy("prune", 0, 30, "layer 0") == (0.0, "Pruning: layer 1 of 30")  # the prune's own clock starts now
 
 
+def test_every_paces_redraws_but_never_drops_the_first_or_last():
+    from rcpu.eta import Every
+
+    now = [0.0]
+    every = Every(5.0, clock=lambda: now[0])
+    said = []
+    for layer in range(30):  # a layer every 2 s
+        now[0] = 2.0 * layer
+        said.append(every(last=layer == 29))
+    assert said[0] and said[-1]  # the first layer's chart at once, the finished one always
+    assert [i for i, yes in enumerate(said) if yes] == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29]
+
+
 def test_accounting_rows():
     from torch import nn
 
