@@ -11,9 +11,10 @@ SVG plots in ``docs/img/``) from those files. Individual benchmarks:
 - ``quality``: the perplexity table and calibration-size curve (cached sweep points)
 - ``auto``: ``--method auto`` and ``--allocation greedy`` against every fixed compensation
 - ``size``: parameters, size on disk, KV cache and tokens/s, dense against pruned (embedded and 7B layer shapes)
+- ``appcost``: the app's whole-model prune at its defaults against ``rcpu prune`` on the same settings
 
 Modes: full (default), ``--quick`` (under 10 minutes on 2 cores), and ``--tiny``
 (a tiny random LLaMA and small shapes, only to keep this code from rotting).
 """
 
-BENCHMARKS = ("floor", "explorer", "memory", "eval", "quality", "size", "auto")
+BENCHMARKS = ("floor", "explorer", "memory", "eval", "quality", "size", "auto", "appcost")

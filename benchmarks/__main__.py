@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     from .common import load_lm
 
     lm = load_lm(settings) if set(names) - {"memory"} else None
-    from . import auto, evalspeed, explorer, floor, memory, quality, size
+    from . import appcost, auto, evalspeed, explorer, floor, memory, quality, size
 
     modules = {"floor": floor, "explorer": explorer, "memory": memory, "eval": evalspeed, "quality": quality,
-               "size": size, "auto": auto}
+               "size": size, "auto": auto, "appcost": appcost}
     total = time.perf_counter()
     for name in names:
         started = time.perf_counter()

@@ -78,6 +78,8 @@ class Settings:
     size_prompt: int = 16  # tokens before generation
     size_new_tokens: int = 32  # generated greedily per timed run
     size_repeats: int = 3  # best of, dense and pruned taking turns
+    # appcost (at the app's defaults)
+    app_repeats: int = 3  # turns of CLI then app, best of each (one turn alone follows the host's speed)
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -95,7 +97,7 @@ def settings_for(mode: str) -> Settings:
             eval_repeats=1, ratios=(0.2,), configs=("wanda_sp:none", "fluctuation:bias", "rcpu:rotation"),
             quality_eval_windows=4, curve_configs=("rcpu:rotation", "rcpu:ls"), curve_samples=(8, 32),
             size_calib=(4, 128), size_forward=(4, 128), size_large={**LARGE_SHAPE, "layers": 1},
-            size_large_forward=(2, 128), size_repeats=2,
+            size_large_forward=(2, 128), size_repeats=2, app_repeats=1,
         )
     if mode == "tiny":
         return Settings(
@@ -108,7 +110,7 @@ def settings_for(mode: str) -> Settings:
             size_calib=(2, 32), size_forward=(2, 16), size_large_calib=(2, 16), size_large_forward=(2, 16),
             size_large={"hidden": 64, "heads": 8, "kv_heads": 8, "head_dim": 8, "intermediate": 176, "layers": 1,
                         "vocab": 128},
-            size_prompt=4, size_new_tokens=4, size_repeats=1,
+            size_prompt=4, size_new_tokens=4, size_repeats=1, app_repeats=1,
         )
     raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
 
@@ -246,6 +248,28 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def run_fresh(module_args: list[str], env: dict | None = None) -> str:
+    """``python -m <module_args>`` in a fresh process from the repository root; its stdout.
+
+    Streamlit runs a page in a thread of its own, and such a thread's LAPACK calls are slower in a process
+    whose main thread has already run torch's OpenMP work (``benchmarks.appcost.thread_check`` measures
+    it): a page is timed in a process of its own, as the app's server runs it.
+    """
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", *module_args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def last_json_line(stdout: str) -> Any:
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def median(values: list[float]) -> float:

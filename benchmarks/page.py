@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -104,6 +105,13 @@ def page_update(lm, calib_samples: int, seq_len: int, layer: int) -> dict:
     out["max_s"] = max(every)
     out["worst_view_median_s"] = max(v["median_s"] for s in out["sublayers"].values() for v in s["views"].values())
     return out
+
+
+def page_update_fresh(mode: str, layer: int) -> dict:
+    """``page_update`` on ``mode``'s model and calibration sizes in a fresh process (``common.run_fresh``)."""
+    from .common import last_json_line, run_fresh
+
+    return {**last_json_line(run_fresh(["benchmarks.page", "--update", mode, str(layer)])), "fresh": True}
 
 
 # In a real browser ---------------------------------------------------------------------
@@ -264,4 +272,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--update"]:  # page_update_fresh's process
+        import json
+
+        from .common import load_lm, settings_for
+
+        settings = settings_for(sys.argv[2])
+        print(json.dumps(page_update(load_lm(settings), settings.calib_samples, settings.seq_len, int(sys.argv[3]))))
+    else:
+        main()

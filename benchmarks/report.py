@@ -14,9 +14,14 @@ from .svg import line_chart
 MB = 2**20
 
 
+# The sections in the order of their numbers; stream has its own command, python -m benchmarks.stream
+DOC_ORDER = ("floor", "explorer", "memory", "eval", "quality", "size", "auto", "stream", "appcost")
+assert set(BENCHMARKS) <= set(DOC_ORDER), "every benchmark has a section"
+
+
 def load_results(results_dir: Path) -> dict[str, dict]:
     results = {}
-    for name in (*BENCHMARKS, "stream"):  # stream: its own command, python -m benchmarks.stream
+    for name in DOC_ORDER:
         path = results_dir / f"{name}.json"
         if path.exists():
             results[name] = json.loads(path.read_text())
@@ -35,9 +40,10 @@ def _verdict(met) -> str:
     return {True: "met", False: "**missed**", None: "n/a"}[met]
 
 
-def _provenance(r: dict) -> str:
+def _provenance(r: dict, wall_note: str = "") -> str:
     m = r["machine"]
-    return (f"_{r.get('mode', 'full')} mode, {r['date']}, {r['wall_s']:.0f} s; {m['nproc']} CPUs ({m['cpu']}), "
+    return (f"_{r.get('mode', 'full')} mode, {r['date']}, {r['wall_s']:.0f} s{wall_note}; {m['nproc']} CPUs "
+            f"({m['cpu']}), "
             f"torch {m['torch']} with {m['torch_threads']} threads, load average at the end "
             f"{', '.join(str(x) for x in m['load_average'])}._")
 
@@ -165,6 +171,7 @@ def _page_lines(page: dict) -> list[str]:
     lines = [
         (f"**Layer explorer page** (layer {page['layer']}, methods {', '.join(page['methods'])}): the page's "
          "whole script rerun under Streamlit's `AppTest` after one widget change to settings not seen before "
+         f"{'in a process of its own, as the app server runs it (section 9 says why), ' if page.get('fresh') else ''}"
          "(statistics in memory; the browser's drawing of the charts is not included). Seconds per rerun:"),
         "",
         "| sublayer | view | view switch | changes (ratio, ratio, score per pass) | median |",
@@ -354,8 +361,11 @@ def _size_note(q: dict) -> str:
 def _auto(r: dict) -> list[str]:
     """Section 7: auto and the greedy allocation against every fixed compensation."""
     folds = r.get("folds", 4)  # results written before the count was recorded used four folds
+    this_run = [row for table in r["tables"].values() if table.get("date") == r["date"] for row in table["rows"]]
+    wall_note = (" (every point it tabulated was in the cache, computed earlier: a table's own seconds per point "
+                 "say what its points cost)" if this_run and all(row.get("cached") for row in this_run) else "")
     lines = [
-        "## 7. Auto compensation and greedy allocation", "", _provenance(r), "",
+        "## 7. Auto compensation and greedy allocation", "", _provenance(r, wall_note), "",
         (f"Measured by `python -m benchmarks auto{'' if r['mode'] == 'full' else ' --' + r['mode']}`; "
          "`--regime NAME` measures one table alone and keeps the others, so each table says when it was "
          "measured."), "",
@@ -464,6 +474,47 @@ def _stream(r: dict) -> list[str]:
     ] + _stream_peak(r) + _goal_rows(r["goals"]) + [""]
 
 
+def _appcost(r: dict) -> list[str]:
+    calib, seq = r["calibration"]
+    browser = r["runs"][0]["how"] == "browser"
+    rows = [f"| {i + 1} | {x['cli_s']:.1f} | "
+            + (f"{x['cli_beside_browser_s']:.1f} | {x['browser_idle_cpu_s']:.1f} | " if browser else "")
+            + f"{x['app_s']:.1f} | " + (f"{x['browser_cpu_s']:.1f} | " if browser else "")
+            + f"{x['app_s'] / x['cli_s']:.3f} |" for i, x in enumerate(r["runs"])]
+    app_text = ("the whole-model page served by `streamlit run` and driven by headless Chromium, timed from "
+                "pressing its button to an idle page showing the result (the same prune and evaluation, plus the "
+                "live chart of the errors, the progress text, the sweep point it saves and the result view; the "
+                "browser draws on the same two cores, and its processes' CPU seconds meanwhile are in the table). "
+                "Before the page's run, with the page open and idle in the browser, `rcpu prune` ran once more: "
+                "a browser uses CPU even on an idle page here (headless Chromium draws in software), so this is "
+                "the floor for any page on this machine"
+                if browser else "the whole-model page under Streamlit's `AppTest` in a fresh process, from its "
+                "button to the end of its script run")
+    return [
+        "## 9. The app's whole-model prune against the CLI's", "", _provenance(r), "",
+        (f"Measured by `python -m benchmarks appcost{'' if r['mode'] == 'full' else ' --' + r['mode']}`, at the "
+         f"app's defaults ({r['config']} at ratio {r['ratio']:g}, both targets, {calib} x {seq} calibration "
+         f"tokens, {r['heldout_samples']} held-out windows, perplexity on the whole held-out part: "
+         f"{_num(r['eval_tokens'])} tokens). In turns, CLI first: `rcpu prune` on the same settings in a fresh "
+         "process, timed by its own clock (`timing_s.total`: the prune and its evaluation, the model already "
+         f"loaded), then {app_text}. The dense perplexity was cached before both."), "",
+        ("| turn | CLI prune + evaluation s | "
+         + ("CLI beside the idle page s | browser CPU s meanwhile | " if browser else "") + "app s | "
+         + ("browser CPU s meanwhile | " if browser else "") + "app / CLI |"),
+        "|---|---|---|---|" + ("---|---|---|" if browser else ""), *rows, "",
+    ] + _thread_check(r.get("thread_check")) + _goal_rows(r["goals"]) + [""]
+
+
+def _thread_check(t: dict | None) -> list[str]:
+    if not t:
+        return []
+    return [("Why the benchmarks run a page in a fresh process (`benchmarks.common.run_fresh`): a float64 SVD of "
+             f"{t['svd_n']} x {t['svd_n']} (median of 9) "
+             f"took {t['thread_only_s']:.3f} s in a new thread while the main thread was idle, and "
+             f"{t['thread_after_main_s']:.3f} s in a new thread after the main thread had run the same SVDs "
+             f"({t['main_s']:.3f} s there), in fresh processes of the same run."), ""]
+
+
 def _stream_peak(r: dict) -> list[str]:
     """What the peak holds beyond the memory between layers: one layer's weights and float64 work."""
     after = r.get("rss_after_each_layer_gb")
@@ -509,6 +560,7 @@ def _reduced(results: dict[str, dict]) -> list[str]:
             "quality": f"configs {', '.join(q['configs'])} at ratio(s) {', '.join(str(x) for x in q['ratios'])}, "
                        f"{q['quality_eval_windows']} evaluation windows; curve of {', '.join(q['curve_configs'])} "
                        f"at {', '.join(str(n) for n in q['curve_samples'])} samples",
+            "appcost": f"{q.get('app_repeats', 1)} turn(s) (instead of 3)",
         }[name]
         notes.append(f"{name} ({r['mode']}): {text}")
     return notes
@@ -537,7 +589,7 @@ def write_docs(results_dir: Path, docs_path: Path, command: str) -> Path:
         lines += [("Reduced settings of the sections run with `--quick` or `--tiny` (the full run uses "
                   "the sizes the issue asks for):"), ""] + [f"- {n}" for n in notes] + [""]
     sections = {"floor": _floor, "explorer": _explorer, "memory": _memory, "eval": _eval, "size": _size,
-                "auto": _auto, "stream": _stream}
+                "auto": _auto, "stream": _stream, "appcost": _appcost}
     for name, r in results.items():
         if name == "quality":
             lines += _quality(r, img_dir, docs_dir)

@@ -66,9 +66,15 @@ def test_all_tiny_writes_results_and_docs(tmp_cache, tmp_path, capsys):
     assert large["o_proj"] == [[64, 48]]  # 6 of 8 heads of 8 columns kept at 0.2 (tiny shapes)
     assert {g["name"].split(":")[0] for g in size["goals"]} >= {"tiny at 0.2", "random-64x1 at 0.2"}
 
+    appcost = json.loads((results / "appcost.json").read_text())
+    for turn in appcost["runs"]:  # the page (AppTest: the tiny model) ran the prune inside its own run
+        assert turn["how"] == "AppTest" and 0 < turn["app_pipeline_s"] < turn["app_s"] and turn["cli_s"] > 0
+    assert all(appcost["thread_check"][k] > 0 for k in ("thread_only_s", "main_s", "thread_after_main_s"))
+
     text = docs.read_text()
     for heading in ("Pruning cost", "Explorer latency", "Layer explorer page", "Peak memory", "Evaluation throughput",
-                    "Quality", "What pruning buys", "Auto compensation and greedy allocation"):
+                    "Quality", "What pruning buys", "Auto compensation and greedy allocation",
+                    "The app's whole-model prune against the CLI's"):
         assert heading in text
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert images and all((docs.parent / image).is_file() for image in images)
@@ -113,3 +119,21 @@ def test_kept_greedy_rows_of_the_fixed_cap_rule_are_marked_in_the_table_and_goal
     new = {"rows": [old["rows"][0], row("greedy", 19.0, {"rule": "greedy", "spread": {"chosen": 1.5}})]}
     assert _mark_earlier_rule(new) == new
     assert _goals(new["rows"], "t")[0]["name"] == "t ratio 0.3: ppl auto greedy / auto uniform"
+
+
+def test_auto_section_says_when_its_run_only_tabulated_cached_points():
+    from benchmarks.report import _auto
+
+    machine = {"nproc": 2, "cpu": "x", "torch": "2", "torch_threads": 2, "load_average": [1, 1, 1]}
+
+    def result(cached: bool) -> dict:
+        row = {"config": "rcpu:auto", "method": "auto", "allocation": "uniform", "ratio": 0.1, "ppl": 20.0,
+               "seconds": 300.0, "cached": cached}
+        table = {"rows": [row], "dense": {"ppl": 19.0}, "calib_samples": 18, "seq_len": 128,
+                 "tokens_per_down_proj_input": 1.5, "eval_windows": 16, "date": "D2"}
+        older = {**table, "rows": [{**row, "cached": False}], "date": "D1"}  # a table kept from an earlier run
+        return {"mode": "quick", "date": "D2", "wall_s": 0.1, "machine": machine, "ratios": [0.1],
+                "tables": {"now": table, "kept": older}, "goals": []}
+
+    assert "every point it tabulated was in the cache" in _auto(result(cached=True))[2]
+    assert "cache" not in _auto(result(cached=False))[2]
