@@ -107,37 +107,28 @@ def _browser_prune(env: dict, data, out: Path) -> dict:
     seconds from pressing its button to an idle page showing the result (the browser draws on the same
     cores). Before that, with the page open and idle, ``rcpu prune`` once more: the CLI on a machine that
     carries the browser and the server too, the floor the page's run is compared with."""
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        from apphelp import CHROMIUM, launch_browser, live_server, wait_idle
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:
-        return {"skipped": f"playwright is missing ({exc})"}
-    if not CHROMIUM.exists():
-        return {"skipped": f"{CHROMIUM} is missing"}
-    from .page import SCRIPT_STATE
+    from .page import browser_missing, served_page, wait_run
 
-    with live_server(env, timeout=300) as url, sync_playwright() as p:
-        browser = launch_browser(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(f"{url}/whole_model")
+    missing = browser_missing()
+    if missing:
+        return {"skipped": missing}
+    from apphelp import wait_idle
+
+    with served_page(env, "whole_model") as page:
         wait_idle(page, 900_000)  # the model loads on the first visit
         button = page.get_by_role("button", name="Prune the model")
-        browser_cpu = _cpu_seconds("chromium")
+        before = _cpu_seconds("chromium")
         cli_beside = _cli_prune(data, out)["timing_s"]["total"]
-        idle_cpu = _cpu_seconds("chromium") - browser_cpu
-        browser_cpu = _cpu_seconds("chromium")
+        idle_cpu = _cpu_seconds("chromium") - before
+        before = _cpu_seconds("chromium")
         start = time.perf_counter()
         button.click()
-        page.wait_for_function(f"() => {SCRIPT_STATE} === 'running'", polling=5, timeout=10_000)
-        page.wait_for_function(f"() => {SCRIPT_STATE} !== 'running'", polling=50, timeout=3_600_000)
-        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        wait_run(page, 3_600_000, polling_ms=50)
         seconds = time.perf_counter() - start
-        browser_cpu = _cpu_seconds("chromium") - browser_cpu
+        browser_cpu = _cpu_seconds("chromium") - before
         shown = page.get_by_text("Perplexity after").count() > 0
         failed = page.locator('[data-testid="stException"]').count() + page.locator('[data-testid="stAlert"]').filter(
             has_text="Unexpected error").count()
-        browser.close()
     if failed or not shown:
         raise RuntimeError("the whole-model page did not show a result in the browser")
     return {"app_s": seconds, "how": "browser", "browser_cpu_s": browser_cpu, "cli_beside_browser_s": cli_beside,
@@ -152,8 +143,12 @@ def _cli_prune(data, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def _app_prune(data) -> dict:
-    env = dict(zip(APP_ENV, (str(data.calib_samples), str(data.seq_len), str(data.heldout_samples)), strict=True))
+def _app_env(data) -> dict:
+    """The app's environment overrides that make its defaults ``data``'s calibration sizes."""
+    return dict(zip(APP_ENV, (str(data.calib_samples), str(data.seq_len), str(data.heldout_samples)), strict=True))
+
+
+def _app_prune(env: dict, data) -> dict:
     return last_json_line(run_fresh(["benchmarks.appcost", data.model], env))  # app_worker
 
 
@@ -168,7 +163,7 @@ def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = F
     data = DataConfig() if lm.name == "embedded" else DataConfig(
         calib_samples=settings.calib_samples, seq_len=settings.seq_len, heldout_samples=2)
     cfg = PruneConfig()
-    env = dict(zip(APP_ENV, (str(data.calib_samples), str(data.seq_len), str(data.heldout_samples)), strict=True))
+    env = _app_env(data)
     runs = []
     with tempfile.TemporaryDirectory(prefix="rcpu-appcost-") as tmp:
         if lm.name != "embedded":  # a model only in memory (tiny mode): both load it from a folder
@@ -187,7 +182,7 @@ def run(lm, settings: Settings, out_dir: Path, started: float, profile: bool = F
             app = _browser_prune(env, data, Path(tmp) / "beside.json") if lm.name == "embedded" else {
                 "skipped": "tiny model"}
             if "skipped" in app:
-                app = {**_app_prune(data), "browser_skipped": app["skipped"]}
+                app = {**_app_prune(env, data), "browser_skipped": app["skipped"]}
             runs.append({"cli_s": report["timing_s"]["total"], "cli_timing_s": report["timing_s"], **app})
             beside = (f"; with the page open and idle in the browser: CLI {app['cli_beside_browser_s']:.1f} s, the "
                       f"browser {app['browser_idle_cpu_s']:.1f} CPU s; the page's run: the browser "

@@ -123,10 +123,38 @@ LONG_TASKS = """() => { window.__rcpuLongTasks = [];
 SUBLAYER_LABELS = {"down_proj": "down_proj (channels)", "o_proj": "o_proj (heads)"}
 
 
-def _wait_run(page, timeout_ms: int) -> None:
+def browser_missing() -> str | None:
+    """Why the browser benchmarks cannot run here (playwright or Debian's Chromium missing), or None."""
+    sys.path.insert(0, str(REPO / "tests"))  # apphelp: the browser recipes the app's tests use
+    try:
+        from apphelp import CHROMIUM
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError as exc:
+        return f"playwright is missing ({exc})"
+    return None if CHROMIUM.exists() else f"{CHROMIUM} is missing"
+
+
+@contextmanager
+def served_page(env: dict, path: str):
+    """``streamlit run`` with ``env`` and a headless Chromium page opened at ``path``; yields the page
+    (check ``browser_missing`` first)."""
+    from apphelp import launch_browser, live_server
+    from playwright.sync_api import sync_playwright
+
+    with live_server(env, timeout=300) as url, sync_playwright() as p:
+        browser = launch_browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{url}/{path}")
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_run(page, timeout_ms: int, polling_ms: int = 5) -> None:
     """Wait until a script run has started and finished, then for two drawn frames."""
     page.wait_for_function(f"() => {SCRIPT_STATE} === 'running'", polling=5, timeout=10_000)
-    page.wait_for_function(f"() => {SCRIPT_STATE} !== 'running'", polling=5, timeout=timeout_ms)
+    page.wait_for_function(f"() => {SCRIPT_STATE} !== 'running'", polling=polling_ms, timeout=timeout_ms)
     page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
 
@@ -139,7 +167,7 @@ def _timed(page, action) -> dict:
     page.evaluate("() => { window.__rcpuLongTasks = []; }")
     start = time.perf_counter()
     action()
-    _wait_run(page, 120_000)
+    wait_run(page, 120_000)
     seconds = time.perf_counter() - start
     page.wait_for_timeout(300)  # late long tasks of the same update (WebGL draws)
     busy = page.evaluate("() => window.__rcpuLongTasks.reduce((a, b) => a + b, 0)") / 1000
@@ -155,23 +183,15 @@ def browser_update(calib_samples: int, seq_len: int, layer: int) -> dict:
     on the user's own computer. ``browser_busy_s`` is the browser's main-thread time in
     tasks over 50 ms (Plotly drawing, React) during the update.
     """
-    import sys
+    missing = browser_missing()
+    if missing:
+        return {"skipped": missing}
+    from apphelp import wait_idle
 
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        from apphelp import CHROMIUM, launch_browser, live_server, wait_idle
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:
-        return {"skipped": f"playwright is missing ({exc})"}
-    if not CHROMIUM.exists():
-        return {"skipped": f"{CHROMIUM} is missing"}
     env = {"RCPU_APP_CALIB_SAMPLES": str(calib_samples), "RCPU_APP_SEQ_LEN": str(seq_len),
            "RCPU_APP_HELDOUT_SAMPLES": "8", "RCPU_APP_LAYER": str(layer)}
     out: dict = {"sublayers": {}}
-    with live_server(env, timeout=300) as url, sync_playwright() as p:
-        browser = launch_browser(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(f"{url}/layer_explorer")
+    with served_page(env, "layer_explorer") as page:
         page.wait_for_function(f"() => {SCRIPT_STATE} === 'notRunning' && "
                                "document.querySelectorAll('[data-testid=stPlotlyChart]').length >= 3",
                                polling=100, timeout=900_000)
@@ -194,7 +214,6 @@ def browser_update(calib_samples: int, seq_len: int, layer: int) -> dict:
                 views[view] = {"changes": changes, "median_s": median([c["s"] for c in changes]),
                                "median_browser_busy_s": median([c["browser_busy_s"] for c in changes])}
             out["sublayers"][sub] = {"views": views}
-        browser.close()
     every = [c for s in out["sublayers"].values() for v in s["views"].values() for c in v["changes"]]
     out["median_s"] = median([c["s"] for c in every])
     out["median_browser_busy_s"] = median([c["browser_busy_s"] for c in every])
@@ -206,20 +225,17 @@ def draw_costs(repeats: int = 4) -> dict:
     headless Chromium, for SVG (``scatter``) and WebGL (``scattergl``) charts of two traces of 5, 200 and
     800 markers each: the median of ``repeats``. What ``rcpu.figures`` chooses between."""
     import json
-    import sys
     import tempfile
 
     import numpy as np
     import plotly
 
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        from apphelp import CHROMIUM, launch_browser
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:
-        return {"skipped": f"playwright is missing ({exc})"}
-    if not CHROMIUM.exists():
-        return {"skipped": f"{CHROMIUM} is missing"}
+    missing = browser_missing()
+    if missing:
+        return {"skipped": missing}
+    from apphelp import launch_browser
+    from playwright.sync_api import sync_playwright
+
     script = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
     rng = np.random.default_rng(0)
     figures = {}
